@@ -125,16 +125,20 @@ class Sample:
     prompt_head: str = ""
     history_header: str = ""
     history_lines: list[str] = field(default_factory=list)
+    history_footer: str = ""  # what follows the history lines (a section separator)
     prompt_tail: str = ""
 
     def user_text_with_history(self, keep_last: Optional[int] = None) -> str:
         """The user text keeping only the last ``keep_last`` history lines (all when None)."""
         if not self.prompt_head and not self.prompt_tail:
             return self.user_text
-        lines = self.history_lines if keep_last is None else self.history_lines[len(self.history_lines) - keep_last:] if keep_last > 0 else []
+        if keep_last is None:
+            lines = self.history_lines
+        else:
+            lines = self.history_lines[len(self.history_lines) - keep_last:] if keep_last > 0 else []
         if not lines:
             return self.prompt_head + self.prompt_tail
-        return self.prompt_head + self.history_header + "\n".join(lines) + self.prompt_tail
+        return self.prompt_head + self.history_header + "\n".join(lines) + self.history_footer + self.prompt_tail
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
