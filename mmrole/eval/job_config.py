@@ -1,0 +1,111 @@
+"""Typed configs of the batch answering and scoring jobs (YAML + ``key=value`` overrides). No Ray here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from mmrole.models.config import GenerationParams, VLMConfig
+from mmrole.train.config import ConfigError, apply_overrides, build_dataclass
+
+from .judges import OpenAIJudgeConfig
+
+JUDGE_KINDS = ("local", "openai", "serve")
+
+
+@dataclass
+class PoolSettings:
+    """A Ray Data actor pool of model replicas."""
+
+    concurrency: list[int] = field(default_factory=lambda: [1])  # [n] fixed, or [min, max] autoscaling
+    batch_size: int = 8  # samples (or judge requests) per model call
+    num_cpus: float = 1.0  # logical CPUs per replica (fractional on small machines)
+    num_gpus: float = 0.0  # GPUs per replica
+    max_restarts: int = -1  # replica restarts after a worker or node dies (-1 = unlimited); blocks are retried
+
+    def concurrency_arg(self):
+        c = list(self.concurrency)
+        if not c or any(x < 1 for x in c) or len(c) > 2:
+            raise ConfigError(f"pool.concurrency: expected [n] or [min, max] with n >= 1, got {c}")
+        return c[0] if len(c) == 1 else (c[0], c[1])
+
+
+@dataclass
+class GenerateJobConfig:
+    """``jobs/generate_answers.py``: answer a prepared split with an agent."""
+
+    model_name: str  # the answers are written under <set>_answers/<model_name>/
+    agent: VLMConfig
+    data: str  # a folder written by `mmrole data prepare`
+    out: str = "outputs/eval"
+    split: str = "test"
+    sets: list[str] = field(default_factory=lambda: ["in-test", "out-test"])
+    max_samples: Optional[int] = None
+    generation: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=256))
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class JudgeSettings:
+    """Which judge scores: a local reward model, an OpenAI-compatible API, or our Serve /v1/score endpoint."""
+
+    kind: str = "local"
+    model: Optional[VLMConfig] = None  # kind=local
+    generation: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=256))
+    max_retries: int = 2  # re-asks of an unparsable reply
+    openai: Optional[OpenAIJudgeConfig] = None  # kind=openai
+    serve_url: str = ""  # kind=serve, e.g. http://127.0.0.1:8000/judge
+    serve_token_env: str = "MMROLE_API_TOKEN"
+    template: Optional[str] = None  # judge prompt template YAML (default: packaged)
+
+    def __post_init__(self):
+        if self.kind not in JUDGE_KINDS:
+            raise ConfigError(f"judge.kind: {self.kind!r} is not one of {JUDGE_KINDS}")
+        if self.kind == "local" and self.model is None:
+            raise ConfigError("judge.model: a local judge needs a model (judge.model.model_path=...)")
+        if self.kind == "openai" and self.openai is None:
+            raise ConfigError("judge.openai: an API judge needs judge.openai.model and judge.openai.base_url")
+        if self.kind == "serve" and not self.serve_url:
+            raise ConfigError("judge.serve_url: a Serve judge needs the endpoint's base URL")
+
+
+@dataclass
+class ScoreJobConfig:
+    """``jobs/score_answers.py``: score a model's answers with a judge, write reviews, results and report."""
+
+    eval_dir: str  # holds <set>_answers/<model_name>/<type>_test.json
+    model_name: str
+    images_root: str
+    judge: JudgeSettings
+    out: str = ""  # default: eval_dir
+    metrics: Optional[list[str]] = None  # default: all 8
+    swap: bool = False  # position-bias run (A and B shown the other way round; separate store)
+    retry_failed: bool = False
+    bootstrap: int = 1000
+    seed: int = 0
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    ray_address: Optional[str] = None
+
+
+def load_job_config(cls, path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None):
+    """Build ``cls`` from a YAML file and dotted ``key=value`` overrides (types checked, unknown keys refused)."""
+    d: dict = {}
+    source = "<overrides>"
+    if path:
+        source = str(path)
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(d, list(overrides or []))
+    return build_dataclass(cls, d, source)
+
+
+def config_to_dict(cfg) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,367 @@
+"""Judges: a local VLM (reward model) and any OpenAI-compatible chat-completions endpoint with image input.
+
+Both follow :class:`mmrole.eval.contract.Judge`: per-request problems become failure results, never a crash of
+the run; an unparsable reply is re-asked (with sampling, a new seed) up to ``max_retries`` times first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import email.utils
+import io
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .contract import B_ZERO_ERROR, JudgeRequest, JudgeResult, build_judge_sample, failure, result_from_reply
+from .template import JudgeTemplate, load_judge_template
+
+log = logging.getLogger(__name__)
+
+
+class JudgeConfigError(RuntimeError):
+    """A problem no retry can fix (missing API key, 401/403/404 from the endpoint): stops the run."""
+
+
+# ------------------------------------------------------------------------------------------ image helpers
+
+
+def _image_bytes(request: JudgeRequest, images_root: Optional[str]) -> bytes:
+    from mmrole.data.images import ImageError, resolve_image_path
+
+    if request.image_bytes is not None:
+        return request.image_bytes
+    if images_root is None:
+        raise ImageError(f"{request.sample_id}: no images_root configured and no embedded image")
+    path = resolve_image_path(images_root, request.image)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    return path.read_bytes()
+
+
+def image_data_url(data: bytes, name: str = "<image>", max_pixels: Optional[int] = None) -> str:
+    """A ``data:`` URL of the original bytes (no re-encoding); PNG/JPEG/GIF/WebP pass as is, other formats are
+    re-encoded as PNG. Header-only check of format and size."""
+    from PIL import Image
+
+    from mmrole.data.images import DEFAULT_MAX_PIXELS, ImageError
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").upper()
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} exceeds the cap of {max_pixels} pixels")
+            if fmt not in ("PNG", "JPEG", "GIF", "WEBP"):
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="PNG")
+                data, fmt = buf.getvalue(), "PNG"
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    return f"data:{Image.MIME[fmt]};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+# ---------------------------------------------------------------------------------------------- VLM judge
+
+
+class VLMJudge:
+    """A local reward model: any VLM of :mod:`mmrole.models` (``vlm.generate(samples, images, params)``).
+
+    ``params`` is a :class:`mmrole.models.GenerationParams` (or any dataclass with ``do_sample``, ``temperature``
+    and ``seed``); re-asks use ``do_sample=True``, ``retry_temperature`` when the first pass was greedy, and
+    seed ``params.seed + attempt`` so each re-ask differs.
+    """
+
+    def __init__(self, vlm: Any, params: Any = None, max_retries: int = 2, *, template: Optional[JudgeTemplate] = None,
+                 images_root: Optional[str] = None, retry_temperature: float = 0.7, name: str = "vlm",
+                 image_loader: Optional[Callable[[JudgeRequest], Any]] = None):
+        if params is None:
+            from mmrole.models import GenerationParams  # lazy: keeps torch out of plain eval imports
+
+            params = GenerationParams(max_new_tokens=512)
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.vlm = vlm
+        self.params = params
+        self.max_retries = max_retries
+        self.template = template or load_judge_template()
+        self.images_root = images_root
+        self.retry_temperature = retry_temperature
+        self.name = name
+        self._image_loader = image_loader
+
+    def _load_image(self, request: JudgeRequest):
+        if self._image_loader is not None:
+            return self._image_loader(request)
+        from mmrole.data.images import load_image
+
+        if request.image_bytes is not None:
+            return load_image(self.images_root or ".", request.image, data=request.image_bytes)
+        if self.images_root is None:
+            raise ValueError(f"{request.sample_id}: VLMJudge needs images_root (or image_bytes in the request)")
+        return load_image(self.images_root, request.image)
+
+    def _retry_params(self, attempt: int):
+        base_seed = getattr(self.params, "seed", None) or 0
+        temperature = self.params.temperature if self.params.do_sample else self.retry_temperature
+        return dataclasses.replace(self.params, do_sample=True, temperature=temperature, seed=base_seed + attempt)
+
+    def _generate(self, samples: list, images: list, params) -> list:
+        """Replies for a batch; if the batch call raises, retry one by one so a single bad prompt (too long,
+        odd image) fails alone and the others are still scored. Per-sample errors (ValueError, e.g. the models
+        layer's SampleTooLong) are returned, not raised; anything else (OOM, bugs) propagates."""
+        try:
+            out = self.vlm.generate(samples, images, params)
+        except ValueError as e:
+            if len(samples) == 1:
+                return [e]
+            log.warning("%s: batch generate failed (%s); retrying one by one", self.name, e)
+            return [self._generate([s], [im], params)[0] for s, im in zip(samples, images)]
+        if len(out) != len(samples):
+            raise RuntimeError(f"{self.name}: vlm.generate returned {len(out)} replies for {len(samples)} prompts")
+        return list(out)
+
+    def score_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
+        t0 = time.perf_counter()
+        results: list[Optional[JudgeResult]] = [None] * len(requests)
+        samples, images, idx = [], [], []
+        cache: dict[str, Any] = {}  # the 8 metrics of a sample share one image
+        for i, req in enumerate(requests):
+            try:
+                ck = req.image if req.image_bytes is None else f"{req.sample_id}:{req.image}"
+                if ck not in cache:
+                    cache[ck] = self._load_image(req)
+                img = cache[ck]
+            except Exception as e:  # an unusable image fails this request only
+                results[i] = failure(req, f"image: {e}", judge=self.name)
+                continue
+            samples.append(build_judge_sample(req, self.template))
+            images.append(img)
+            idx.append(i)
+        todo = list(range(len(idx)))
+        for attempt in range(self.max_retries + 1):
+            if not todo:
+                break
+            params = self.params if attempt == 0 else self._retry_params(attempt)
+            out = self._generate([samples[j] for j in todo], [images[j] for j in todo], params)
+            still = []
+            for j, text in zip(todo, out):
+                i = idx[j]
+                if isinstance(text, Exception):  # e.g. prompt too long for the model: not worth re-asking
+                    results[i] = failure(requests[i], f"generate: {type(text).__name__}: {text}",
+                                         attempts=attempt + 1, judge=self.name)
+                    continue
+                res = result_from_reply(requests[i], text, attempts=attempt + 1, judge=self.name)
+                results[i] = res
+                if not res.ok and res.error != B_ZERO_ERROR:
+                    still.append(j)  # unparsable: ask again; a parsed B = 0 is a judgement, not a glitch
+            todo = still
+        for j in todo:  # still unparsable after every re-ask: a recorded failure, never a zero
+            r = results[idx[j]]
+            r.error = f"unparsable after {self.max_retries + 1} replies: {r.error}"
+        elapsed = time.perf_counter() - t0
+        for r in results:
+            r.elapsed_s = elapsed / max(1, len(requests))
+        return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- OpenAI judge
+
+
+@dataclass
+class OpenAIJudgeConfig:
+    """An OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, ...) used as the judge."""
+
+    model: str
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # name of the variable holding the key; None = no auth
+    require_api_key: bool = True  # False for local servers (vLLM) that take no key
+    images_root: Optional[str] = None
+    max_concurrency: int = 8
+    timeout_s: float = 120.0  # per HTTP request (read); connect uses min(10, timeout_s)
+    max_http_retries: int = 5  # on 429, 5xx, timeouts and connection errors
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0  # cap on a server's Retry-After
+    max_retries: int = 2  # re-asks of an unparsable reply
+    temperature: float = 0.0
+    retry_temperature: float = 0.7
+    max_tokens: int = 512
+    seed: Optional[int] = 0
+    image_detail: Optional[str] = None  # "low" | "high" | "auto" (OpenAI); None = omit
+    extra_body: dict = field(default_factory=dict)  # merged into every request body (e.g. vLLM options)
+    template_path: Optional[str] = None
+    name: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OpenAIJudgeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"OpenAIJudgeConfig: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class _RequestFailed(Exception):
+    pass
+
+
+def _retry_after_s(value: Optional[str]) -> Optional[float]:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _reply_text(body: Any) -> str:
+    msg = body["choices"][0]["message"]
+    content = msg.get("content")
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise TypeError(f"message content is {type(content).__name__}")
+    return content
+
+
+class OpenAIJudge:
+    """Scores requests through an OpenAI-compatible chat-completions API, ``max_concurrency`` at a time."""
+
+    RETRY_STATUS = (408, 409, 425, 429)  # plus every 5xx
+    FATAL_STATUS = (401, 403, 404)
+
+    def __init__(self, config: OpenAIJudgeConfig, template: Optional[JudgeTemplate] = None):
+        self.config = config
+        self.template = template or load_judge_template(config.template_path)
+        self.name = config.name or f"openai:{config.model}"
+        self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        if self.api_key is None and config.require_api_key:
+            raise JudgeConfigError(f"OpenAIJudge: environment variable {config.api_key_env!r} (the API key) is not set; "
+                                   "set it, or use require_api_key=False for a server without auth")
+        if config.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self._rng = random.Random(config.seed)  # backoff jitter
+        self.http_attempts = 0  # total HTTP requests sent (observability, tests)
+
+    # -- request building
+    def build_messages(self, request: JudgeRequest, data_url: str) -> list[dict]:
+        sample = build_judge_sample(request, self.template)
+        image_part: dict = {"type": "image_url", "image_url": {"url": data_url}}
+        if self.config.image_detail:
+            image_part["image_url"]["detail"] = self.config.image_detail
+        return [{"role": "system", "content": sample.system},
+                {"role": "user", "content": [image_part, {"type": "text", "text": sample.user_text}]}]
+
+    def _payload(self, messages: list[dict], attempt: int) -> dict:
+        c = self.config
+        body = {"model": c.model, "messages": messages, "max_tokens": c.max_tokens,
+                "temperature": c.temperature if attempt == 0 else c.retry_temperature}
+        if c.seed is not None:
+            body["seed"] = c.seed + attempt
+        body.update(c.extra_body)
+        return body
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.config.backoff_max_s, self.config.backoff_initial_s * (2 ** attempt))
+        return base * (0.5 + 0.5 * self._rng.random())
+
+    async def _post(self, client, payload: dict) -> str:
+        import httpx
+
+        c = self.config
+        last = ""
+        for attempt in range(c.max_http_retries + 1):
+            delay = self._backoff(attempt)
+            self.http_attempts += 1
+            try:
+                r = await client.post(self.url, json=payload)
+            except httpx.TimeoutException as e:
+                last = f"timeout ({type(e).__name__})"
+            except httpx.TransportError as e:
+                last = f"connection error ({type(e).__name__}: {e})"
+            else:
+                if r.status_code == 200:
+                    try:
+                        return _reply_text(r.json())
+                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                        last = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
+                elif r.status_code in self.FATAL_STATUS:
+                    raise JudgeConfigError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
+                elif r.status_code in self.RETRY_STATUS or r.status_code >= 500:
+                    last = f"HTTP {r.status_code}: {r.text[:200]}"
+                    ra = _retry_after_s(r.headers.get("retry-after"))
+                    if ra is not None:
+                        delay = min(ra, c.retry_after_max_s)
+                else:  # other 4xx: this request is bad (e.g. image too large); retrying will not help
+                    raise _RequestFailed(f"HTTP {r.status_code}: {r.text[:300]}")
+            if attempt < c.max_http_retries:
+                log.debug("judge request failed (%s); retrying in %.2fs", last, delay)
+                await asyncio.sleep(delay)
+        raise _RequestFailed(f"gave up after {c.max_http_retries + 1} HTTP tries: {last}")
+
+    async def _score_one(self, client, sem: asyncio.Semaphore, request: JudgeRequest, urls: dict) -> JudgeResult:
+        t0 = time.perf_counter()
+        try:
+            ck = request.image if request.image_bytes is None else f"{request.sample_id}:{request.image}"
+            if ck not in urls:
+                urls[ck] = image_data_url(_image_bytes(request, self.config.images_root), request.image)
+            messages = self.build_messages(request, urls[ck])
+        except Exception as e:  # unusable image: this request fails, the run goes on
+            return failure(request, f"image: {e}", judge=self.name)
+        text, res = "", None
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                # The slot is held through backoff sleeps on purpose: an overloaded server gets fewer requests.
+                async with sem:
+                    text = await self._post(client, self._payload(messages, attempt))
+            except _RequestFailed as e:
+                return failure(request, str(e), review=text, attempts=attempt + 1, judge=self.name,
+                               elapsed_s=time.perf_counter() - t0)
+            res = result_from_reply(request, text, attempts=attempt + 1, judge=self.name,
+                                    elapsed_s=time.perf_counter() - t0)
+            if res.ok or res.error == B_ZERO_ERROR:
+                return res
+        assert res is not None
+        res.error = f"unparsable after {self.config.max_retries + 1} replies: {res.error}"
+        return res
+
+    async def ascore_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
+        import httpx
+
+        c = self.config
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        timeout = httpx.Timeout(c.timeout_s, connect=min(10.0, c.timeout_s))
+        limits = httpx.Limits(max_connections=c.max_concurrency, max_keepalive_connections=c.max_concurrency)
+        sem = asyncio.Semaphore(c.max_concurrency)
+        urls: dict[str, str] = {}
+        async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+            return list(await asyncio.gather(*(self._score_one(client, sem, r, urls) for r in requests)))
+
+    def score_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.ascore_batch(requests))
+        # Called from inside an event loop (notebook, async actor): run on a helper thread.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, self.ascore_batch(requests)).result()

@@ -1,0 +1,102 @@
+"""Parse a judge's reply into the score pair (A, B) that it must end with: ``[Scores]: (A, B)``.
+
+Accepted (case-insensitive), the last occurrence winning:
+``[Scores]: (8, 9)``, ``[Scores]: 8, 9``, ``**Scores:** (8.5, 9)``, ``[Scores]: (8/10, 9/10)``,
+``[Scores]: (Model A: 8, Model B: 9)``, full-width brackets/commas, any text after the pair; without a
+scores marker, ``Model A: 8 ... Model B: 9`` (or "Assistant A"), or a last line that is just ``(8, 9)``.
+A score must lie in [0, 10] and B must be positive (A / B is the metric); anything else is a failure.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+MIN_SCORE = 0.0
+MAX_SCORE = 10.0
+
+_NUM = r"([-+]?\d+(?:\.\d+)?)"
+_DENOM = r"(?:\s*/\s*10(?:\.0+)?)?"  # "8/10"
+_LABEL = r"(?:(?:model|assistant|response)\s*)?{x}(?:['’]s)?(?:\s*score)?\s*[:=：]\s*"
+_SEP = r"\s*(?:[,，;；]|\band\b|\bvs\.?)?\s*"
+_PAIR = re.compile(
+    r"[\s:：=\-*_]*[(\[（【]?\s*"
+    + "(?:" + _LABEL.format(x="a") + ")?" + _NUM + _DENOM
+    + _SEP
+    + "(?:" + _LABEL.format(x="b") + ")?" + _NUM + _DENOM,
+    re.IGNORECASE,
+)
+# The contract's bracketed marker is tried first, then the bare word (e.g. "**Scores:** 8, 9").
+_MARKERS = (re.compile(r"\[\s*scores?\s*\]", re.IGNORECASE), re.compile(r"\bscores?\b", re.IGNORECASE))
+_NAMED = {
+    x: re.compile(r"\b(?:model|assistant)\s*" + x + r"\b(?:['’]s)?(?:\s*score)?\s*[:=：\-]\s*\**\s*" + _NUM + _DENOM,
+                  re.IGNORECASE)
+    for x in ("a", "b")
+}
+_BARE_LAST_LINE = re.compile(r"^[(\[（]?\s*" + _NUM + _DENOM + r"\s*[,，]\s*" + _NUM + _DENOM + r"\s*[)\]）]?\.?$")
+
+
+class ScoreParseError(ValueError):
+    """A reply without a usable score pair; ``reason`` says why (the raw text is kept by the caller)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _find_pair(text: str) -> Optional[tuple[str, str]]:
+    for marker in _MARKERS:
+        for m in reversed(list(marker.finditer(text))):  # the last marker that is followed by a pair
+            pm = _PAIR.match(text, m.end())
+            if pm:
+                return pm.group(1), pm.group(2)
+    found = {x: list(rx.finditer(text)) for x, rx in _NAMED.items()}
+    if found["a"] and found["b"]:
+        return found["a"][-1].group(1), found["b"][-1].group(1)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if lines:
+        bm = _BARE_LAST_LINE.match(lines[-1])
+        if bm:
+            return bm.group(1), bm.group(2)
+    return None
+
+
+def parse_scores(text: str, require_positive_b: bool = True) -> tuple[float, float]:
+    """The (A, B) pair of a judge reply; raises :class:`ScoreParseError` when there is none or it is invalid.
+    ``require_positive_b=False`` leaves the B = 0 check to the caller (swapped requests check after un-swapping)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ScoreParseError("empty reply")
+    pair = _find_pair(text)
+    if pair is None:
+        raise ScoreParseError("no score pair found")
+    a, b = float(pair[0]), float(pair[1])
+    for name, v in (("A", a), ("B", b)):
+        if not MIN_SCORE <= v <= MAX_SCORE:
+            raise ScoreParseError(f"score {name}={v:g} outside [{MIN_SCORE:g}, {MAX_SCORE:g}]")
+    if b == 0 and require_positive_b:
+        raise ScoreParseError("score B is 0 (A/B undefined)")
+    return a, b
+
+
+def check_pair(score) -> tuple[float, float]:
+    """Validate a stored ``score`` field ``[A, B]`` the same way a parsed pair is validated."""
+    if not isinstance(score, (list, tuple)) or len(score) != 2:
+        raise ScoreParseError(f"score is not a pair: {score!r}")
+    try:
+        a, b = float(score[0]), float(score[1])
+    except (TypeError, ValueError):
+        raise ScoreParseError(f"score is not numeric: {score!r}") from None
+    for name, v in (("A", a), ("B", b)):
+        if not MIN_SCORE <= v <= MAX_SCORE:
+            raise ScoreParseError(f"score {name}={v:g} outside [{MIN_SCORE:g}, {MAX_SCORE:g}]")
+    if b == 0:
+        raise ScoreParseError("score B is 0 (A/B undefined)")
+    return a, b
+
+
+def try_parse_scores(text: str, require_positive_b: bool = True) -> tuple[Optional[tuple[float, float]], Optional[str]]:
+    """``((A, B), None)`` on success, ``(None, reason)`` otherwise."""
+    try:
+        return parse_scores(text, require_positive_b), None
+    except ScoreParseError as e:
+        return None, e.reason

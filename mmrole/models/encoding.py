@@ -1,0 +1,403 @@
+"""Samples -> model inputs: chat formatting, label masking, the history-first truncation policy and padding.
+
+The encoder needs only the processor (no weights), so a Ray Data worker can encode rows without loading the model.
+Per-sample outputs are plain numpy arrays and Python scalars, so they travel between processes as Arrow rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mmrole.data.records import Sample
+
+from .config import NATIVE_FAMILIES
+
+IGNORE_INDEX = -100  # label value that carries no loss (transformers' default ignore_index)
+
+# Keys of an encoded sample that are per-sample metadata, not model inputs.
+META_KEYS = ("id", "num_text_tokens", "num_image_tokens", "history_kept", "history_dropped", "num_target_tokens")
+# Per-token keys and their padding values; any other 1-D per-token array from a generic processor pads with 0.
+TOKEN_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+# Qwen's control tokens: sample text containing them would be read as structure (an injected turn, or an image
+# placeholder with no image features behind it), so such samples are refused.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>", "<|endoftext|>")
+
+
+class SampleRejected(ValueError):
+    """A sample that cannot be encoded; the message names the sample id."""
+
+    def __init__(self, sample_id: str, reason: str):
+        super().__init__(f"sample {sample_id!r}: {reason}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+class SampleTooLong(SampleRejected):
+    """Prompt + target exceed ``max_length`` even with the whole dialogue history dropped."""
+
+    def __init__(self, sample_id: str, length: int, max_length: int, history_lines: int):
+        dropped = f"with all {history_lines} history line(s) dropped" if history_lines else "(no history to drop)"
+        super().__init__(sample_id, f"too long: {length} tokens {dropped} > max_length {max_length} "
+                                    f"(the target is never cut)")
+        self.length = length
+        self.max_length = max_length
+
+
+@dataclass
+class Rejected:
+    """A sample left out of a batch, and why."""
+
+    id: str
+    reason: str
+    length: Optional[int] = None
+
+
+@dataclass
+class EncodeStats:
+    """Counters an encoder keeps over its lifetime (for logs and metrics)."""
+
+    encoded: int = 0
+    history_shortened: int = 0  # samples that fit only after dropping old history lines
+    history_lines_dropped: int = 0
+    rejected_too_long: int = 0
+    rejected_other: int = 0
+    text_tokens: int = 0
+    image_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Rendered:
+    prompt: str  # everything before the reply (ends with the assistant header)
+    reply: str  # target + end marker (supervised); empty when encoding for generation
+    trailer: str = ""  # template text after the end marker (e.g. "\n"): in the input, not supervised
+
+
+class SampleEncoder:
+    """Turns :class:`Sample` + image into token ids, labels and vision inputs for one processor."""
+
+    def __init__(self, processor: Any, family: str, max_length: int = 4096, chat_template: Optional[str] = None):
+        self.processor = processor
+        self.family = family
+        self.max_length = int(max_length)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.chat_template = chat_template or getattr(processor, "chat_template", None) \
+            or getattr(self.tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise ValueError(f"the processor of this {family} model has no chat template; pass chat_template=")
+        self.native = family in NATIVE_FAMILIES
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:  # some tokenizers have no pad token; padded positions are masked anyway
+            self.pad_token_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.stats = EncodeStats()
+        self._end_marker = self._find_end_marker()
+        self.end_token_ids = self._end_ids()
+        if self.native:
+            ip = processor.image_processor
+            self.merge_size = int(ip.merge_size)
+            self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+            self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+            self.video_token_id = int(self.tokenizer.convert_tokens_to_ids(getattr(processor, "video_token",
+                                                                                    "<|video_pad|>")))
+
+    # ---- chat formatting -------------------------------------------------------------------------------------
+    @staticmethod
+    def messages(sample: Sample, user_text: str, target: Optional[str] = None, with_image: bool = True) -> list[dict]:
+        """system = the sample's system prompt; user = image + text; assistant = target (when given)."""
+        msgs: list[dict] = []
+        if sample.system:
+            msgs.append({"role": "system", "content": sample.system})
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": user_text}]
+        msgs.append({"role": "user", "content": content})
+        if target is not None:
+            msgs.append({"role": "assistant", "content": target})
+        return msgs
+
+    def render(self, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _find_end_marker(self) -> str:
+        # Render a probe conversation and read what the template writes after the assistant content: that is the
+        # end-of-turn marker ("<|im_end|>" for Qwen). It is supervised, so the model learns to stop.
+        probe = "PROBE-REPLY-7731"
+        text = self.render([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                            {"role": "assistant", "content": probe}])
+        tail = text[text.rfind(probe) + len(probe):]
+        marker = tail.rstrip()
+        if not marker:  # template closes turns with nothing: fall back to the tokenizer's eos
+            marker = self.tokenizer.eos_token or ""
+        return marker
+
+    def _end_ids(self) -> list[int]:
+        ids: list[int] = []
+        marker_ids = self.tokenizer(self._end_marker, add_special_tokens=False)["input_ids"] if self._end_marker else []
+        if len(marker_ids) == 1:
+            ids.append(int(marker_ids[0]))
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _render_parts(self, sample: Sample, user_text: str, target: Optional[str], with_image: bool) -> _Rendered:
+        if target is None:
+            msgs = self.messages(sample, user_text, with_image=with_image)
+            return _Rendered(self.render(msgs, add_generation_prompt=True), "")
+        full = self.render(self.messages(sample, user_text, target, with_image=with_image))
+        idx = full.rfind(target)
+        if idx < 0:  # the template rewrote the reply (e.g. stripped it); we cannot align labels safely
+            raise SampleRejected(sample.id, "the chat template does not reproduce the target text verbatim")
+        tail = full[idx + len(target):]
+        marker = tail.rstrip()
+        trailer = tail[len(marker):]
+        if not marker:
+            marker = self._end_marker
+        return _Rendered(full[:idx], target + marker, trailer)
+
+    def _check_text(self, sample: Sample, target: Optional[str]) -> None:
+        texts = [sample.system, sample.user_text] + ([target] if target is not None else [])
+        for t in texts:
+            for tok in CONTROL_TOKENS:
+                if t and tok in t:
+                    raise SampleRejected(sample.id, f"text contains the control token {tok}")
+
+    # ---- encoding --------------------------------------------------------------------------------------------
+    def encode(self, sample: Sample, image: Any, with_target: bool = True, reserve: int = 0) -> dict:
+        """One sample -> ``input_ids``, ``labels`` (with_target), vision inputs, per-token type ids and counts.
+
+        ``image`` is a PIL image, or None for a text-only prompt (e.g. a text-only judge call).
+
+        If prompt + target (+ ``reserve`` tokens, e.g. for generation) exceed ``max_length``, the oldest history
+        lines are dropped first; if it still does not fit, :class:`SampleTooLong` is raised (never a silent cut).
+        """
+        try:
+            enc = self._encode(sample, image, with_target, reserve)
+        except SampleTooLong:
+            self.stats.rejected_too_long += 1
+            raise
+        except SampleRejected:
+            self.stats.rejected_other += 1
+            raise
+        s = self.stats
+        s.encoded += 1
+        s.text_tokens += enc["num_text_tokens"]
+        s.image_tokens += enc["num_image_tokens"]
+        if enc["history_dropped"]:
+            s.history_shortened += 1
+            s.history_lines_dropped += enc["history_dropped"]
+        return enc
+
+    def _encode(self, sample: Sample, image: Any, with_target: bool, reserve: int) -> dict:
+        target = None
+        if with_target:
+            target = (sample.target or "").strip()
+            if not target:
+                raise SampleRejected(sample.id, "empty target")
+        self._check_text(sample, target)
+        vision = self._vision_inputs(sample, image) if self.native and image is not None else None
+
+        def build(keep: Optional[int]) -> dict:
+            parts = self._render_parts(sample, sample.user_text_with_history(keep), target, image is not None)
+            return self._tokenize(sample, parts, image, vision)
+
+        n_hist = len(sample.history_lines) if (sample.prompt_head or sample.prompt_tail) else 0
+        budget = self.max_length - int(reserve)
+        enc = build(None)
+        kept = n_hist
+        if len(enc["input_ids"]) > budget:
+            shortest = build(0) if n_hist else enc
+            if len(shortest["input_ids"]) > budget:
+                raise SampleTooLong(sample.id, len(shortest["input_ids"]) + int(reserve), self.max_length, n_hist)
+            # Binary search for the most recent history lines that still fit (length grows with lines kept).
+            lo, hi, best = 0, n_hist - 1, shortest
+            kept = 0
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                cand = build(mid)
+                if len(cand["input_ids"]) <= budget:
+                    best, kept, lo = cand, mid, mid + 1
+                else:
+                    hi = mid - 1
+            enc = best
+        enc["id"] = sample.id
+        enc["history_kept"] = kept
+        enc["history_dropped"] = n_hist - kept
+        return enc
+
+    def _vision_inputs(self, sample: Sample, image: Any) -> dict:
+        try:
+            out = self.processor.image_processor(images=[image], return_tensors="np")
+        except Exception as e:  # name the sample: processor errors alone do not say which row failed
+            raise SampleRejected(sample.id, f"image processing failed ({type(e).__name__}: {e})") from e
+        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        return {"pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+                "image_grid_thw": grid,
+                "num_image_tokens": int(grid.prod(axis=1).sum()) // (self.merge_size ** 2)}
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        raw = getattr(self.tokenizer, "_tokenizer", None) if self.native else None
+        # Qwen tokenizers are plain byte-level BPE: calling the Rust tokenizer directly gives the same ids at about
+        # half the cost of the HF wrapper. Other tokenizers may add behaviour in the wrapper, so they go through it.
+        if raw is not None:
+            return [raw.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _tokenize(self, sample: Sample, parts: _Rendered, image: Any, vision: Optional[dict]) -> dict:
+        if self.native:
+            # Split the prompt at the single image placeholder and insert the expanded image tokens ourselves:
+            # the image is processed once per sample, not once per history-shortening attempt.
+            pieces = parts.prompt.split(self.image_token)
+            if len(pieces) != (2 if vision else 1):
+                raise SampleRejected(sample.id, f"expected {1 if vision else 0} image placeholder(s) in the prompt, "
+                                                f"found {len(pieces) - 1}")
+            ids = self._token_ids([pieces[0], pieces[-1] if vision else "", parts.reply, parts.trailer])
+            n_img = vision["num_image_tokens"] if vision else 0
+            prompt_ids = ids[0] + ([self.image_token_id] * n_img + ids[1] if vision else [])
+            extra_seq: dict[str, np.ndarray] = {}
+            extra_img = ({"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+                         if vision else {})
+        else:
+            # Generic processors expand their own image placeholders; the reply and trailer carry no images.
+            try:
+                out = self.processor(text=[parts.prompt], images=[image] if image is not None else None,
+                                     return_tensors="np", add_special_tokens=False)
+            except Exception as e:
+                raise SampleRejected(sample.id, f"processor failed ({type(e).__name__}: {e})") from e
+            prompt_ids = [int(x) for x in np.asarray(out["input_ids"])[0]]
+            rest = self._token_ids([parts.reply, parts.trailer])
+            ids = [None, None, rest[0], rest[1]]
+            image_tok = getattr(self.processor, "image_token_id", None)
+            n_img = sum(1 for t in prompt_ids if t == image_tok) if image_tok is not None else 0
+            extra_seq, extra_img = {}, {}
+            for k, v in out.items():
+                if k in ("input_ids", "attention_mask"):
+                    continue
+                arr = np.asarray(v)
+                if arr.ndim == 2 and arr.shape == (1, len(prompt_ids)):  # per-token (e.g. mm_token_type_ids)
+                    extra_seq[k] = arr[0]
+                else:
+                    extra_img[k] = arr.astype(np.float32) if arr.dtype == np.float64 else arr
+        reply_ids, trailer_ids = ids[2] if parts.reply else [], ids[3] if parts.trailer else []
+        input_ids = np.asarray(prompt_ids + reply_ids + trailer_ids, dtype=np.int64)
+        n = len(input_ids)
+        enc: dict[str, Any] = {"input_ids": input_ids}
+        if parts.reply:
+            labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
+            labels[len(prompt_ids):len(prompt_ids) + len(reply_ids)] = reply_ids
+            enc["labels"] = labels
+        if self.native:
+            # Token types (0 text, 1 image, 2 video) drive the 3-D M-RoPE positions; transformers 5 requires them
+            # for every Qwen-VL family when pixel inputs are given.
+            tt = np.zeros(n, dtype=np.int64)
+            tt[input_ids == self.image_token_id] = 1
+            tt[input_ids == self.video_token_id] = 2
+            enc["mm_token_type_ids"] = tt
+        for k, v in extra_seq.items():
+            enc[k] = np.concatenate([v, np.zeros(n - len(v), dtype=v.dtype)])
+        enc.update(extra_img)
+        enc["num_image_tokens"] = int(n_img)
+        enc["num_text_tokens"] = int(n - n_img)
+        enc["num_target_tokens"] = len(reply_ids)
+        return enc
+
+    # ---- batching --------------------------------------------------------------------------------------------
+    def pad_batch(self, encoded: Sequence[dict], padding_side: str = "right",
+                  pad_to_multiple_of: Optional[int] = None) -> dict:
+        """Pad per-token arrays to the longest sample in the batch (dynamic padding) and concatenate the vision
+        inputs; returns torch tensors ready for ``model(**batch)``. Right padding for training, left for
+        generation."""
+        import torch
+
+        if not encoded:
+            raise ValueError("pad_batch: empty batch")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        lengths = [len(e["input_ids"]) for e in encoded]
+        width = max(lengths)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        first = encoded[0]
+        seq_keys = [k for k, v in first.items() if k not in META_KEYS and k != "pixel_values"
+                    and isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == lengths[0]]
+        if "labels" in seq_keys and not all("labels" in e for e in encoded):
+            raise ValueError("pad_batch: some samples have labels and some do not")
+        batch: dict[str, Any] = {}
+        for k in seq_keys:
+            pad = self.pad_token_id if k == "input_ids" else TOKEN_PAD_VALUES.get(k, 0)
+            out = np.full((len(encoded), width), pad, dtype=np.int64)
+            for i, e in enumerate(encoded):
+                v = np.asarray(e[k])
+                if padding_side == "right":
+                    out[i, :len(v)] = v
+                else:
+                    out[i, width - len(v):] = v
+            batch[k] = torch.from_numpy(out)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        for i, n in enumerate(lengths):
+            if padding_side == "right":
+                mask[i, :n] = 1
+            else:
+                mask[i, width - n:] = 1
+        batch["attention_mask"] = torch.from_numpy(mask)
+        # Vision inputs are concatenated in batch order (text-only samples contribute none); the model consumes
+        # them in the order of the image placeholders, which is the same order.
+        img_keys = list(dict.fromkeys(k for e in encoded for k in e if k not in META_KEYS and k not in seq_keys))
+        for k in img_keys:
+            arrs = [np.asarray(e[k]) for e in encoded if k in e]
+            cat = np.concatenate(arrs, axis=0)
+            batch[k] = torch.from_numpy(np.ascontiguousarray(cat))
+        return batch
+
+    def collate(self, samples: Sequence[Sample], images: Sequence[Any], with_target: bool = True,
+                padding_side: str = "right") -> tuple[Optional[dict], list[Rejected]]:
+        """Encode and pad; samples that cannot be encoded are returned in ``rejected`` (id + reason) and left out
+        of the batch. The batch is ``None`` if every sample was rejected."""
+        if len(samples) != len(images):
+            raise ValueError(f"collate: {len(samples)} samples but {len(images)} images")
+        encoded, rejected = [], []
+        for s, im in zip(samples, images):
+            try:
+                encoded.append(self.encode(s, im, with_target=with_target))
+            except SampleTooLong as e:
+                rejected.append(Rejected(s.id, e.reason, e.length))
+            except SampleRejected as e:
+                rejected.append(Rejected(s.id, e.reason))
+        batch = self.pad_batch(encoded, padding_side=padding_side) if encoded else None
+        return batch, rejected
+
+
+def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group sample indices into packs of total length <= ``max_length`` (first-fit decreasing).
+
+    A sample longer than ``max_length`` gets a pack of its own (the encoder already refused anything longer than
+    its own ``max_length``)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for j, r in enumerate(room):
+            if n <= r:
+                packs[j].append(i)
+                room[j] -= n
+                break
+        else:
+            packs.append([i])
+            room.append(max_length - n)
+    return [sorted(p) for p in packs]
+
+
+def build_encoder(cfg) -> SampleEncoder:
+    """A weight-free :class:`SampleEncoder` for a :class:`VLMConfig` (what a data worker needs): same processor,
+    family, pixel budget and ``max_length`` as :func:`build_vlm` would use. Works for adapter dirs too."""
+    from .processor import build_processor, resolve_family, resolve_model_paths
+
+    proc_path, base = resolve_model_paths(cfg.model_path)
+    family = resolve_family(base, cfg.family, cfg.trust_remote_code)
+    processor = build_processor(proc_path, family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code)
+    return SampleEncoder(processor, family, cfg.max_length)

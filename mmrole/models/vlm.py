@@ -1,0 +1,337 @@
+"""Loading a VLM (any ``AutoModelForImageTextToText``), batched generation, saving, LoRA and merging."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmrole.data.records import Sample
+
+from .config import (DEFAULT_LORA_TARGETS, NATIVE_FAMILIES, PROJECTOR_NAMES, VISION_TOWER_NAMES, GenerationParams,
+                     LoRASettings, VLMConfig)
+from .encoding import Rejected, SampleEncoder
+from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` = the current CUDA device when there is one, else CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return d
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _named_submodules(model, names: Sequence[str]) -> list[tuple[str, torch.nn.Module]]:
+    """Submodules whose last name component is one of ``names`` (outermost matches only)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in names and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, mod))
+    return found
+
+
+def freeze_parts(model, freeze_vision: bool = False, freeze_projector: bool = False) -> dict[str, int]:
+    """Set ``requires_grad=False`` on the vision tower (without its projector) and/or the projector.
+
+    Qwen keeps the projector (``merger``, and Qwen3-VL's ``deepstack_merger_list``) inside ``visual``, so the
+    vision tower is frozen parameter by parameter, sparing the projector's. Returns frozen parameter counts."""
+    projectors = _named_submodules(model, PROJECTOR_NAMES)
+    proj_params = {id(p) for _, m in projectors for p in m.parameters()}
+    frozen = {"vision": 0, "projector": 0}
+    if freeze_vision:
+        towers = _named_submodules(model, VISION_TOWER_NAMES)
+        if not towers:
+            raise ValueError(f"freeze_vision: no vision tower named one of {VISION_TOWER_NAMES} in "
+                             f"{type(model).__name__}")
+        for _, tower in towers:
+            for p in tower.parameters():
+                if id(p) not in proj_params and p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen["vision"] += p.numel()
+    if freeze_projector:
+        if not projectors:
+            raise ValueError(f"freeze_projector: no projector named one of {PROJECTOR_NAMES} in "
+                             f"{type(model).__name__}")
+        for _, m in projectors:
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen["projector"] += p.numel()
+    return frozen
+
+
+def apply_lora(model, lora: LoRASettings, family: str):
+    """Wrap ``model`` with a peft LoRA adapter: a fresh one, or ``lora.adapter_path`` loaded as trainable."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if lora.adapter_path:
+        return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
+    targets = lora.target_modules if lora.target_modules is not None else DEFAULT_LORA_TARGETS[family]
+    lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      bias=lora.bias, modules_to_save=lora.modules_to_save)
+    peft_model = get_peft_model(model, lcfg)
+    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
+    if n_lora == 0:  # peft raises for no match in most versions; keep a clear message either way
+        raise ValueError(f"LoRA target_modules {targets!r} matched no module of {type(model).__name__}")
+    return peft_model
+
+
+def _quantization_config(kind: str, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("VLMConfig.quantization needs bitsandbytes (and CUDA): pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        # QLoRA recipe: NF4 weights, double quantization, matmuls in the compute dtype.
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"])
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"])
+
+
+class VLM:
+    """A loaded model + processor + encoder: samples in, tensors / reply text out."""
+
+    def __init__(self, model, processor, family: str, cfg: VLMConfig, device: torch.device):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.cfg = cfg
+        self.device = device
+        self.encoder = SampleEncoder(processor, family, cfg.max_length)
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    # ---- encoding (delegates to the weight-free encoder) -----------------------------------------------------
+    def encode(self, sample: Sample, image, with_target: bool = True, reserve: int = 0) -> dict:
+        """See :meth:`SampleEncoder.encode`; raises :class:`SampleTooLong` naming the sample."""
+        return self.encoder.encode(sample, image, with_target=with_target, reserve=reserve)
+
+    def pad_batch(self, encoded: list[dict], padding_side: str = "right",
+                  pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Dynamic padding (right for training, left for generation); concatenates vision inputs."""
+        return self.encoder.pad_batch(encoded, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of)
+
+    def collate(self, samples: Sequence[Sample], images: Sequence[Any]) -> tuple[Optional[dict], list[Rejected]]:
+        """Encode + right-pad for training; too-long/bad samples are returned as :class:`Rejected`."""
+        return self.encoder.collate(samples, images)
+
+    def pack_batch(self, encoded: list[dict]) -> dict:
+        """Pack encoded training samples into ONE row without padding (native Qwen families only).
+
+        Each segment gets its own M-RoPE positions (computed by the model's ``get_rope_index``) and a text
+        position row that restarts at 0; with no 2-D attention mask, transformers turns those restarts into a
+        block-diagonal causal mask, so segments do not attend to each other (sdpa, eager and flash-attention).
+        Labels of each segment's first token are -100 (prompt), so no loss crosses a boundary. The batch carries
+        ``use_cache=False``: with a cache, transformers would not build the packed mask."""
+        if self.family not in NATIVE_FAMILIES:
+            raise ValueError(f"packing is implemented for {NATIVE_FAMILIES}, not {self.family!r}")
+        if not encoded or any("labels" not in e for e in encoded):
+            raise ValueError("pack_batch: needs encoded training samples (with labels)")
+        core = self.model.get_base_model() if self.is_peft else self.model
+        rope_model = core.model  # Qwen*VLModel holds get_rope_index
+        text_pos, mrope = [], []
+        for e in encoded:
+            ids = torch.as_tensor(e["input_ids"])[None]
+            tt = torch.as_tensor(e["mm_token_type_ids"])[None]
+            grid = torch.as_tensor(e["image_grid_thw"])
+            pos, _ = rope_model.get_rope_index(ids, mm_token_type_ids=tt, image_grid_thw=grid, attention_mask=None)
+            mrope.append(pos)  # (3, 1, L)
+            text_pos.append(torch.arange(ids.shape[1])[None, None])
+        position_ids = torch.cat([torch.cat(text_pos, dim=2), torch.cat(mrope, dim=2)], dim=0)  # (4, 1, T)
+
+        def cat(k: str) -> torch.Tensor:
+            return torch.as_tensor(np.concatenate([np.asarray(e[k]) for e in encoded], axis=0))
+
+        return {"input_ids": cat("input_ids")[None], "labels": cat("labels")[None],
+                "mm_token_type_ids": cat("mm_token_type_ids")[None], "position_ids": position_ids,
+                "pixel_values": cat("pixel_values"), "image_grid_thw": cat("image_grid_thw"), "use_cache": False}
+
+    def to_device(self, batch: dict) -> dict:
+        """Move a padded batch to the model's device (pixel values in the model's dtype)."""
+        dtype = next(self.model.parameters()).dtype
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = v
+        return out
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Mean token cross-entropy over the supervised (label != -100) tokens of a padded batch."""
+        return self.model(**self.to_device(batch)).loss
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        ids = list(self.encoder.end_token_ids)
+        gc_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for t in ([gc_eos] if isinstance(gc_eos, int) else (gc_eos or [])):
+            if t not in ids:
+                ids.append(int(t))
+        return ids
+
+    def generate(self, samples: Sequence[Sample], images: Sequence[Any],
+                 params: Optional[GenerationParams] = None) -> list[str]:
+        """Reply text for each sample (prompt = system + image + user text), decoded in one left-padded batch.
+
+        Raises :class:`SampleTooLong` (naming the sample) when a prompt plus ``max_new_tokens`` does not fit in
+        ``max_length`` even without history; encode first and call :meth:`generate_encoded` to skip such rows."""
+        params = params or GenerationParams()
+        if len(samples) != len(images):
+            raise ValueError(f"generate: {len(samples)} samples but {len(images)} images")
+        if not samples:
+            return []
+        # Reserve room for the reply only up to what the model can hold: a long max_new_tokens must not force
+        # history drops for prompts that would fit.
+        reserve = min(params.max_new_tokens, self.cfg.max_length // 4)
+        encoded = [self.encode(s, im, with_target=False, reserve=reserve) for s, im in zip(samples, images)]
+        return self.generate_encoded(encoded, params)
+
+    @torch.inference_mode()
+    def generate_encoded(self, encoded: list[dict], params: Optional[GenerationParams] = None) -> list[str]:
+        """Generate from already-encoded prompts (``encode(..., with_target=False)``)."""
+        params = params or GenerationParams()
+        if not encoded:
+            return []
+        batch = self.to_device(self.pad_batch(encoded, padding_side="left"))
+        batch.pop("labels", None)
+        eos = self._eos_ids()
+        kw: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+                                  do_sample=params.do_sample, eos_token_id=eos,
+                                  pad_token_id=self.encoder.pad_token_id)
+        if params.do_sample:
+            kw.update(temperature=params.temperature, top_p=params.top_p)
+        else:  # unset sampling knobs so generation_config defaults (e.g. a checkpoint's top_k) do not warn
+            kw.update(temperature=None, top_p=None, top_k=None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if params.seed is not None:
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(params.seed)
+                    out = self.model.generate(**batch, **kw)
+            else:
+                out = self.model.generate(**batch, **kw)
+        finally:
+            if was_training:
+                self.model.train()
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        eos_set = set(eos)
+        texts = []
+        for row in new:
+            cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
+            text = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
+            for s in params.stop or []:
+                j = text.find(s)
+                if j >= 0:
+                    text = text[:j]
+            texts.append(text.strip())
+        return texts
+
+    # ---- saving ----------------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Save in HF format (safetensors): the adapter only when LoRA is on, else the full model; plus the
+        processor parts (tokenizer, image processor with the configured pixel budget, chat template)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        save_processor(self.processor, out)
+        return out
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_vlm(cfg: VLMConfig) -> VLM:
+    """Load model + processor per ``cfg`` (safetensors only; remote code only if opted in), apply freezing,
+    gradient checkpointing and LoRA. The model is returned in eval mode; call ``vlm.model.train()`` to train."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg = copy.deepcopy(cfg)
+    proc_path, base_path = resolve_model_paths(cfg.model_path)
+    if base_path != cfg.model_path:  # model_path is an adapter dir: load its base and the adapter on top
+        if cfg.lora is None:
+            cfg.lora = LoRASettings(adapter_path=cfg.model_path)
+        elif cfg.lora.adapter_path is None:
+            cfg.lora.adapter_path = cfg.model_path
+    family = resolve_family(base_path, cfg.family, cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kw: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization:
+        if device.type != "cuda":
+            raise ValueError("VLMConfig.quantization (bitsandbytes) needs a CUDA device")
+        kw["quantization_config"] = _quantization_config(cfg.quantization, dtype)
+        kw["device_map"] = {"": device.index or 0}
+    model = AutoModelForImageTextToText.from_pretrained(base_path, **kw)
+    if not cfg.quantization:
+        model.to(device)
+    model.eval()
+    freeze_parts(model, cfg.freeze_vision, cfg.freeze_projector)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, family)
+    processor = build_processor(proc_path, family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code)
+    return VLM(model, processor, family, cfg, device)
+
+
+def merge_lora(base_cfg: VLMConfig, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a LoRA adapter into its base model and save a full HF model (safetensors) + processor parts."""
+    from peft import PeftModel
+
+    cfg = copy.deepcopy(base_cfg)
+    cfg.lora = None
+    cfg.quantization = None  # merging into quantized weights would lose the adapter's precision
+    cfg.gradient_checkpointing = False
+    vlm = build_vlm(cfg)
+    peft_model = PeftModel.from_pretrained(vlm.model, str(adapter_dir))
+    merged = peft_model.merge_and_unload()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    proc_src = str(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() else cfg.model_path
+    save_processor(build_processor(proc_src, vlm.family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code),
+                   out)
+    return out
