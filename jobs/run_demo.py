@@ -52,12 +52,17 @@ def main(argv=None) -> int:
     data, prepared = out / "MMRole_dataset", out / "prepared"
     summary: dict = {}
 
+    runs, models, evaldir = out / "runs", out / "models", out / "eval"
+    agent_final, rm_final = runs / "demo-agent" / "final_model", runs / "demo-rm" / "final_model"
+    ray_cpus = ["ray.num_cpus=4"]
+
     def stage_data():
         from mmrole.data.demo import build_demo
+        from mmrole.train.rm_data import demo_rm_builder
 
         if data.exists():
             shutil.rmtree(data)
-        return build_demo(data)
+        return build_demo(data, rm_builder=demo_rm_builder)
 
     def stage_validate():
         run_cmd([py, "-m", "mmrole.cli", "data", "validate", str(data)])
@@ -67,7 +72,35 @@ def main(argv=None) -> int:
         run_cmd([py, "-m", "mmrole.cli", "data", "prepare", str(data), str(prepared)])
         return json.loads((prepared / "manifest.json").read_text())["counts"]
 
-    stages = [("data", stage_data, data), ("validate", stage_validate, None), ("prepare", stage_prepare, prepared)]
+    def stage_train_agent():
+        run_cmd([py, "jobs/train_agent.py", "--config", "configs/smoke_cpu.yaml", "run_name=demo-agent",
+                 f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
+                 f"model.model_path={models / 'tiny-qwen2_5_vl'}", "train.epochs=2", *ray_cpus])
+        return {"final_model": str(agent_final)}
+
+    def stage_train_rm():
+        run_cmd([py, "jobs/train_reward_model.py", "--config", "configs/smoke_cpu_rm.yaml", "run_name=demo-rm",
+                 f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
+                 f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}", "train.epochs=3", *ray_cpus])
+        return {"final_model": str(rm_final)}
+
+    pool = ["pool.concurrency=[2]", "pool.num_cpus=0.5", "pool.batch_size=8"]
+
+    def stage_answer():
+        run_cmd([py, "jobs/generate_answers.py", "model_name=demo-agent", f"agent.model_path={agent_final}",
+                 f"data={prepared}", f"out={evaldir}", "generation.max_new_tokens=48", *pool])
+        return {}
+
+    def stage_score():
+        run_cmd([py, "jobs/score_answers.py", f"eval_dir={evaldir}", "model_name=demo-agent",
+                 f"images_root={data / 'images'}", f"judge.model.model_path={rm_final}",
+                 "judge.model.max_length=2048", "judge.generation.max_new_tokens=64", "judge.max_retries=1",
+                 "bootstrap=200", *pool])
+        return {"report": str(evaldir / "report")}
+
+    stages = [("data", stage_data, data), ("validate", stage_validate, None), ("prepare", stage_prepare, prepared),
+              ("train_agent", stage_train_agent, agent_final), ("train_reward_model", stage_train_rm, rm_final),
+              ("answer", stage_answer, evaldir), ("score", stage_score, evaldir / "report" / "report.md")]
     t_start = time.time()
     for i, (name, fn, path) in enumerate(stages, 1):
         st = Stage(name, out)
@@ -84,7 +117,7 @@ def main(argv=None) -> int:
             break
     print(f"\nfinished in {time.time() - t_start:.1f}s. Outputs:")
     for k, v in summary.items():
-        print(f"  {k:10s} {v}")
+        print(f"  {k:18s} {v}")
     return 0
 
 

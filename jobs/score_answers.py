@@ -1,7 +1,7 @@
 """Score a model's answers with a judge (MMRole-Eval): Ray Data over a pool of judge replicas (local reward
 model), or bounded concurrency against an OpenAI-compatible API or our Serve /v1/score endpoint.
 
-    python jobs/score_answers.py --config configs/eval/score_tiny_cpu.yaml [key=value ...]
+    python jobs/score_answers.py --config configs/eval/score_local.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/score_answers.py --config CONFIG [key=value ...]
 
 One judge call per (sample, metric). Results go to an append-only store ``<out>/judge_results/<model>.jsonl``

@@ -42,7 +42,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log_
                               "excludes": [".venv/", "demo_out/", "runs/", "outputs/", ".git/"]})
     else:
         cpus = num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver,
+        # address="local": never attach to a `ray start` cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver,
                  runtime_env={"env_vars": project_env_vars()}, ignore_reinit_error=ignore_reinit_error,
                  _node_ip_address="127.0.0.1")
     return ray

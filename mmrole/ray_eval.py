@@ -36,7 +36,12 @@ def _rows(batch: dict) -> list[dict]:
 
 
 def _pool_args(pool: PoolSettings) -> dict:
-    return dict(concurrency=pool.concurrency_arg(), batch_size=pool.batch_size, num_cpus=pool.num_cpus,
+    """map_batches arguments of an actor pool whose replicas are restarted, and blocks retried, on failure."""
+    import ray
+
+    c = pool.concurrency_arg()
+    size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
+    return dict(compute=ray.data.ActorPoolStrategy(**size), batch_size=pool.batch_size, num_cpus=pool.num_cpus,
                 num_gpus=pool.num_gpus or None, max_restarts=pool.max_restarts, max_task_retries=-1)
 
 
@@ -203,6 +208,7 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
     import ray
 
     from mmrole.eval.contract import JudgeResult, expand_requests
+    from mmrole.eval.metrics import check_metrics
     from mmrole.eval.pipeline import load_answers_dir, write_model_outputs
     from mmrole.eval.store import ResultsStore
 
@@ -252,7 +258,8 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
                "failed": sum(not r.ok for r in results.values()), "empty_answers_excluded": len(empty),
                "seconds": round(time.perf_counter() - t0, 2), "store": str(store.path)}
     if not cfg.swap:
-        summary["outputs"] = write_model_outputs(out, cfg.model_name, answers, results)
+        summary["outputs"] = write_model_outputs(out, cfg.model_name, answers, results,
+                                                 check_metrics(cfg.metrics))
     log(f"[score] done: {json.dumps(summary, default=str)[:2000]}")
     return summary
 

@@ -153,7 +153,7 @@ def test_demo_layout_and_validate(demo_root):
     # quirks are reported as warnings, with file and id
     assert {p.code for p in rep.warnings} == {"unanswered", "empty_dialogue"}
     assert all(p.file and p.id for p in rep.warnings)
-    assert (demo_root / "RM_data").exists() or True  # RM data is added by the eval layer's builder
+    assert list((demo_root / "RM_data" / "train").glob("*.json"))  # reward-model data in the published layout
 
 
 def test_validate_reports_bad_input(demo_root, tmp_path):
@@ -207,6 +207,9 @@ def test_prepare_round_trip_and_counts(demo_root, demo_prepared):
     assert r["dialogues_in"] == r["dialogues_rendered"] + r["dialogues_rejected"] + r["dialogues_held_out_for_test"]
     rejects = [json.loads(line) for line in (demo_prepared / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == sum(r["rejected_by_reason"].values()) and all(x["id"] for x in rejects)
+    rm = list(iter_samples(demo_prepared, "rm_train"))
+    assert rm and m["counts"]["rm_train"]["rejected"] == 0
+    assert all(s.dialogue_type == "judge" and s.system and s.target.rstrip().endswith(")") and s.image for s in rm)
     for rel, digest in m["splits"]["train"]["sha256"].items():
         assert len(digest) == 64 and (demo_prepared / rel).exists()
 

@@ -272,7 +272,7 @@ class MMRoleDataset:
             if image is None:
                 self.problems.append(Problem("error", str(f), sid, "no_image", "user text has no <img> tag"))
                 continue
-            yield Sample(id=sid, system=system, user_text=text, image=image, target=answer, role="", other_role="",
+            yield Sample(id=sid, system=str(rec.get("system") or system), user_text=text, image=image, target=answer, role="", other_role="",
                          script="", dialogue_type=dialogue_type, k=0)
 
 

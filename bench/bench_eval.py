@@ -1,0 +1,98 @@
+"""Scoring throughput: the batched Ray Data path vs the original serial loop (one judge call at a time).
+
+Same tiny random-weight judge, same requests: the 294 published test samples (gpt-4-turbo's answers) x 8 metrics,
+with Pillow stand-ins at the image paths. Re-asks are off in both paths so each request costs one reply.
+
+    python bench/bench_eval.py [--serial-requests 48] [--new-tokens 16] [--replicas 2] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serial-requests", type=int, default=48, help="requests timed in the serial loop")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=8192)
+    ap.add_argument("--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample")))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from PIL import Image
+
+    from mmrole.eval.contract import expand_requests
+    from mmrole.eval.judges import VLMJudge
+    from mmrole.eval.job_config import ScoreJobConfig, load_job_config
+    from mmrole.eval.pipeline import load_answers_dir
+    from mmrole.models import GenerationParams, VLMConfig, build_vlm, make_tiny_vlm
+    from mmrole.ray_env import init_ray
+    from mmrole.ray_eval import run_score
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmrole-bench-eval-"))
+    try:
+        judge_dir = make_tiny_vlm(tmp / "judge", family="qwen2_vl", seed=1)
+        eval_dir = tmp / "eval"
+        for s in ("in", "out"):
+            shutil.copytree(Path(args.sample_dir) / "eval" / f"{s}-test_answers" / "gpt-4-turbo",
+                            eval_dir / f"{s}-test_answers" / "gpt-4-turbo")
+        answers, _ = load_answers_dir(eval_dir, "gpt-4-turbo")
+        images = tmp / "images"
+        for a in answers:
+            p = images / a.image
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (160, 120), (len(a.image) * 7 % 255, 90, 160)).save(p, format="PNG")
+        requests = expand_requests(answers)
+        params = GenerationParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        vcfg = VLMConfig(model_path=str(judge_dir), max_length=args.max_length)
+
+        # Serial: the original loop, one request at a time, one process (all cores available to torch).
+        judge = VLMJudge(build_vlm(vcfg), params, max_retries=0, images_root=str(images))
+        t0 = time.perf_counter()
+        n_serial = min(len(requests), args.serial_requests)  # a slice gives the rate; the batched path does all
+        for r in requests[:n_serial]:
+            judge.score_batch([r])
+        serial_rate = n_serial / (time.perf_counter() - t0)
+        del judge
+
+        # Batched: the Ray Data job path (actor pool, batched generation), every request.
+        torch.set_num_threads(1)
+        init_ray(log_to_driver=False)
+        cfg = load_job_config(ScoreJobConfig, None, [
+            f"eval_dir={eval_dir}", "model_name=gpt-4-turbo", f"images_root={images}",
+            f"judge.model.model_path={judge_dir}", f"judge.model.max_length={args.max_length}",
+            f"judge.generation.max_new_tokens={args.new_tokens}", f"judge.generation.min_new_tokens={args.new_tokens}",
+            "judge.max_retries=0", f"pool.concurrency=[{args.replicas}]", "pool.num_cpus=1",
+            f"pool.batch_size={args.batch}", "bootstrap=0"])
+        t0 = time.perf_counter()
+        summary = run_score(cfg, log=lambda m: None)
+        wall = time.perf_counter() - t0
+        batched_rate = summary["requests"] / wall
+        rows = [("requests (samples x 8 metrics)", f"{len(requests):,}"),
+                ("serial loop (1 request per call)", f"{serial_rate:.1f} req/s (over {n_serial})"),
+                (f"Ray Data, {args.replicas} replicas x batch {args.batch}", f"{batched_rate:.1f} req/s "
+                 f"(incl. pool start-up, {wall:.0f} s)"),
+                ("batched / serial", f"{batched_rate / serial_rate:.2f}x (target >= 4x on 2 cores)")]
+        w = max(len(a) for a, _ in rows)
+        print(f"| {'figure'.ljust(w)} | value |\n|{'-' * (w + 2)}|-------|")
+        for a, b in rows:
+            print(f"| {a.ljust(w)} | {b} |")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

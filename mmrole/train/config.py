@@ -1,0 +1,377 @@
+"""Typed training-job configs: dataclasses loaded from YAML, with ``key=value`` dotted overrides.
+
+Every value is checked against its field's type when the config is built, so a typo in a key or a wrong type
+fails at startup with the file and the dotted key, not hours into a run. No torch, Ray or DeepSpeed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from mmrole.models.config import VLMConfig
+
+KINDS = ("agent", "reward_model")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_SPLIT = {"agent": "train", "reward_model": "rm_train"}
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the dotted key."""
+
+
+@dataclass
+class DataSettings:
+    """Where the prepared shards are and how the Ray Data pipeline encodes and shuffles them."""
+
+    prepared: str = ""  # output folder of `mmrole data prepare` (holds manifest.json)
+    split: str = ""  # "" = train for the agent, rm_train for the reward model
+    max_rows: Optional[int] = None  # use only the first N rows (smoke runs, benchmarks)
+    shuffle_seed: int = 0  # block order and local shuffle differ per epoch but are reproducible from this
+    local_shuffle_buffer: int = 256  # rows buffered on each train worker for the per-epoch shuffle (0 = off)
+    encode_batch_size: int = 16  # rows per call of the encoder actor
+    encode_concurrency: list[int] = field(default_factory=lambda: [1, 4])  # actor pool [min, max] (or [n])
+    encode_num_cpus: float = 1.0  # logical CPUs per encoder actor (fractional on small machines)
+    prefetch_batches: int = 2  # micro-batches prefetched by each train worker
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation: batch geometry, AdamW, clipping, LR schedule, ZeRO stage and precision."""
+
+    epochs: int = 3
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (default: the epochs)
+    global_batch_size: int = 256  # samples per optimizer step, over all workers and accumulation
+    micro_batch_size: int = 1  # samples per forward pass per worker
+    lr: float = 1e-5
+    weight_decay: float = 0.05  # not applied to biases and norm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
+    warmup_ratio: float = 0.03  # of the total optimizer steps ...
+    warmup_steps: Optional[int] = None  # ... unless given in steps
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeedCPUAdam; JIT-builds cpu_adam)
+    seed: int = 0
+    log_every: int = 1  # optimizer steps between progress lines (metrics.jsonl gets every step)
+
+
+@dataclass
+class CheckpointSettings:
+    every_steps: int = 500  # optimizer steps between committed checkpoints (the last step is always saved)
+    num_to_keep: int = 2  # committed checkpoints kept; the newest complete one is never deleted
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 1  # train workers (max workers when elastic)
+    min_workers: Optional[int] = None  # set (< num_workers) for an elastic ScalingConfig((min, max))
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # fractional CPUs avoid starving Ray Data on small machines
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
+
+
+@dataclass
+class RaySettings:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else an embedded local Ray
+    num_cpus: Optional[int] = None  # logical CPUs of the embedded local Ray (default max(4, cores))
+
+
+@dataclass
+class DebugSettings:
+    """Fault injection for tests: SIGKILL worker ``kill_rank`` right after each optimizer step listed in
+    ``kill_at_steps`` (before that step's checkpoint), once per step and run directory."""
+
+    kill_at_steps: list[int] = field(default_factory=list)
+    kill_rank: int = 0
+
+
+@dataclass
+class TrainJobConfig:
+    """A whole training job (agent or reward model)."""
+
+    run_name: str
+    model: VLMConfig
+    data: DataSettings
+    kind: str = "agent"  # agent | reward_model
+    output_dir: str = "runs"  # storage path: the run lives in output_dir/run_name (shared FS on a cluster)
+    tiny_model: Optional[str] = None  # create a random-weight tiny model of this family at model.model_path if absent
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+    debug: DebugSettings = field(default_factory=DebugSettings)
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.run_name
+
+    @property
+    def split(self) -> str:
+        return self.data.split or DEFAULT_SPLIT[self.kind]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "TrainJobConfig":
+        return build_dataclass(cls, d, source, "")
+
+
+def validate(c: TrainJobConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    t, s = c.train, c.scaling
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(c.kind in KINDS, "kind", f"must be one of {KINDS}, got {c.kind!r}")
+    need(bool(_RUN_NAME.match(c.run_name or "")), "run_name",
+         f"{c.run_name!r} must be a plain name (letters, digits, . _ -), it names the run directory")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(t.global_batch_size >= t.micro_batch_size, "train.global_batch_size", "must be >= micro_batch_size")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    need(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+    need(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+    need(not (t.offload_optimizer and t.zero_stage == 0), "train.offload_optimizer", "needs zero_stage >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    need(c.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep",
+         "must be >= 1 (a run always keeps its newest complete checkpoint)")
+    need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    need(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "scaling.min_workers",
+         "must be in [1, num_workers] or null")
+    need(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    need(s.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = unlimited)")
+    need(len(c.data.encode_concurrency) in (1, 2) and all(n >= 1 for n in c.data.encode_concurrency)
+         and c.data.encode_concurrency[0] <= c.data.encode_concurrency[-1],
+         "data.encode_concurrency", "must be [n] or [min, max] with 1 <= min <= max")
+    need(c.data.encode_num_cpus > 0, "data.encode_num_cpus", "must be > 0")
+    need(c.data.encode_batch_size >= 1, "data.encode_batch_size", "must be >= 1")
+    need(c.data.local_shuffle_buffer >= 0, "data.local_shuffle_buffer", "must be >= 0")
+    need(bool(c.data.prepared), "data.prepared", "is required (the output folder of `mmrole data prepare`)")
+    need(bool(c.model.model_path), "model.model_path", "is required")
+    need(c.tiny_model is None or c.tiny_model in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), "tiny_model",
+         "must be qwen2_vl, qwen2_5_vl, qwen3_vl or null")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to the annotated type ``tp`` (str from the command line, YAML scalars, lists)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return build_dataclass(tp, value, "", where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (elem,) = typing.get_args(tp)[:1] or (Any,)
+        return [coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls, d: dict, source: str = "", prefix: str = ""):
+    """``cls(**d)`` with every field coerced to its type; unknown keys are an error naming ``prefix.key``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    where = (source + ": ") if source else ""
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in unknown)
+        raise ConfigError(f"{where}unknown key(s) {keys}; {cls.__name__} has {sorted(names)}")
+    kw = {}
+    for k, v in d.items():
+        kw[k] = coerce(v, hints[k], f"{where}{prefix}{'.' if prefix else ''}{k}")
+    missing = [n for n, f in names.items() if n not in kw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in missing)
+        raise ConfigError(f"{where}missing required key(s) {keys}")
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    except (TypeError, ValueError) as e:  # e.g. VLMConfig's own checks
+        raise ConfigError(f"{where}{prefix or cls.__name__}: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=2e-5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Set each ``dotted.key=value`` in the raw mapping (types are checked when the config is built)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = d
+        for p in path[:-1]:
+            if node.get(p) is None:  # e.g. model.lora.r=16 when lora is null
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a mapping")
+        node[path[-1]] = value
+    return d
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None,
+                defaults: Optional[dict] = None) -> TrainJobConfig:
+    """Read a YAML config (or start from ``defaults``), apply ``key=value`` overrides, build and validate."""
+    d: dict = dict(defaults or {})
+    source = "<overrides>"
+    if path:
+        p = Path(path)
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config ({e})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({e})") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        d.update(loaded)
+    apply_overrides(d, list(overrides or []))
+    return TrainJobConfig.from_dict(d, source)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How a global batch is made from micro-batches on ``world_size`` workers."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+
+def batch_geometry(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchGeometry:
+    """Gradient accumulation that keeps the global batch as close as possible to the requested one.
+
+    When the world size changes (elastic runs), accumulation adapts so that the optimisation is the same;
+    when the global batch does not divide evenly, the nearest achievable one is used (callers log it)."""
+    per_step = micro_batch_size * world_size
+    ga = max(1, round(global_batch_size / per_step))
+    return BatchGeometry(world_size, micro_batch_size, ga)
+
+
+def total_optimizer_steps(n_rows: int, epochs: int, geo: BatchGeometry, max_steps: Optional[int] = None) -> int:
+    """Optimizer steps of a run: equal shards of ``n_rows // world`` rows per worker, micro-batches carried across
+    epoch ends (an accumulation group may straddle two epochs), the last partial group dropped."""
+    rows_per_worker = n_rows // geo.world_size
+    micro_per_epoch = -(-rows_per_worker // geo.micro_batch_size)
+    steps = (epochs * micro_per_epoch) // geo.grad_accum
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return max(steps, 0)

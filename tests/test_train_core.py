@@ -1,0 +1,412 @@
+"""Training core without Ray: configs and overrides, LR schedule, batch geometry, DeepSpeed config, checkpoint
+commit/rotation/resume rules, the Arrow row format of encoded samples (ragged images), metrics and rejects, the
+reward-model data builder, and the shipped YAML configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmrole.train import checkpoint as ckpt
+from mmrole.train.config import (ConfigError, TrainJobConfig, batch_geometry, load_config, total_optimizer_steps)
+from mmrole.train.ds_config import build_deepspeed_config, resolve_precision, split_decay
+from mmrole.train.metrics import MetricsSink, StepStats, progress_line, read_metrics, redone_steps
+from mmrole.train.rejects import RejectWriter, merge_rejects
+from mmrole.train.schedule import make_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def base(**kw) -> dict:
+    d = {"run_name": "t", "model": {"model_path": "/m"}, "data": {"prepared": "/p"}}
+    d.update(kw)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run_name: a\nmodel: {model_path: /m}\ndata: {prepared: /p}\ntrain: {lr: 1.0e-5}\n")
+    cfg = load_config(f, ["train.lr=2e-5", "run_name=x", "train.betas=[0.9,0.99]", "scaling.min_workers=1",
+                          "model.lora.r=16", "model.freeze_vision=true", "data.encode_concurrency=[2, 3]",
+                          "train.max_steps=null", "checkpoint.every_steps=7"])
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)  # "2e-5" is a string to PyYAML
+    assert cfg.run_name == "x" and cfg.train.betas == [0.9, 0.99] and cfg.scaling.min_workers == 1
+    assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.freeze_vision is True
+    assert cfg.data.encode_concurrency == [2, 3] and cfg.checkpoint.every_steps == 7
+    assert cfg.split == "train" and cfg.run_dir == Path("runs").resolve() / "x"
+    # Round trip through YAML gives the same config.
+    again = TrainJobConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lrr=1", "train.lrr"),
+    ("train.lr=fast", "train.lr"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("scaling.min_workers=5", "scaling.min_workers"),
+    ("train.schedule=linear", "train.schedule"),
+    ("run_name=a/b", "run_name"),
+    ("model.dtype=int3", "model"),
+    ("checkpoint.num_to_keep=0", "checkpoint.num_to_keep"),
+    ("train.global_batch_size=1", "train.global_batch_size"),
+])
+def test_bad_configs_name_the_key(tmp_path, override, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text("run_name: a\nmodel: {model_path: /m}\ndata: {prepared: /p}\nscaling: {num_workers: 2}\n"
+                 "train: {micro_batch_size: 2}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, [override])
+    assert needle in str(ei.value)
+
+
+def test_missing_file_and_required_keys(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="model"):
+        TrainJobConfig.from_dict({"run_name": "a", "data": {"prepared": "/p"}})
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"], defaults=base())
+
+
+@pytest.mark.parametrize("name", ["smoke_cpu.yaml", "smoke_cpu_rm.yaml", "agent_7b_8gpu.yaml",
+                                  "reward_model_7b_8gpu.yaml", "agent_7b_lora_1gpu.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    if "7b_8gpu" in name:  # the paper's recipe
+        t = cfg.train
+        assert (t.global_batch_size, t.lr, t.weight_decay, t.betas) == (256, 1e-5, 0.05, [0.9, 0.95])
+        assert t.zero_stage == 3 and t.precision == "bf16" and cfg.model.freeze_vision
+        assert cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
+        assert (t.epochs, cfg.model.max_length) == ((3, 3072) if cfg.kind == "agent" else (10, 4096))
+    if "lora" in name:
+        assert cfg.model.lora is not None and cfg.scaling.num_workers == 1
+    if name.startswith("smoke"):
+        assert cfg.train.zero_stage == 2 and cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+
+
+# ----------------------------------------------------------------------------------------------- schedule/geometry
+
+
+def test_schedule_warmup_cosine_constant():
+    s = make_schedule(100, "cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0) and s(55) == pytest.approx(0.55) and s(100) == pytest.approx(0.1)
+    assert s(1000) == pytest.approx(0.1)  # clamped past the end
+    assert all(s(i) >= s(i + 1) for i in range(10, 120))
+    c = make_schedule(50, "constant", warmup_ratio=0.1)
+    assert c.warmup_steps == 5 and c(2) == pytest.approx(0.6) and c(40) == 1.0
+    assert make_schedule(3, warmup_ratio=0.9).warmup_steps == 3  # never longer than the run
+
+
+def test_batch_geometry_keeps_global_batch_when_world_changes():
+    assert batch_geometry(256, 4, 8).grad_accum == 8
+    assert batch_geometry(256, 4, 4).grad_accum == 16  # elastic shrink: more accumulation, same global batch
+    g = batch_geometry(256, 4, 6)
+    assert g.global_batch_size == 264  # nearest achievable (callers log it)
+    geo = batch_geometry(8, 2, 2)
+    # 23 rows -> 11 per worker -> 6 micro-batches/epoch; 2 epochs -> 12 micro -> 6 steps with accumulation 2
+    assert total_optimizer_steps(23, 2, geo) == 6 and total_optimizer_steps(23, 2, geo, max_steps=4) == 4
+
+
+def test_deepspeed_config():
+    cfg = TrainJobConfig.from_dict(base(train={"zero_stage": 3, "grad_clip": 0.5, "global_batch_size": 32,
+                                               "micro_batch_size": 2}))
+    geo = batch_geometry(32, 2, 4)
+    d = build_deepspeed_config(cfg.train, geo, "cuda")
+    assert d["train_batch_size"] == 32 and d["gradient_accumulation_steps"] == 4
+    assert d["train_micro_batch_size_per_gpu"] == 2 and d["gradient_clipping"] == 0.5
+    assert d["bf16"]["enabled"] and not d["fp16"]["enabled"]
+    assert d["zero_optimization"]["stage"] == 3
+    assert d["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "optimizer" not in d  # client torch AdamW
+    cpu = build_deepspeed_config(cfg.train, geo, "cpu")
+    assert not cpu["bf16"]["enabled"] and not cpu["zero_optimization"]["overlap_comm"]
+    with pytest.raises(ValueError, match="GPU"):
+        resolve_precision("bf16", "cpu")
+    cfg.train.offload_optimizer = True
+    off = build_deepspeed_config(cfg.train, geo, "cuda")
+    assert off["optimizer"]["type"] == "AdamW" and off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    decay, no = split_decay([("a.weight", 2), ("a.bias", 1), ("ln.weight", 1), ("model.norm.weight", 1)])
+    assert decay == ["a.weight"] and set(no) == {"a.bias", "ln.weight", "model.norm.weight"}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _write_ckpt(run: Path, step: int, token: str = "a", commit: bool = True) -> Path:
+    t = ckpt.tmp_dir(run, step, token)
+    (t / "hf").mkdir(parents=True)
+    (t / "hf" / "model.safetensors").write_bytes(b"x" * step)
+    ckpt.write_state(t, {"step": step, "epoch": 0, "epoch_rows": 4 * step, "world_size": 2, "zero_stage": 2})
+    return ckpt.commit(t, step) if commit else t
+
+
+def test_commit_marks_then_renames(tmp_path):
+    final = _write_ckpt(tmp_path, 5)
+    assert final.name == "step_00000005" and not list(final.parent.glob(".tmp-*"))
+    ok, why = ckpt.verify(final)
+    assert ok, why
+    marker = json.loads((final / ckpt.COMPLETE).read_text())
+    assert marker["files"] == {"hf/model.safetensors": 5, "trainer_state.json": (final / ckpt.STATE).stat().st_size}
+    # A damaged checkpoint is not used: resume falls back to the previous complete one.
+    _write_ckpt(tmp_path, 10)
+    (tmp_path / "checkpoints/step_00000010/hf/model.safetensors").write_bytes(b"short")
+    assert not ckpt.verify(tmp_path / "checkpoints/step_00000010")[0]
+    assert ckpt.latest_complete(tmp_path).step == 5
+    # Re-committing the same step replaces it without a gap.
+    again = _write_ckpt(tmp_path, 5, token="b")
+    assert ckpt.verify(again)[0] and not list(again.parent.glob(".trash-*"))
+
+
+def test_partial_checkpoints_do_not_count(tmp_path):
+    _write_ckpt(tmp_path, 3)
+    _write_ckpt(tmp_path, 6, commit=False)  # crashed while writing
+    (tmp_path / "checkpoints/step_00000009").mkdir()  # a step dir without a marker
+    entries = ckpt.scan(tmp_path)
+    assert [(e.step, e.complete) for e in entries] == [(3, True), (6, False), (9, False)]
+    assert ckpt.latest_complete(tmp_path).step == 3
+    plan = ckpt.plan_resume(tmp_path, world_size=2, zero_stage=2)
+    assert (plan.step, plan.epoch_rows, plan.mode) == (3, 12, "exact")
+    assert ckpt.plan_resume(tmp_path, world_size=4, zero_stage=2).mode == "weights"  # ZeRO state is per rank
+    assert ckpt.plan_resume(tmp_path / "nothing", 2, 2).mode == "fresh"
+
+
+def test_rotation_never_leaves_zero_complete(tmp_path):
+    for s in (2, 4, 6, 8):
+        _write_ckpt(tmp_path, s)
+    active = _write_ckpt(tmp_path, 10, token="live", commit=False)
+    deleted = ckpt.apply_rotation(tmp_path, num_to_keep=2, protect=[active])
+    assert sorted(p.name for p in deleted) == ["step_00000002", "step_00000004"]
+    assert [e.step for e in ckpt.complete_checkpoints(tmp_path)] == [6, 8] and active.is_dir()
+    # Even if only partial dirs are newer, the newest complete one survives.
+    ckpt.apply_rotation(tmp_path, num_to_keep=1)
+    assert [e.step for e in ckpt.scan(tmp_path)] == [8]
+    entries = ckpt.scan(tmp_path)
+    assert ckpt.rotation_plan(entries, 1) == []
+    with pytest.raises(ValueError):
+        ckpt.rotation_plan(entries, 0)
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from mmrole.models import make_tiny_vlm
+    from mmrole.models.encoding import SampleEncoder
+    from mmrole.models.processor import build_processor
+
+    d = make_tiny_vlm(tmp_path_factory.mktemp("tiny") / "m", "qwen2_5_vl")
+    return SampleEncoder(build_processor(str(d)), "qwen2_5_vl", 512), d
+
+
+def test_rows_roundtrip_ragged_images(tiny_encoder):
+    """Encoded samples with different image sizes survive the Arrow row format, re-batching and padding."""
+    import pyarrow as pa
+
+    from mmrole.data.records import Sample
+    from mmrole.models.tiny import tiny_image
+    from mmrole.train.rows import batch_token_counts, decode_table, encode_table, spec_from_encoded
+
+    enc, _ = tiny_encoder
+    samples = [Sample(id=f"s{i}", system="sys", user_text="look " * (i + 1), image="x.png", target="ok " * (i + 1),
+                      role="r", other_role="o", script="", dialogue_type="comment", k=1) for i in range(4)]
+    sizes = [(56, 56), (140, 84), (98, 126), (70, 140)]
+    encoded = [enc.encode(s, tiny_image(i, size)) for i, (s, size) in enumerate(zip(samples, sizes))]
+    assert len({e["pixel_values"].shape[0] for e in encoded}) > 1  # ragged
+    spec = spec_from_encoded(encoded[0])
+    t1, t2 = encode_table(encoded[:1], spec), encode_table(encoded[1:], spec)
+    empty = encode_table([], spec)
+    assert empty.num_rows == 0 and empty.schema == t1.schema
+    table = pa.concat_tables([t1, empty, t2]).slice(1)  # re-chunked and offset, as Ray Data may hand it over
+    rows = decode_table(table)
+    assert [r["id"] for r in rows] == ["s1", "s2", "s3"]
+    for r, e in zip(rows, encoded[1:]):
+        for k in ("input_ids", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            np.testing.assert_array_equal(r[k], e[k])
+            assert r[k].dtype == e[k].dtype
+    batch = enc.pad_batch(rows)
+    assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in encoded[1:])
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["input_ids"].shape[0] == 3
+    assert batch_token_counts(rows) == (sum(e["num_text_tokens"] for e in encoded[1:]),
+                                        sum(e["num_image_tokens"] for e in encoded[1:]),
+                                        sum(e["num_target_tokens"] for e in encoded[1:]))
+
+
+def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
+    """The encoder actor class, called directly: a corrupt image and a too-long sample become rejects."""
+    import pyarrow as pa
+
+    from mmrole.ray_data_ingest import EncodeRows
+    from mmrole.train.rows import decode_table
+    from mmrole.train.synthetic import sample_rows, write_prepared
+
+    _, model_dir = tiny_encoder
+    prep = write_prepared(tmp_path / "prep", 5, corrupt=[1])
+    rows = sample_rows(5)
+    rows[1]["image"] = "corrupt_00001.png"
+    rows[3]["target"] = "word " * 2000  # cannot fit max_length even without history
+    actor = EncodeRows({"model_path": str(model_dir), "max_length": 512}, str(prep / "images"),
+                       str(tmp_path / "rej"), "train")
+    out = actor(pa.Table.from_pylist(rows))
+    assert [r["id"] for r in decode_table(out)] == ["syn_00000", "syn_00002", "syn_00004"]
+    none = actor(pa.Table.from_pylist([rows[1]]))
+    assert none.num_rows == 0 and none.schema == out.schema
+    lines = [json.loads(x) for f in (tmp_path / "rej").glob("*.jsonl") for x in f.read_text().splitlines()]
+    by_id = {r["id"]: r for r in lines}
+    assert by_id["syn_00001"]["stage"] == "image" and "corrupt_00001.png" in by_id["syn_00001"]["reason"]
+    assert by_id["syn_00003"]["stage"] == "too_long"
+    assert len(lines) == 3  # the corrupt row twice (two calls), the long one once
+
+
+# ----------------------------------------------------------------------------------------------- metrics/rejects
+
+
+def test_metrics_sink_and_redone_steps(tmp_path):
+    a = MetricsSink(tmp_path, "att1", tensorboard=True)
+    for s in (1, 2, 3):
+        a.write(StepStats(step=s, loss=1.0 / s, lr=1e-3, samples=8, text_tokens=800, image_tokens=80,
+                          target_tokens=40, step_time_s=2.0, data_wait_s=0.5).as_dict())
+    a.close()
+    b = MetricsSink(tmp_path, "att2", tensorboard=False)
+    b.event("resume", from_step=2)
+    b.write(StepStats(step=3, loss=0.3, lr=1e-3, samples=8, text_tokens=1, image_tokens=1, target_tokens=1,
+                      step_time_s=1.0, data_wait_s=0.0).as_dict())
+    b.close()
+    recs = read_metrics(tmp_path)
+    assert redone_steps(recs) == [3]
+    d = recs[0]
+    assert d["samples_per_s"] == 4.0 and d["tokens_per_s"] == 440.0 and d["data_wait_frac"] == 0.25
+    assert "loss 1.0000" in progress_line(d, 3) and "25%" in progress_line(d, 3)
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard event file written
+
+
+def test_rejects_merge_dedupes_across_epochs(tmp_path):
+    for _ in range(2):  # two epochs (two actor processes) see the same bad row
+        w = RejectWriter(tmp_path / "rejects")
+        w.write("b", f"cannot decode b.png (object at {id(w):#x})", "image")
+        w.write("a", "too long", "too_long")
+        w.close()
+    (tmp_path / "rejects" / "broken.jsonl").write_text('{"id": "c", "reason": "x", "stage": "image"}\n{"id": ')
+    recs = merge_rejects(tmp_path)
+    assert [r["id"] for r in recs] == ["a", "b", "c"]
+    assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------------------------- reward-model data
+
+
+def test_rm_data_from_published_reviews(sample_dir, tmp_path):
+    from mmrole.data.reader import image_path_from_tag
+    from mmrole.eval.parse import parse_scores
+    from mmrole.train.rm_data import build_rm_data, find_review_files
+
+    files = find_review_files(sample_dir / "eval")
+    assert len(files) == 18  # 2 sets x 3 models x 3 types
+    stats = build_rm_data(files, tmp_path, test_fraction=0.2, seed=0)
+    d = stats.to_dict()
+    assert d["in"] == d["out"] + d["rejected"] - d["rejected_by_reason"].get("bad_record", 0)
+    assert d["out"] > 0.9 * d["in"]
+    train = json.loads((tmp_path / "RM_data/train/rm_train.json").read_text())
+    test = json.loads((tmp_path / "RM_data/test/rm_test.json").read_text())
+    assert len(train) == d["out_train"] and len(test) == d["out_test"] and d["out_test"] > 0
+    r = train[0]
+    user, review = r["conversations"][0]["value"], r["conversations"][1]["value"]
+    img, prompt = image_path_from_tag(user)
+    assert img and img.endswith(".jpg") and "[Scores]" in prompt and r["system"]
+    assert parse_scores(review)  # every review ends in a parseable pair
+    # No sample straddles the split (all models/metrics of one sample on one side).
+    sid = lambda rec: rec["id"].split("/", 1)[1].split("::")[0]  # noqa: E731
+    assert not ({sid(x) for x in train} & {sid(x) for x in test})
+    for line in (tmp_path / "RM_data/rejects.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["id"] and rec["reason"] and rec["file"]
+
+
+def test_rm_data_rejects_inconsistent_reviews(tmp_path):
+    from mmrole.train.rm_data import build_rm_data
+
+    rec = {"id": "X_comment_COCO_1_1", "system": "s", "image": "a.jpg", "role": "Ada", "script": "S",
+           "other_role": "a curious human",
+           "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "ref", "answer": "ans"}],
+           "rm_review": {"Fluency": {"review": "Good. [Scores]: (7, 8)", "score": [7, 8]},
+                         "Coherency": {"review": "Good. [Scores]: (7, 8)", "score": [9, 8]},
+                         "Tone Consistency": {"review": "", "score": None}}}
+    f = tmp_path / "eval" / "in-test_reviews" / "m" / "comment_test.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps([rec]))
+    stats = build_rm_data([f], tmp_path / "out", test_fraction=0.0)
+    assert stats.out_train == 1
+    reasons = {r["metric"]: r["reason"] for r in stats.rejected}
+    assert reasons["Coherency"].startswith("score_mismatch") and reasons["Tone Consistency"].startswith("no_score")
+    assert len(stats.rejected) == 7  # 5 metrics absent + mismatch + failed
+    out = json.loads((tmp_path / "out/RM_data/train/rm_train.json").read_text())
+    assert out[0]["id"] == "m/X_comment_COCO_1_1::Fluency"
+
+
+def test_rm_data_goes_through_prepare_and_encodes(tmp_path, tiny_encoder):
+    """RM_data built for the demo dataset -> `prepare` -> rm_train shards whose rows encode (judge prompt + review)."""
+    from mmrole.data.demo import build_demo
+    from mmrole.data.prepare import prepare
+    from mmrole.data.prepared import iter_samples
+    from mmrole.models.tiny import tiny_image
+    from mmrole.train.rm_data import demo_rm_builder
+
+    counts = build_demo(tmp_path / "ds", seed=0, rm_builder=demo_rm_builder)
+    assert counts["rm_train"] > 0 and counts["rm_rejected"] == 0
+    prepare(tmp_path / "ds", tmp_path / "prep")
+    rows = list(iter_samples(tmp_path / "prep", "rm_train"))
+    assert len(rows) == counts["rm_train"] and rows[0].dialogue_type == "judge"
+    assert rows[0].target.rstrip().endswith(")") and "[Scores]" in rows[0].target
+    enc, _ = tiny_encoder
+    big = type(enc)(enc.processor, enc.family, 4096)
+    e = big.encode(rows[0], tiny_image(0))
+    assert e["num_target_tokens"] > 5
+
+
+def test_job_cli_print_config(tmp_path, capsys):
+    from mmrole.train.cli import main
+
+    assert main(["--config", str(CONFIGS / "smoke_cpu.yaml"), "--print-config", "train.lr=3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.003" in out and "kind: agent" in out
+    assert main(["--config", str(CONFIGS / "smoke_cpu_rm.yaml"), "--print-config"], kind="agent") == 2
+    assert main(["--config", str(CONFIGS / "smoke_cpu.yaml"), "train.zero_stage=9"]) == 2
+
+
+def test_ray_commit_records_pruned_to_the_referenced_one(tmp_path):
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from mmrole.ray_train import _prune_commit_records
+
+    for name in ("ray_commit-step_00000003-a", "ray_commit-step_00000006-b", "ray_commit-step_00000012-c"):
+        (tmp_path / name).mkdir()
+    assert len(_prune_commit_records(tmp_path)) == 3  # no snapshot: nothing references them
+    assert not list(tmp_path.glob("ray_commit-*"))
+    for name in ("ray_commit-step_00000003-a", "ray_commit-step_00000012-c"):
+        (tmp_path / name).mkdir()
+    (tmp_path / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "ray_commit-step_00000012-c"}],
+         "latest_checkpoint_result": {"checkpoint_dir_name": "ray_commit-step_00000012-c"}}))
+    assert _prune_commit_records(tmp_path) == ["ray_commit-step_00000003-a"]
+    assert [p.name for p in tmp_path.glob("ray_commit-*")] == ["ray_commit-step_00000012-c"]
+    (tmp_path / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text("{not json")
+    assert _prune_commit_records(tmp_path) == []  # unreadable snapshot: touch nothing
+
+
+def test_relative_paths_refused_under_ray_job_submit(monkeypatch):
+    from mmrole.ray_train import _check_paths_for_cluster
+
+    cfg = TrainJobConfig.from_dict(base(output_dir="runs"))
+    _check_paths_for_cluster(cfg)  # a local run: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ValueError, match="output_dir"):
+        _check_paths_for_cluster(cfg)
+    _check_paths_for_cluster(TrainJobConfig.from_dict(base(output_dir="/shared/runs")))
