@@ -21,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _table import print_table  # noqa: E402
 
 from mmrole.data.prepare import PrepareConfig, prepare  # noqa: E402
 from mmrole.data.reader import load_dataset  # noqa: E402
@@ -81,10 +84,7 @@ def main() -> None:
             ("Parquet size", f"{size / 2**20:.1f} MiB in {len(m['splits']['train']['files'])} shards"),
             ("peak RSS before / after render / after prepare", f"{rss0:.0f} / {rss_render:.0f} / {peak_rss_mb():.0f} MiB"),
         ]
-        w = max(len(a) for a, _ in rows)
-        print(f"| {'figure'.ljust(w)} | value |\n|{'-' * (w + 2)}|-------|")
-        for a, b in rows:
-            print(f"| {a.ljust(w)} | {b} |")
+        print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _table import print_table  # noqa: E402
 
 
 def main() -> None:
@@ -86,10 +89,7 @@ def main() -> None:
                 (f"Ray Data, {args.replicas} replicas x batch {args.batch}", f"{batched_rate:.1f} req/s "
                  f"(incl. pool start-up, {wall:.0f} s)"),
                 ("batched / serial", f"{batched_rate / serial_rate:.2f}x (target >= 4x on 2 cores)")]
-        w = max(len(a) for a, _ in rows)
-        print(f"| {'figure'.ljust(w)} | value |\n|{'-' * (w + 2)}|-------|")
-        for a, b in rows:
-            print(f"| {a.ljust(w)} | {b} |")
+        print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -75,13 +75,16 @@ def main(argv=None) -> int:
     def stage_train_agent():
         run_cmd([py, "jobs/train_agent.py", "--config", "configs/smoke_cpu.yaml", "run_name=demo-agent",
                  f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
-                 f"model.model_path={models / 'tiny-qwen2_5_vl'}", "train.epochs=2", *ray_cpus])
+                 f"model.model_path={models / 'tiny-qwen2_5_vl'}", "train.epochs=1",
+                 "checkpoint.every_steps=20", *ray_cpus])
         return {"final_model": str(agent_final)}
 
     def stage_train_rm():
         run_cmd([py, "jobs/train_reward_model.py", "--config", "configs/smoke_cpu_rm.yaml", "run_name=demo-rm",
                  f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
-                 f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}", "train.epochs=3", *ray_cpus])
+                 f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}",
+                 # enough steps for a tiny model to learn to end its reviews with the score pair
+                 "train.epochs=8", "train.lr=5e-3", "checkpoint.every_steps=48", *ray_cpus])
         return {"final_model": str(rm_final)}
 
     pool = ["pool.concurrency=[2]", "pool.num_cpus=0.5", "pool.batch_size=8"]

@@ -16,21 +16,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def mmrole_sample_dir() -> Path:
-    """``../shared/mmrole-sample`` beside the repo (or $MMROLE_SAMPLE_DIR)."""
-    return Path(os.environ.get("MMROLE_SAMPLE_DIR", REPO.parent / "shared" / "mmrole-sample"))
-
-
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The published data slice. Missing: fail under CI (CI has it), skip on a bare laptop."""
-    d = mmrole_sample_dir()
-    if not (d / "profiles").is_dir():
-        msg = f"MMRole sample data not found at {d} (set MMROLE_SAMPLE_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
+    from sample_data import mmrole_sample_dir, require
+
+    return require(mmrole_sample_dir() / "profiles").parent
 
 
 @pytest.fixture(scope="session")

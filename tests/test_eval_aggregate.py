@@ -3,7 +3,6 @@ bootstrap and position bias behave."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,13 @@ from mmrole.eval.contract import JudgeResult
 from mmrole.eval.formats import format_results_csv, load_reviews_file, read_results_csv
 from mmrole.eval.metrics import DIMENSIONS, METRICS
 from mmrole.eval.report import build_report, discover
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # The published overall scores (README of the sample; mean of the 8 metric means over all 294 test samples).
 PUBLISHED_OVERALL = {"mmrole-agent": 0.994, "gpt-4-turbo": 1.099, "qwen-vl-chat": 0.843}
 
 
-def _sample_eval_dir() -> Path:
-    d = Path(os.environ.get("MMROLE_SAMPLE_DIR", REPO.parent / "shared" / "mmrole-sample")) / "eval"
-    if not d.is_dir():
-        msg = f"MMRole sample eval folder not found at {d} (set MMROLE_SAMPLE_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-import pytest
 
 from mmrole.cli import main
 from mmrole.eval.metrics import METRICS
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_OVERALL = {"mmrole-agent": 0.994, "gpt-4-turbo": 1.099, "qwen-vl-chat": 0.843}
 
 
-def _sample_eval_dir() -> Path:
-    d = Path(os.environ.get("MMROLE_SAMPLE_DIR", REPO.parent / "shared" / "mmrole-sample")) / "eval"
-    if not d.is_dir():
-        msg = f"MMRole sample eval folder not found at {d} (set MMROLE_SAMPLE_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
 
 
 def test_report_on_sample_writes_tables_csv_json_plots(tmp_path, capsys):

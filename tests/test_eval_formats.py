@@ -12,6 +12,7 @@ from mmrole.eval.formats import (EvalDataError, answer_record_dict, load_answers
                                  read_results_csv, write_answers_file, write_results_csv, write_reviews_file)
 from mmrole.eval.metrics import METRICS
 from mmrole.eval.template import JudgeTemplateError, load_judge_template
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 
 def _rec(i, answer="my answer", **kw):
@@ -177,18 +178,6 @@ def test_judge_template_validation(tmp_path, monkeypatch):
     assert t2.render(question="q", answer_a="a", answer_b="b", metric="Fluency") == "q|a|b|d"
 
 
-def _sample_eval_dir():
-    import os
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    d = Path(os.environ.get("MMROLE_SAMPLE_DIR", repo.parent / "shared" / "mmrole-sample")) / "eval"
-    if not d.is_dir():
-        msg = f"MMRole sample eval folder not found at {d} (set MMROLE_SAMPLE_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
 
 
 def test_published_answers_expand_and_our_reviews_writer_matches_published_bytes(tmp_path):

@@ -114,7 +114,7 @@ def _published_answers(sample_dir, out, model="gpt-4-turbo"):
 def _api_score_cfg(out, images, url, model="gpt-4-turbo", *extra):
     return load_job_config(ScoreJobConfig, None, [
         f"eval_dir={out}", f"model_name={model}", f"images_root={images}", "judge.kind=openai",
-        f"judge.openai.model=fake", f"judge.openai.base_url={url}", "judge.openai.api_key_env=null",
+        "judge.openai.model=fake", f"judge.openai.base_url={url}", "judge.openai.api_key_env=null",
         "judge.openai.require_api_key=false", "judge.openai.max_concurrency=4", "judge.openai.timeout_s=20",
         "pool.concurrency=[2]", "pool.num_cpus=1", "pool.batch_size=16",
         "bootstrap=0", *extra])

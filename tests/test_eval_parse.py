@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from mmrole.eval.metrics import METRICS
 from mmrole.eval.parse import ScoreParseError, check_pair, parse_scores, try_parse_scores
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sample_eval_dir() -> Path:
-    d = Path(os.environ.get("MMROLE_SAMPLE_DIR", REPO.parent / "shared" / "mmrole-sample")) / "eval"
-    if not d.is_dir():
-        msg = f"MMRole sample eval folder not found at {d} (set MMROLE_SAMPLE_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
 
 
 def test_every_published_review_parses_to_its_stored_score():

@@ -9,7 +9,6 @@ checkpoint rotation and that the final checkpoint loads through the VLM layer an
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
