@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/mmrole/torch_extensions").expanduser()))
+from mmrole.ray_env import default_torch_extensions_dir  # noqa: E402
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

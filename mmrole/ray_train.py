@@ -38,6 +38,8 @@ from typing import Any, Optional
 import deepspeed  # noqa: F401  (imported here so a missing install fails at startup, not inside workers)
 import ray
 import ray.train
+
+from mmrole.train.config import ConfigError
 import torch
 from ray.train.torch import TorchTrainer
 
@@ -404,13 +406,15 @@ def _check_paths_for_cluster(cfg: TrainJobConfig) -> None:
         return
     for key, value in (("output_dir", cfg.output_dir), ("data.prepared", cfg.data.prepared)):
         if not os.path.isabs(os.path.expanduser(value)):
-            raise ValueError(f"{key}={value!r} is relative; under `ray job submit` use an absolute path on storage "
+            raise ConfigError(f"{key}={value!r} is relative; under `ray job submit` use an absolute path on storage "
                              "shared by all nodes (e.g. output_dir=/mnt/shared/runs)")
 
 
 def _prepare_env(cfg: TrainJobConfig) -> None:
     # Set before Ray starts so the embedded cluster's workers inherit them (mmrole.ray_env.project_env_vars).
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/mmrole/torch_extensions").expanduser()))
+    from mmrole.ray_env import default_torch_extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

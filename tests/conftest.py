@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from mmrole.ray_env import default_torch_extensions_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Offline, CPU DeepSpeed, and a persistent cache for DeepSpeed's first-use op build (~30 s once).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/mmrole/torch_extensions").expanduser()))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

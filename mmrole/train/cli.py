@@ -32,5 +32,9 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
         return 0
     from mmrole.ray_train import run_training  # imports ray/deepspeed/torch: only when actually training
 
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    except ConfigError as e:  # e.g. relative paths under `ray job submit`
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return 0 if summary.ok else 1
