@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrole.eval.job_config import ScoreJobConfig, load_job_config  # noqa: E402
 
 
-def write_report(out: Path, model: str, bootstrap: int, seed: int) -> str:
+def write_report(out: Path, bootstrap: int, seed: int) -> str:
     """Aggregate the reviews under ``out`` (every model found) into ``out/report``; returns the Markdown."""
     from mmrole.eval.report import build_report, render_markdown
     from mmrole.eval.report import write_report as write
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     run_score(cfg)
     if not cfg.swap:
         out = Path(cfg.out or cfg.eval_dir)
-        print(write_report(out, cfg.model_name, cfg.bootstrap, cfg.seed), flush=True)
+        print(write_report(out, cfg.bootstrap, cfg.seed), flush=True)
         print(f"report written to {out / 'report'}", flush=True)
     return 0
 

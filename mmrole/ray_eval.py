@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict
@@ -21,7 +20,6 @@ import numpy as np
 from mmrole.data.records import TEST_SETS, Sample
 from mmrole.eval.job_config import GenerateJobConfig, JudgeSettings, PoolSettings, ScoreJobConfig
 
-SET_OF_GROUP = TEST_SETS  # in-distribution -> in-test
 Log = Callable[[str], None]
 
 
@@ -61,7 +59,7 @@ class AnswerWorker:
 
         samples, images, ids, errors = [], [], [], []
         for row in _rows(batch):
-            s = Sample.from_row({k: (list(v) if k == "history_lines" and v is not None else v) for k, v in row.items()})
+            s = Sample.from_row(row)
             ids.append(s.id)
             try:
                 images.append(load_image(self.images_root, s.image))
@@ -113,7 +111,7 @@ def run_generate(cfg: GenerateJobConfig, log: Log = _log, stop_after: Optional[i
     out = Path(cfg.out)
     store = JsonlStore(out / "answer_store" / f"{cfg.model_name}.jsonl")
     done = store.load()
-    wanted_groups = {g for g, s in SET_OF_GROUP.items() if s in cfg.sets}
+    wanted_groups = {g for g, s in TEST_SETS.items() if s in cfg.sets}
     samples = [s for s in iter_samples(cfg.data, cfg.split) if s.group in wanted_groups]
     if cfg.max_samples is not None:
         samples = samples[: cfg.max_samples]
@@ -147,7 +145,7 @@ def run_generate(cfg: GenerateJobConfig, log: Log = _log, stop_after: Optional[i
         rec = done[s.id]
         if rec.get("error"):
             errors["image"] += 1
-        by_file[(SET_OF_GROUP[s.group], s.dialogue_type)].append(answer_record_dict(s, rec["answer"]))
+        by_file[(TEST_SETS[s.group], s.dialogue_type)].append(answer_record_dict(s, rec["answer"]))
     files_written = []
     for (set_name, dtype), recs in sorted(by_file.items()):
         path = out / f"{set_name}_answers" / cfg.model_name / f"{dtype}_test.json"
@@ -263,6 +261,3 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
     log(f"[score] done: {json.dumps(summary, default=str)[:2000]}")
     return summary
 
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -146,7 +146,8 @@ class Sample:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Sample":
         kw = {f: row[f] for f in cls.__dataclass_fields__ if f in row}
-        kw["history_lines"] = list(kw.get("history_lines") or [])
+        lines = kw.get("history_lines")  # a list, or a numpy array when the row comes from Ray Data
+        kw["history_lines"] = [] if lines is None else list(lines)
         kw["k"] = int(kw["k"])
         return cls(**kw)
 
