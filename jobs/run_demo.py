@@ -84,7 +84,8 @@ def main(argv=None) -> int:
                  f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
                  f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}",
                  # enough steps for a tiny model to learn to end its reviews with the score pair
-                 "train.epochs=8", "train.lr=5e-3", "checkpoint.every_steps=48", *ray_cpus])
+                 "train.epochs=8", "train.global_batch_size=4", "train.lr=5e-3", "checkpoint.every_steps=96",
+                 *ray_cpus])
         return {"final_model": str(rm_final)}
 
     pool = ["pool.concurrency=[2]", "pool.num_cpus=0.5", "pool.batch_size=8"]
@@ -105,11 +106,13 @@ def main(argv=None) -> int:
               ("train_agent", stage_train_agent, agent_final), ("train_reward_model", stage_train_rm, rm_final),
               ("answer", stage_answer, evaldir), ("score", stage_score, evaldir / "report" / "report.md")]
     t_start = time.time()
+    redone = False  # once a stage runs again, every later stage does too: its inputs changed
     for i, (name, fn, path) in enumerate(stages, 1):
         st = Stage(name, out)
-        if st.done:
+        if st.done and not redone and (path is None or Path(path).exists()):
             print(f"[{i}/{len(stages)}] {name}: already done (use --fresh to redo)", flush=True)
         else:
+            redone = True
             print(f"[{i}/{len(stages)}] {name} ...", flush=True)
             t0 = time.time()
             info = fn() or {}

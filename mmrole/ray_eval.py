@@ -228,8 +228,13 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
     t0 = time.perf_counter()
     n_new = n_ok = 0
     if todo:
-        ds = ray.data.from_items([{"request": json.dumps(r.to_dict(), ensure_ascii=False)} for r in todo],
-                                 override_num_blocks=max(1, min(len(todo) // max(1, cfg.pool.batch_size), 64)))
+        # One block per judge batch, in request order: a sample's metric requests stay in one batch, where the
+        # judge prefills their shared prompt prefix once (VLM.generate's shared-prefix path).
+        import pyarrow as pa
+
+        bs = max(1, cfg.pool.batch_size)
+        encoded = [json.dumps(r.to_dict(), ensure_ascii=False) for r in todo]
+        ds = ray.data.from_arrow([pa.table({"request": encoded[i:i + bs]}) for i in range(0, len(encoded), bs)])
         ds = ds.map_batches(JudgeWorker, fn_constructor_kwargs=dict(judge=asdict(cfg.judge),
                                                                     images_root=cfg.images_root),
                             **_pool_args(cfg.pool))

@@ -522,6 +522,8 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
         source, cfg.model.to_dict(), str(run_dir / REJECTS_DIR), max_rows=cfg.data.max_rows,
         shuffle_seed=cfg.data.shuffle_seed, encode_batch_size=cfg.data.encode_batch_size,
         encode_concurrency=tuple(cfg.data.encode_concurrency), encode_num_cpus=cfg.data.encode_num_cpus)
+    if cfg.data.cache_encoded:
+        dataset = dataset.materialize()
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}

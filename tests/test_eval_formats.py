@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -143,6 +144,12 @@ def test_expand_requests_and_judge_sample(tmp_path):
     assert s.dialogue_type == "judge" and s.group == "out-of-distribution" and s.image == "COCO/1.jpg"
     assert "question 1" in s.user_text and tpl.metrics[METRICS[3]] in s.user_text
     assert s.user_text.index("ANSWER-A") < s.user_text.index("truth 1")
+    # The metric-specific text is at the end: one answer's 8 prompts share everything before it (a local judge
+    # prefills that prefix once), here all but the last few hundred characters.
+    prompts = [build_judge_sample(r, tpl).user_text for r in reqs[:8]]
+    common = os.path.commonprefix(prompts)
+    assert common.index("ANSWER-A") > 0 and common.index("truth 1") > 0
+    assert all(len(p) - len(common) < 500 for p in prompts)
     sw = expand_requests(recs[:1], swapped=True)[0]
     ss = build_judge_sample(sw, tpl)
     assert ss.user_text.index("truth 1") < ss.user_text.index("ANSWER-A") and ss.id.endswith("::swapped")

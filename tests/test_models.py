@@ -367,6 +367,49 @@ def test_batched_greedy_equals_one_by_one(vlms, family):
     assert any(t for t in batched)
 
 
+def metric_prompts():
+    """4 judge-like prompts on one image that differ only in their last line, plus one on another image."""
+    base_samples, images = samples_and_images(2, seed=11)
+    context = " ".join(f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(40))
+    endings = ["Judge fluency.", "Judge the tone of the reply, carefully and briefly.", "Judge coherency now.",
+               "Judge knowledge consistency of the reply with the profile."]
+    samples = [replace(base_samples[0], id=f"m{i}", user_text=f"{context}\n{end}") for i, end in enumerate(endings)]
+    samples.append(replace(base_samples[0], id="other-image", user_text=f"{context}\n{endings[0]}"))
+    return samples, [images[0]] * len(endings) + [images[1]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_generation_equals_one_by_one(vlms, family):
+    """A judge's metric prompts (same image, long common prefix, different last lines) are grouped, their prefix
+    is prefilled once, and the greedy replies equal one-by-one generation; another image is never grouped."""
+    vlm = vlms[family]
+    samples, imgs = metric_prompts()
+    enc = [vlm.encode(s, im, with_target=False) for s, im in zip(samples, imgs)]
+    groups, plain = vlm.shared_prefix_groups(enc)
+    assert [sorted(rows) for rows, _ in groups] == [[0, 1, 2, 3]] and plain == [4]
+    prefix_len = groups[0][1]
+    assert max(len(e["input_ids"]) for e in enc[:4]) // 2 <= prefix_len < min(len(e["input_ids"]) for e in enc[:4])
+
+    seen_tokens = []
+    hook = vlm.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen_tokens.append(int(kwargs["input_ids"].numel()) if kwargs.get("input_ids")
+                                                     is not None else 0), with_kwargs=True)
+    try:
+        params = GenerationParams(max_new_tokens=10)
+        shared = vlm.generate(samples, imgs, params)
+        shared_tokens, seen_tokens[:] = sum(seen_tokens), []
+        vlm.cfg.share_prefix = False
+        padded = vlm.generate(samples, imgs, params)
+        padded_tokens = sum(seen_tokens)
+    finally:
+        vlm.cfg.share_prefix = True
+        hook.remove()
+    alone = [vlm.generate([s], [im], params)[0] for s, im in zip(samples, imgs)]
+    assert shared == alone == padded
+    assert any(shared)
+    assert shared_tokens < 0.6 * padded_tokens  # the 4 prompts' common prefix went through the model once
+
+
 def test_sampling_is_seeded_and_stop_strings_cut(vlms):
     vlm = vlms["qwen2_5_vl"]
     samples, images = samples_and_images(3, seed=5)
@@ -418,6 +461,10 @@ def test_cuda_auto_dtype_forward_backward_generate(tiny_dirs):
     fp32 = build_vlm(VLMConfig(model_path=str(tiny_dirs["qwen3_vl"]), dtype="float32"))
     p = GenerationParams(max_new_tokens=8)
     assert fp32.generate(samples, images, p) == [fp32.generate([s], [im], p)[0] for s, im in zip(samples, images)]
+    prompts, imgs = metric_prompts()  # the shared-prefix path on CUDA
+    encoded = [fp32.encode(s, im, with_target=False) for s, im in zip(prompts, imgs)]
+    assert len(fp32.shared_prefix_groups(encoded)[0]) == 1
+    assert fp32.generate(prompts, imgs, p) == [fp32.generate([s], [im], p)[0] for s, im in zip(prompts, imgs)]
 
 
 # ---- save / load / LoRA ---------------------------------------------------------------------------------------

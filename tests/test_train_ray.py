@@ -135,7 +135,7 @@ def test_final_checkpoint_loads_and_generates(two_runs):
 def test_resize_to_one_worker_zero3_resumes_from_weights(two_runs):
     """An elastic-style restart at another world size with ZeRO-3: the partitioned optimizer state cannot be
     reused, so training continues from the HF weights with the step counter kept, and ZeRO-3 saves a
-    consolidated HF model."""
+    consolidated HF model. Also the encode-once path (data.cache_encoded) over 2 epochs."""
     from safetensors.torch import load_file
 
     from mmrole.ray_train import run_training
@@ -148,9 +148,11 @@ def test_resize_to_one_worker_zero3_resumes_from_weights(two_runs):
     cfg = load_config(REPO / "configs" / "smoke_cpu.yaml",
                       _overrides(tmp, two_runs["model"], two_runs["prep"], "ft-z3")
                       + ["scaling.num_workers=1", "train.zero_stage=3", "train.epochs=2", "debug.kill_at_steps=[]",
-                         "checkpoint.every_steps=100"])
+                         "checkpoint.every_steps=100", "data.cache_encoded=true"])
     s = run_training(cfg, quiet=True)
     assert s.ok, s
+    # Encoded once (materialized) for both epochs: every row but the corrupt one is trained on in each epoch.
+    assert s.counts["rejected"] == 1 and s.counts["rows_trained_last_epoch"] == 47
     recs = read_metrics(dst)
     resume = next(r for r in recs if r.get("event") == "resume")
     assert (resume["from_step"], resume["mode"]) == (12, "weights") and "world_size=2" in resume["reason"]

@@ -21,7 +21,8 @@ class PoolSettings:
     """A Ray Data actor pool of model replicas."""
 
     concurrency: list[int] = field(default_factory=lambda: [1])  # [n] fixed, or [min, max] autoscaling
-    batch_size: int = 8  # samples (or judge requests) per model call
+    batch_size: int = 8  # samples (or judge requests) per model call; for judges a multiple of the metric count
+    # keeps each answer's requests in one call, where their shared prompt prefix is prefilled once
     num_cpus: float = 1.0  # logical CPUs per replica (fractional on small machines)
     num_gpus: float = 0.0  # GPUs per replica
     max_restarts: int = -1  # replica restarts after a worker or node dies (-1 = unlimited); blocks are retried

@@ -84,6 +84,10 @@ class VLMConfig:
     freeze_projector: bool = False
     lora: Optional[LoRASettings] = None
     quantization: Optional[str] = None  # None | "4bit" | "8bit" (QLoRA; needs bitsandbytes and CUDA)
+    # Generation: prompts of one batch that share an image and a long token prefix (a judge's 8 metric prompts
+    # for one answer) prefill that prefix once and decode from a shared KV cache (native Qwen families).
+    share_prefix: bool = True
+    min_shared_prefix: int = 64  # tokens; shorter common prefixes are not worth a separate prefill
 
     def __post_init__(self):
         if isinstance(self.lora, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -218,12 +219,127 @@ class VLM:
 
     @torch.inference_mode()
     def generate_encoded(self, encoded: list[dict], params: Optional[GenerationParams] = None) -> list[str]:
-        """Generate from already-encoded prompts (``encode(..., with_target=False)``)."""
+        """Generate from already-encoded prompts (``encode(..., with_target=False)``).
+
+        Rows that share an image and a long token prefix (``cfg.share_prefix``, native Qwen families) are decoded
+        from one prefill of that prefix: a judge's 8 metric prompts for one answer differ only in their last
+        lines, so the thousands of profile/history tokens are processed once instead of 8 times. The rest go
+        through one left-padded batch. Greedy replies are the same either way."""
         params = params or GenerationParams()
         if not encoded:
             return []
-        batch = self.to_device(self.pad_batch(encoded, padding_side="left"))
-        batch.pop("labels", None)
+        texts: list[Optional[str]] = [None] * len(encoded)
+        groups, plain = self.shared_prefix_groups(encoded)
+        for rows, prefix_len in groups:
+            outs = self._run_generate(lambda kw: self._generate_from_prefix([encoded[i] for i in rows], prefix_len, kw),
+                                      params)
+            for i, t in zip(rows, outs):
+                texts[i] = t
+        if plain:
+            batch = self.to_device(self.pad_batch([encoded[i] for i in plain], padding_side="left"))
+            batch.pop("labels", None)
+            outs = self._run_generate(lambda kw: self._new_tokens(self.model.generate(**batch, **kw), batch), params)
+            for i, t in zip(plain, outs):
+                texts[i] = t
+        return texts  # type: ignore[return-value]
+
+    def shared_prefix_groups(self, encoded: Sequence[dict]) -> tuple[list[tuple[list[int], int]], list[int]]:
+        """Split rows into ``([(row indices, shared prefix length), ...], other row indices)``.
+
+        Rows are sorted by (vision inputs, token ids), so rows with long common prefixes are neighbours; a group
+        is a run of >= 2 neighbours with identical vision inputs whose common prefix holds every vision token, is
+        at least ``cfg.min_shared_prefix`` tokens and at least half of the group's longest row (so the rows'
+        own parts, padded to the longest, stay short) and leaves each row at least one token of its own."""
+        n = len(encoded)
+        if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and n > 1):
+            return [], list(range(n))
+        import hashlib
+
+        ids = [np.asarray(e["input_ids"]) for e in encoded]
+        vision_keys = []
+        for e in encoded:
+            h = hashlib.blake2b(digest_size=16)
+            for k in ("pixel_values", "image_grid_thw"):
+                if k in e:
+                    h.update(np.ascontiguousarray(np.asarray(e[k])).tobytes())
+            vision_keys.append(h.digest())
+        # Big-endian bytes sort like the token sequences themselves (ids are non-negative).
+        order = sorted(range(n), key=lambda i: (vision_keys[i], ids[i].astype(">i8").tobytes()))
+
+        def common(a: np.ndarray, b: np.ndarray) -> int:
+            m = min(len(a), len(b))
+            diff = np.flatnonzero(a[:m] != b[:m])
+            return int(diff[0]) if len(diff) else m
+
+        groups: list[tuple[list[int], int]] = []
+        plain: list[int] = []
+
+        def close(rows: list[int], prefix_len: int) -> None:
+            if len(rows) >= 2:
+                groups.append((rows, prefix_len))
+            else:
+                plain.extend(rows)
+
+        rows, prefix_len = [order[0]], len(ids[order[0]]) - 1
+        for i in order[1:]:
+            prev = rows[-1]
+            cand = min(prefix_len, common(ids[prev], ids[i]), len(ids[i]) - 1)
+            members = rows + [i]
+            need = max(self.cfg.min_shared_prefix, max(len(ids[r]) for r in members) // 2,
+                       max(self._last_vision_index(encoded[r]) for r in members) + 1)
+            if vision_keys[i] == vision_keys[prev] and cand >= need:
+                rows, prefix_len = members, cand
+            else:
+                close(rows, prefix_len)
+                rows, prefix_len = [i], len(ids[i]) - 1
+        close(rows, prefix_len)
+        return groups, sorted(plain)
+
+    @staticmethod
+    def _last_vision_index(e: dict) -> int:
+        tt = e.get("mm_token_type_ids")
+        if tt is None:
+            return -1
+        nz = np.flatnonzero(np.asarray(tt))
+        return int(nz[-1]) if len(nz) else -1
+
+    def _generate_from_prefix(self, rows: list[dict], prefix_len: int, kw: dict) -> list[list[int]]:
+        """Prefill ``rows[0][:prefix_len]`` (with the image) once, repeat its KV cache per row, then let
+        ``generate`` process each row's own tokens, left-padded after the prefix (the attention mask hides the
+        pads and the positions skip them, so each row sees exactly its unpadded prompt)."""
+        first = rows[0]
+        n = len(first["input_ids"])
+        prefix = {k: (v[:prefix_len] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v)
+                  for k, v in first.items()}
+        prefix_batch = self.to_device(self.pad_batch([prefix]))
+        prefix_batch.pop("labels", None)
+        out = self.model(**prefix_batch, use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        own = [np.asarray(r["input_ids"])[prefix_len:] for r in rows]
+        width = max(len(x) for x in own)
+        ids = np.full((len(rows), prefix_len + width), self.encoder.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        ids[:, :prefix_len] = np.asarray(first["input_ids"])[:prefix_len]
+        mask[:, :prefix_len] = 1
+        for i, x in enumerate(own):
+            ids[i, prefix_len + width - len(x):] = x
+            mask[i, prefix_len + width - len(x):] = 1
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if "mm_token_type_ids" in first:
+            tt = np.zeros_like(ids)
+            tt[:, :prefix_len] = np.asarray(first["mm_token_type_ids"])[:prefix_len]
+            batch["mm_token_type_ids"] = torch.from_numpy(tt)
+        batch = self.to_device(batch)
+        return self._new_tokens(self.model.generate(**batch, cache=cache, **kw), batch)
+
+    @staticmethod
+    def _new_tokens(out: torch.Tensor, batch: dict) -> list[list[int]]:
+        return out[:, batch["input_ids"].shape[1]:].tolist()
+
+    def _run_generate(self, call, params: GenerationParams) -> list[str]:
+        """Run ``call(generate kwargs) -> new token ids`` in eval mode (seeded when asked) and decode the
+        replies: cut at the first end token and at any stop string."""
         eos = self._eos_ids()
         kw: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                                   do_sample=params.do_sample, eos_token_id=eos,
@@ -239,13 +355,12 @@ class VLM:
                 devices = [self.device] if self.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(params.seed)
-                    out = self.model.generate(**batch, **kw)
+                    new = call(kw)
             else:
-                out = self.model.generate(**batch, **kw)
+                new = call(kw)
         finally:
             if was_training:
                 self.model.train()
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
         eos_set = set(eos)
         texts = []
         for row in new:
@@ -287,6 +402,11 @@ def build_vlm(cfg: VLMConfig) -> VLM:
     family = resolve_family(base_path, cfg.family, cfg.trust_remote_code)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cpu" and not torch.cuda.is_available():
+        # Grouped-query attention inside torch's CPU sdpa kernels, also with a padding mask, instead of copying
+        # the KV heads per query head every step: 1.5x faster CPU decoding measured. transformers does it only
+        # without a mask by default, for CUDA's sake; the variable is process-wide, hence only on CUDA-less hosts.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     kw: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation

@@ -42,6 +42,10 @@ class DataSettings:
     encode_concurrency: list[int] = field(default_factory=lambda: [1, 4])  # actor pool [min, max] (or [n])
     encode_num_cpus: float = 1.0  # logical CPUs per encoder actor (fractional on small machines)
     prefetch_batches: int = 2  # micro-batches prefetched by each train worker
+    # Encode once and keep the encoded rows in the Ray object store for every epoch: skips the per-epoch start of
+    # the encoder pipeline (seconds) for small data such as the demo; needs object-store room for the whole
+    # encoded split (images included), so leave it off for real training sets.
+    cache_encoded: bool = False
 
 
 @dataclass

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's GPU checks in one short run, for a lent GPU machine that has torch (and most of the stack) but
+# not every package of this project: wheels found in .whl/ are installed into /tmp/site first (see the closing
+# notes for how they were fetched). Writes its logs under $OUT (default /tmp/mmrole-gpu-checks).
+#
+#   bash scripts/gpu_checks.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/mmrole-gpu-checks}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, deepspeed, peft; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+
+# CUDA paths of the VLM layer: bf16 forward/backward/generate, fp32 batched and shared-prefix generation equal to
+# one-by-one; the CPU generation tests run too (same code, now on a host with CUDA).
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k "cuda or shared_prefix or greedy" \
+  2>&1 | tail -8 | tee "$OUT/pytest.txt"
+
+# Training throughput of a ~2.2B Qwen2.5-VL shape: DeepSpeed ZeRO-2 (the Ray Train stack) vs plain torch, then ZeRO-3.
+for engine in "--engine deepspeed --zero 2" "--engine torch" "--engine deepspeed --zero 3"; do
+  echo "== bench_train_gpu.py $engine" | tee -a "$OUT/bench_train_gpu.txt"
+  timeout 150 python3 bench/bench_train_gpu.py $engine --steps 10 2>&1 | tail -13 | tee -a "$OUT/bench_train_gpu.txt"
+done
