@@ -224,10 +224,10 @@ def main(argv=None) -> int:
     head = ("setup", "median step", "x plain", "data wait", "worker PSS (RSS) MiB", "encoder PSS (RSS) MiB",
             "whole run PSS MiB")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print()
     print(line(head))
-    print("-+-".join("-" * w for w in widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")  # Markdown, so bench/run_all.py collects it
     for r in rows:
         print(line(r))
     print(f"\nidle embedded Ray (driver + cluster) PSS: {results['idle_ray_pss_mb']:.0f} MiB; "

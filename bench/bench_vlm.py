@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import print_table  # noqa: E402
 
 
 def _samples(n: int, seed: int):
@@ -117,18 +120,18 @@ def main(argv=None) -> int:
     generic = bench_collate(vlm, samples, images, args.batch_size, generic=True)
     gen = bench_generate(vlm, samples[:args.gen_n], images[:args.gen_n], args.batch_size, args.new_tokens)
 
-    print(f"\nVLM layer benchmark: family={vlm.family} params={vlm.num_parameters():,} device={vlm.device} "
-          f"torch_threads={args.threads}")
-    print(f"collation: {args.n} samples, batch {args.batch_size}, {native['tokens'] / args.n:.0f} tokens/sample "
-          f"(text + image), median of 3 after a warm-up")
-    print(f"{'collation path':<28}{'samples/s':>12}{'tokens/s':>14}{'text tok/s':>14}")
-    for name, r in (("native (ours)", native), ("generic (HF processor)", generic)):
-        print(f"{name:<28}{r['samples_per_s']:>12.0f}{r['tokens_per_s']:>14.0f}{r['text_tokens_per_s']:>14.0f}")
-    print(f"\ngreedy generation: {args.gen_n} samples x {args.new_tokens} new tokens")
-    print(f"{'mode':<28}{'seconds':>12}{'new tok/s':>14}")
-    print(f"{'one by one':<28}{gen['single_s']:>12.2f}{gen['single_tok_per_s']:>14.0f}")
-    print(f"{f'batched (bs={args.batch_size})':<28}{gen['batched_s']:>12.2f}{gen['batched_tok_per_s']:>14.0f}")
-    print(f"batched / one-by-one speedup: {gen['speedup']:.2f}x; identical replies: {gen['same_replies']}")
+    print(f"VLM layer benchmark: family={vlm.family} params={vlm.num_parameters():,} device={vlm.device} "
+          f"torch_threads={args.threads}\n")
+    rows = [(f"collation, {name} ({args.n} samples, batch {args.batch_size}, median of 3)",
+             f"{r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s "
+             f"({r['text_tokens_per_s']:.0f} text), {native['tokens'] / args.n:.0f} tokens/sample")
+            for name, r in (("native (ours)", native), ("generic (HF processor)", generic))]
+    rows += [(f"greedy generation, one by one ({args.gen_n} x {args.new_tokens} new tokens)",
+              f"{gen['single_s']:.2f} s, {gen['single_tok_per_s']:.0f} new tok/s"),
+             (f"greedy generation, batched (bs={args.batch_size})",
+              f"{gen['batched_s']:.2f} s, {gen['batched_tok_per_s']:.0f} new tok/s"),
+             ("batched / one by one", f"{gen['speedup']:.2f}x; identical replies: {gen['same_replies']}")]
+    print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"native": native, "generic": generic, "generate": gen,
                                                "args": vars(args)}, indent=2))

@@ -241,6 +241,49 @@ def _reply_text(body: Any) -> str:
     return content
 
 
+async def post_with_retries(client, url: str, payload: dict, *, tries: int, backoff_initial_s: float,
+                            backoff_max_s: float, retry_after_max_s: float, rng: random.Random,
+                            retryable: Callable[[int], bool], fatal_status: Sequence[int],
+                            parse: Callable[[Any], Any], fail_with: type, on_attempt: Callable[[], None] = lambda: None):
+    """POST ``payload`` to ``url`` (an ``httpx.AsyncClient``) and return ``parse(response)`` of the first 200.
+
+    Timeouts, connection errors, malformed 200 bodies and ``retryable(status)`` answers are retried up to ``tries``
+    requests in all, with jittered exponential backoff (or the server's Retry-After, capped); ``fatal_status`` raises
+    :class:`JudgeConfigError` (no retry can fix it); any other status, or running out of tries, raises
+    ``fail_with(message)`` for this request alone."""
+    import httpx
+
+    last = ""
+    for attempt in range(tries):
+        delay = min(backoff_max_s, backoff_initial_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
+        on_attempt()
+        try:
+            r = await client.post(url, json=payload)
+        except httpx.TimeoutException as e:
+            last = f"timeout ({type(e).__name__})"
+        except httpx.TransportError as e:
+            last = f"connection error ({type(e).__name__}: {e})"
+        else:
+            if r.status_code == 200:
+                try:
+                    return parse(r)
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    last = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
+            elif r.status_code in fatal_status:
+                raise JudgeConfigError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
+            elif retryable(r.status_code):
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                ra = _retry_after_s(r.headers.get("retry-after"))
+                if ra is not None:
+                    delay = min(ra, retry_after_max_s)
+            else:  # e.g. 400/413: this request is bad (image too large, ...); retrying will not help
+                raise fail_with(f"HTTP {r.status_code}: {r.text[:300]}")
+        if attempt < tries - 1:
+            log.debug("request to %s failed (%s); retrying in %.2fs", url, last, delay)
+            await asyncio.sleep(delay)
+    raise fail_with(f"gave up after {tries} HTTP tries: {last}")
+
+
 class OpenAIJudge:
     """Scores requests through an OpenAI-compatible chat-completions API, ``max_concurrency`` at a time."""
 
@@ -279,43 +322,17 @@ class OpenAIJudge:
         body.update(c.extra_body)
         return body
 
-    def _backoff(self, attempt: int) -> float:
-        base = min(self.config.backoff_max_s, self.config.backoff_initial_s * (2 ** attempt))
-        return base * (0.5 + 0.5 * self._rng.random())
-
     async def _post(self, client, payload: dict) -> str:
-        import httpx
-
         c = self.config
-        last = ""
-        for attempt in range(c.max_http_retries + 1):
-            delay = self._backoff(attempt)
+
+        def count() -> None:
             self.http_attempts += 1
-            try:
-                r = await client.post(self.url, json=payload)
-            except httpx.TimeoutException as e:
-                last = f"timeout ({type(e).__name__})"
-            except httpx.TransportError as e:
-                last = f"connection error ({type(e).__name__}: {e})"
-            else:
-                if r.status_code == 200:
-                    try:
-                        return _reply_text(r.json())
-                    except (ValueError, KeyError, IndexError, TypeError) as e:
-                        last = f"malformed response body ({type(e).__name__}: {e}): {r.text[:200]!r}"
-                elif r.status_code in self.FATAL_STATUS:
-                    raise JudgeConfigError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
-                elif r.status_code in self.RETRY_STATUS or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}: {r.text[:200]}"
-                    ra = _retry_after_s(r.headers.get("retry-after"))
-                    if ra is not None:
-                        delay = min(ra, c.retry_after_max_s)
-                else:  # other 4xx: this request is bad (e.g. image too large); retrying will not help
-                    raise _RequestFailed(f"HTTP {r.status_code}: {r.text[:300]}")
-            if attempt < c.max_http_retries:
-                log.debug("judge request failed (%s); retrying in %.2fs", last, delay)
-                await asyncio.sleep(delay)
-        raise _RequestFailed(f"gave up after {c.max_http_retries + 1} HTTP tries: {last}")
+
+        return await post_with_retries(
+            client, self.url, payload, tries=c.max_http_retries + 1, backoff_initial_s=c.backoff_initial_s,
+            backoff_max_s=c.backoff_max_s, retry_after_max_s=c.retry_after_max_s, rng=self._rng,
+            retryable=lambda status: status in self.RETRY_STATUS or status >= 500, fatal_status=self.FATAL_STATUS,
+            parse=lambda r: _reply_text(r.json()), fail_with=_RequestFailed, on_attempt=count)
 
     async def _score_one(self, client, sem: asyncio.Semaphore, request: JudgeRequest, urls: dict) -> JudgeResult:
         t0 = time.perf_counter()

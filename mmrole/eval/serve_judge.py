@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .contract import JudgeRequest, JudgeResult, failure
-from .judges import JudgeConfigError, _image_bytes, _retry_after_s, image_data_url
+from .judges import _image_bytes, image_data_url, post_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +67,16 @@ class ServeJudge:
         return body
 
     async def _post(self, client, payload: dict) -> dict:
-        import httpx
-
         c = self.config
-        last = ""
-        for attempt in range(c.max_http_retries + 1):
-            delay = min(c.backoff_max_s, c.backoff_initial_s * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
+
+        def count() -> None:
             self.http_calls += 1
-            try:
-                r = await client.post(self.url, json=payload)
-            except httpx.TimeoutException as e:
-                last = f"timeout ({type(e).__name__})"
-            except httpx.TransportError as e:
-                last = f"connection error ({type(e).__name__}: {e})"
-            else:
-                if r.status_code == 200:
-                    return r.json()
-                if r.status_code in self.FATAL_STATUS:
-                    raise JudgeConfigError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
-                if r.status_code not in self.RETRY_STATUS:  # 400/413: this sample is bad, retrying cannot help
-                    raise _GroupFailed(f"HTTP {r.status_code}: {r.text[:300]}")
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                ra = _retry_after_s(r.headers.get("retry-after"))
-                if ra is not None:
-                    delay = min(ra, c.backoff_max_s)
-            if attempt < c.max_http_retries:
-                await asyncio.sleep(delay)
-        raise _GroupFailed(f"gave up after {c.max_http_retries + 1} HTTP tries: {last}")
+
+        return await post_with_retries(
+            client, self.url, payload, tries=c.max_http_retries + 1, backoff_initial_s=c.backoff_initial_s,
+            backoff_max_s=c.backoff_max_s, retry_after_max_s=c.backoff_max_s, rng=self._rng,
+            retryable=lambda status: status in self.RETRY_STATUS, fatal_status=self.FATAL_STATUS,
+            parse=lambda r: r.json(), fail_with=_GroupFailed, on_attempt=count)
 
     async def _score_group(self, client, sem, group: list[JudgeRequest]) -> list[JudgeResult]:
         from mmrole.serving import result_from_item
