@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The project's GPU checks in one short run, for a lent GPU machine that has torch (and most of the stack) but
-# not every package of this project: wheels found in .whl/ are installed into /tmp/site first (see the closing
-# notes for how they were fetched). Writes its logs under $OUT (default /tmp/mmrole-gpu-checks).
+# not every package of this project: wheels found in .whl/ (git-ignored) are installed into /tmp/site first.
+# Fetch them here, for the device's Python 3.12 (its image has torch, peft and tokenizers, but no deepspeed):
+#   P="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
+#   .venv/bin/python -m pip download --no-deps $P -d .whl transformers==5.24.0 hjson pydantic==2.14.4 \
+#       pydantic-core==2.50.5 annotated-types typing-inspection
+#   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+# Writes its logs under $OUT (default /tmp/mmrole-gpu-checks). On the device tool: carry [".whl"].
 #
 #   bash scripts/gpu_checks.sh
 set -uo pipefail
