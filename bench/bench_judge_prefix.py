@@ -75,16 +75,8 @@ def main() -> int:
         model_dir = make_tiny_vlm(tmp / "tiny", family="qwen2_5_vl", seed=1)
         if size == "2b":
             model_dir = make_2b(model_dir, tmp / "judge-2b")
-        eval_dir = tmp / "eval"
-        for s in ("in", "out"):
-            src = Path(args.eval_dir) / f"{s}-test_answers" / "gpt-4-turbo"
-            if src.is_dir():
-                shutil.copytree(src, eval_dir / f"{s}-test_answers" / "gpt-4-turbo")
-        answers, _ = load_answers_dir(eval_dir, "gpt-4-turbo")
+        answers, _ = load_answers_dir(args.eval_dir, "gpt-4-turbo")  # read only: no copy needed
         answers = [a for a in answers if a.answer.strip()][: args.answers]
-        if not answers:
-            print(f"no published answers under {args.eval_dir}", file=sys.stderr)
-            return 2
         template = load_judge_template()
         requests = expand_requests(answers)
         samples = [build_judge_sample(r, template) for r in requests]

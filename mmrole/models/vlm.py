@@ -280,18 +280,20 @@ class VLM:
             else:
                 plain.extend(rows)
 
+        vision_end = [self._last_vision_index(e) + 1 for e in encoded]
         rows, prefix_len = [order[0]], len(ids[order[0]]) - 1
+        longest, last_vision = len(ids[order[0]]), vision_end[order[0]]  # over the current run
         for i in order[1:]:
             prev = rows[-1]
             cand = min(prefix_len, common(ids[prev], ids[i]), len(ids[i]) - 1)
-            members = rows + [i]
-            need = max(self.cfg.min_shared_prefix, max(len(ids[r]) for r in members) // 2,
-                       max(self._last_vision_index(encoded[r]) for r in members) + 1)
+            need = max(self.cfg.min_shared_prefix, max(longest, len(ids[i])) // 2, max(last_vision, vision_end[i]))
             if vision_keys[i] == vision_keys[prev] and cand >= need:
-                rows, prefix_len = members, cand
+                rows, prefix_len = rows + [i], cand
+                longest, last_vision = max(longest, len(ids[i])), max(last_vision, vision_end[i])
             else:
                 close(rows, prefix_len)
                 rows, prefix_len = [i], len(ids[i]) - 1
+                longest, last_vision = len(ids[i]), vision_end[i]
         close(rows, prefix_len)
         return groups, sorted(plain)
 
