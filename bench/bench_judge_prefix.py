@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """A local judge's generation for one answer's 8 metric prompts: one call per prompt (the original loop), one
 left-padded batch, and the shared-prefix path (the 8 prompts differ only in their last lines, so the long common
-prefix -- profiles, history, both answers -- is prefilled once).
+prefix -- profiles, history, both answers -- is prefilled once); and the shared-prefix path over all answers in
+one batch (what a judge batch of the scoring job does: every answer's group in one generate call).
 
     python bench/bench_judge_prefix.py [--answers 4] [--new-tokens 48] [--size auto|tiny|2b] [--eval-dir DIR]
 
@@ -116,11 +117,17 @@ def main() -> int:
         alone, t_alone = timed(one_by_one)
         padded, t_padded = timed(lambda sl: batch(sl, False))
         shared, t_shared = timed(lambda sl: batch(sl, True))
+        sync()
+        t0 = time.perf_counter()
+        together = batch(slice(0, len(samples)), True)
+        sync()
+        t_together = time.perf_counter() - t0
         n = len(samples)
         dev = torch.cuda.get_device_name(0) if cuda else "cpu"
         params_b = sum(p.numel() for p in vlm.model.parameters()) / 1e9
         same = f"padded batch {sum(a == b for a, b in zip(alone, padded))}/{n}, " \
-               f"shared prefix {sum(a == b for a, b in zip(alone, shared))}/{n}"
+               f"shared prefix {sum(a == b for a, b in zip(alone, shared))}/{n}, " \
+               f"all answers together {sum(a == b for a, b in zip(alone, together))}/{n}"
         rows = [("device / model", f"{dev} / {size} ({params_b:.2f} B, {str(next(vlm.model.parameters()).dtype)})"),
                 ("prompts", f"{len(answers)} answers x {n_metrics} metrics; {min(tokens)}-{max(tokens)} tokens each, "
                             f"{args.new_tokens} new tokens"),
@@ -128,6 +135,8 @@ def main() -> int:
                 ("one padded batch per answer", f"{n / t_padded:.2f} prompts/s ({t_alone / t_padded:.2f}x)"),
                 ("shared prefix per answer", f"{n / t_shared:.2f} prompts/s ({t_alone / t_shared:.2f}x one call "
                                              f"per prompt, {t_padded / t_shared:.2f}x padded batch)"),
+                (f"shared prefix, {len(answers)} answers in one batch",
+                 f"{n / t_together:.2f} prompts/s ({t_alone / t_together:.2f}x one call per prompt)"),
                 ("replies identical to one call per prompt", same)]
         if cuda:
             rows.append(("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB"))

@@ -33,10 +33,16 @@ class StubVLM:
         self.script = script
         self.calls = []
 
-    def generate(self, samples, images, params):
-        self.calls.append((len(samples), params))
+    def encode_prompts(self, samples, images, params):
         assert len(samples) == len(images) and all(im.size == (20, 10) for im in images)
-        return [self.script(s, len(self.calls) - 1) for s in samples]
+        return [self.encode(s) for s in samples]
+
+    def encode(self, sample):
+        return sample
+
+    def generate_encoded(self, prompts, params):
+        self.calls.append((len(prompts), params))
+        return [self.script(s, len(self.calls) - 1) for s in prompts]
 
 
 @pytest.fixture()
@@ -89,24 +95,33 @@ def test_bad_image_and_too_long_prompt_fail_alone(images):
         pass
 
     class PickyVLM(StubVLM):
-        def generate(self, samples, images, params):
-            if any("(1)" in s.user_text for s in samples):
-                if len(samples) > 1:
-                    raise TooLong("batch has a prompt that is too long")
-                raise TooLong("prompt too long")
-            return super().generate(samples, images, params)
+        def encode(self, sample):  # like SampleTooLong: the prompt of sample 1 is rejected when encoded
+            return TooLong("prompt too long") if "(1)" in sample.user_text else sample
 
-    answers = _answers(3)
+        def generate_encoded(self, prompts, params):
+            self.tried.append(len(prompts))
+            if any("(3)" in p.user_text for p in prompts):  # a batch-level ValueError: retried one by one
+                if len(prompts) > 1:
+                    raise ValueError("batch cannot be generated")
+                raise ValueError("odd prompt")
+            return super().generate_encoded(prompts, params)
+
+    answers = _answers(4)
     answers[2].image = "nope.png"
+    answers[3].image = "0.png"
     vlm = PickyVLM(lambda s, c: "[Scores]: (8, 8)")
+    vlm.tried = []
     res = VLMJudge(vlm, Params(), max_retries=1, images_root=str(images)).score_batch(expand_requests(answers))
-    by_sample = {sid: [r for r in res if r.sample_id == sid] for sid in ("s0", "s1", "s2")}
+    by_sample = {sid: [r for r in res if r.sample_id == sid] for sid in ("s0", "s1", "s2", "s3")}
     assert all(r.ok for r in by_sample["s0"])
-    assert all(not r.ok and r.error.startswith("generate: TooLong") for r in by_sample["s1"])
+    assert all(not r.ok and r.error.startswith("prompt: TooLong") for r in by_sample["s1"])
     assert all(not r.ok and r.error.startswith("image:") and "not found" in r.error for r in by_sample["s2"])
+    assert all(not r.ok and r.error == "generate: ValueError: odd prompt" for r in by_sample["s3"])
+    # The rejected prompt did not make the batch fall back to one by one: first call = the 16 prompts of s0 + s3.
+    assert vlm.tried == [16] + [1] * 16
 
     class Broken(StubVLM):
-        def generate(self, samples, images, params):
+        def generate_encoded(self, prompts, params):
             raise RuntimeError("CUDA out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):  # not a per-sample problem: surfaces

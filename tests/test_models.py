@@ -367,14 +367,20 @@ def test_batched_greedy_equals_one_by_one(vlms, family):
     assert any(t for t in batched)
 
 
+def with_text(sample: Sample, sid: str, text: str) -> Sample:
+    """``sample`` with id ``sid`` whose whole question is ``text`` (no parts to shorten)."""
+    return replace(sample, id=sid, user_text=text, prompt_head="", history_header="", history_lines=[],
+                   history_footer="", prompt_tail="")
+
+
 def metric_prompts():
     """4 judge-like prompts on one image that differ only in their last line, plus one on another image."""
     base_samples, images = samples_and_images(2, seed=11)
     context = " ".join(f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(40))
     endings = ["Judge fluency.", "Judge the tone of the reply, carefully and briefly.", "Judge coherency now.",
                "Judge knowledge consistency of the reply with the profile."]
-    samples = [replace(base_samples[0], id=f"m{i}", user_text=f"{context}\n{end}") for i, end in enumerate(endings)]
-    samples.append(replace(base_samples[0], id="other-image", user_text=f"{context}\n{endings[0]}"))
+    samples = [with_text(base_samples[0], f"m{i}", f"{context}\n{end}") for i, end in enumerate(endings)]
+    samples.append(with_text(base_samples[0], "other-image", f"{context}\n{endings[0]}"))
     return samples, [images[0]] * len(endings) + [images[1]]
 
 
@@ -408,6 +414,54 @@ def test_shared_prefix_generation_equals_one_by_one(vlms, family):
     assert shared == alone == padded
     assert any(shared)
     assert shared_tokens < 0.6 * padded_tokens  # the 4 prompts' common prefix went through the model once
+
+
+def judge_batch_prompts():
+    """A judge-like batch: answer A (image 0, 4 metric endings), answer B about the same image whose history runs
+    on much longer (3 endings), answer C on image 1 (2 endings) and a lone prompt on image 2."""
+    base, images = samples_and_images(3, seed=12)
+    facts = [f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(70)]
+    endings = ["Judge fluency.", "Judge the tone of the reply, carefully and briefly.", "Judge coherency now.",
+               "Judge knowledge consistency of the reply with the profile."]
+    context_a, context_b = " ".join(facts[:30]), " ".join(facts)
+    context_c = " ".join(f"Note {i}: a blue kite flies over hill {i}." for i in range(30))
+    rows = ([(f"a{i}", context_a, e, 0) for i, e in enumerate(endings)]
+            + [(f"b{i}", context_b, e, 0) for i, e in enumerate(endings[:3])]
+            + [(f"c{i}", context_c, e, 1) for i, e in enumerate(endings[:2])] + [("lone", context_c, endings[0], 2)])
+    samples = [with_text(base[0], sid, f"{ctx}\n{end}") for sid, ctx, end, _ in rows]
+    images[1] = tiny_image(77, size=(72, 40))  # another vision grid: another M-RoPE offset for group C
+    return samples, [images[k] for *_, k in rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_several_shared_prefix_groups_in_one_call(vlms, family, monkeypatch):
+    """Groups with prefixes of different lengths and sizes are decoded in one generate call (left-padded prefixes,
+    per-row M-RoPE offsets) and equal one-by-one greedy replies, on the CPU-fused and the eager (GPU) attention
+    path. Answer B shares answer A's image and first 30 facts but not the rest: cheaper as its own group."""
+    from mmrole.models import shared_prefix
+
+    vlm = vlms[family]
+    samples, imgs = judge_batch_prompts()
+    enc = [vlm.encode(s, im, with_target=False) for s, im in zip(samples, imgs)]
+    groups, plain = vlm.shared_prefix_groups(enc)
+    ids = [s.id for s in samples]
+    assert sorted(sorted(ids[i] for i in rows) for rows, _ in groups) == [
+        ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"], ["c0", "c1"]]
+    assert [ids[i] for i in plain] == ["lone"]
+    assert len({p for _, p in groups}) == 3  # three different prefix lengths: the shorter ones are left-padded
+
+    calls = []
+    real_generate = type(vlm.model).generate
+    monkeypatch.setattr(type(vlm.model), "generate", lambda self, *a, **k: calls.append(1) or real_generate(
+        self, *a, **k))
+    params = GenerationParams(max_new_tokens=10)
+    shared = vlm.generate(samples, imgs, params)
+    assert len(calls) == 2  # the three groups together, the lone prompt in the plain batch
+    monkeypatch.setattr(shared_prefix, "_CPU_FLASH", None)  # the path CUDA takes
+    eager = vlm.generate(samples, imgs, params)
+    alone = [vlm.generate([s], [im], params)[0] for s, im in zip(samples, imgs)]
+    assert shared == alone == eager
+    assert len(set(shared)) > 1
 
 
 def test_sampling_is_seeded_and_stop_strings_cut(vlms):

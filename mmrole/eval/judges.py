@@ -114,19 +114,19 @@ class VLMJudge:
         temperature = self.params.temperature if self.params.do_sample else self.retry_temperature
         return dataclasses.replace(self.params, do_sample=True, temperature=temperature, seed=base_seed + attempt)
 
-    def _generate(self, samples: list, images: list, params) -> list:
-        """Replies for a batch; if the batch call raises, retry one by one so a single bad prompt (too long,
-        odd image) fails alone and the others are still scored. Per-sample errors (ValueError, e.g. the models
-        layer's SampleTooLong) are returned, not raised; anything else (OOM, bugs) propagates."""
+    def _generate(self, prompts: list, params) -> list:
+        """Replies for encoded prompts, in one batch; if the batch call raises a ``ValueError``, one by one, so a
+        single bad prompt fails alone and the others are still scored. Per-prompt errors are returned, not raised;
+        anything else (OOM, bugs) propagates."""
         try:
-            out = self.vlm.generate(samples, images, params)
+            out = self.vlm.generate_encoded(prompts, params)
         except ValueError as e:
-            if len(samples) == 1:
+            if len(prompts) == 1:
                 return [e]
             log.warning("%s: batch generate failed (%s); retrying one by one", self.name, e)
-            return [self._generate([s], [im], params)[0] for s, im in zip(samples, images)]
-        if len(out) != len(samples):
-            raise RuntimeError(f"{self.name}: vlm.generate returned {len(out)} replies for {len(samples)} prompts")
+            return [self._generate([p], params)[0] for p in prompts]
+        if len(out) != len(prompts):
+            raise RuntimeError(f"{self.name}: generate returned {len(out)} replies for {len(prompts)} prompts")
         return list(out)
 
     def score_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
@@ -146,12 +146,20 @@ class VLMJudge:
             samples.append(build_judge_sample(req, self.template))
             images.append(img)
             idx.append(i)
-        todo = list(range(len(idx)))
+        # Encoded once for every attempt; a prompt that cannot be encoded (too long for the judge even without
+        # history) fails alone, and the rest of the batch is still generated together.
+        prompts = self.vlm.encode_prompts(samples, images, self.params)
+        todo = []
+        for j, p in enumerate(prompts):
+            if isinstance(p, Exception):
+                results[idx[j]] = failure(requests[idx[j]], f"prompt: {type(p).__name__}: {p}", judge=self.name)
+            else:
+                todo.append(j)
         for attempt in range(self.max_retries + 1):
             if not todo:
                 break
             params = self.params if attempt == 0 else self._retry_params(attempt)
-            out = self._generate([samples[j] for j in todo], [images[j] for j in todo], params)
+            out = self._generate([prompts[j] for j in todo], params)
             still = []
             for j, text in zip(todo, out):
                 i = idx[j]

@@ -17,6 +17,7 @@ from .config import (DEFAULT_LORA_TARGETS, NATIVE_FAMILIES, PROJECTOR_NAMES, VIS
                      LoRASettings, VLMConfig)
 from .encoding import Rejected, SampleEncoder
 from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
+from .shared_prefix import shared_prefix_cache, shared_prefix_decoding
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +208,29 @@ class VLM:
         Raises :class:`SampleTooLong` (naming the sample) when a prompt plus ``max_new_tokens`` does not fit in
         ``max_length`` even without history; encode first and call :meth:`generate_encoded` to skip such rows."""
         params = params or GenerationParams()
+        encoded = self.encode_prompts(samples, images, params)
+        for e in encoded:
+            if isinstance(e, ValueError):
+                raise e
+        return self.generate_encoded(encoded, params)
+
+    def encode_prompts(self, samples: Sequence[Sample], images: Sequence[Any],
+                       params: Optional[GenerationParams] = None) -> list:
+        """Generation prompts (``encode(..., with_target=False)``), one per sample; a sample that cannot be encoded
+        (:class:`SampleTooLong`, an unusable image) gets its ``ValueError`` in its place, so it fails alone."""
+        params = params or GenerationParams()
         if len(samples) != len(images):
             raise ValueError(f"generate: {len(samples)} samples but {len(images)} images")
-        if not samples:
-            return []
         # Reserve room for the reply only up to what the model can hold: a long max_new_tokens must not force
         # history drops for prompts that would fit.
         reserve = min(params.max_new_tokens, self.cfg.max_length // 4)
-        encoded = [self.encode(s, im, with_target=False, reserve=reserve) for s, im in zip(samples, images)]
-        return self.generate_encoded(encoded, params)
+        out: list = []
+        for s, im in zip(samples, images):
+            try:
+                out.append(self.encode(s, im, with_target=False, reserve=reserve))
+            except ValueError as e:
+                out.append(e)
+        return out
 
     @torch.inference_mode()
     def generate_encoded(self, encoded: list[dict], params: Optional[GenerationParams] = None) -> list[str]:
@@ -223,17 +238,19 @@ class VLM:
 
         Rows that share an image and a long token prefix (``cfg.share_prefix``, native Qwen families) are decoded
         from one prefill of that prefix: a judge's 8 metric prompts for one answer differ only in their last
-        lines, so the thousands of profile/history tokens are processed once instead of 8 times. The rest go
-        through one left-padded batch. Greedy replies are the same either way."""
+        lines, so the thousands of profile/history tokens are processed once instead of 8 times, and decoding
+        attends to each prefix once per step for all its rows (:mod:`.shared_prefix`). All such groups of a
+        batch decode in one ``generate`` call; the other rows go through one left-padded batch. Greedy replies
+        are the same either way."""
         params = params or GenerationParams()
         if not encoded:
             return []
         texts: list[Optional[str]] = [None] * len(encoded)
         groups, plain = self.shared_prefix_groups(encoded)
-        for rows, prefix_len in groups:
-            outs = self._run_generate(lambda kw: self._generate_from_prefix([encoded[i] for i in rows], prefix_len, kw),
-                                      params)
-            for i, t in zip(rows, outs):
+        if groups:  # every group in one generate call: the per-step cost is shared by all their rows
+            group_rows = [([encoded[i] for i in rows], prefix_len) for rows, prefix_len in groups]
+            outs = self._run_generate(lambda kw: self._generate_from_prefixes(group_rows, kw), params)
+            for i, t in zip([i for rows, _ in groups for i in rows], outs):
                 texts[i] = t
         if plain:
             batch = self.to_device(self.pad_batch([encoded[i] for i in plain], padding_side="left"))
@@ -246,10 +263,14 @@ class VLM:
     def shared_prefix_groups(self, encoded: Sequence[dict]) -> tuple[list[tuple[list[int], int]], list[int]]:
         """Split rows into ``([(row indices, shared prefix length), ...], other row indices)``.
 
-        Rows are sorted by (vision inputs, token ids), so rows with long common prefixes are neighbours; a group
-        is a run of >= 2 neighbours with identical vision inputs whose common prefix holds every vision token, is
-        at least ``cfg.min_shared_prefix`` tokens and at least half of the group's longest row (so the rows'
-        own parts, padded to the longest, stay short) and leaves each row at least one token of its own."""
+        Rows are sorted by (vision inputs, token ids), so rows with long common prefixes are neighbours. A group is
+        a run of >= 2 neighbours with identical vision inputs whose common prefix holds every vision token, is at
+        least ``cfg.min_shared_prefix`` tokens and leaves each row at least one token of its own. Among the ways to
+        cut the sorted rows into groups and single rows, the cheapest is chosen (dynamic programming over the
+        order) by the model's prefill work: tokens through the layers plus attention pairs weighted by
+        ``1 / (6 * hidden size)`` (their FLOPs relative to a token's). So two answers about one image, sharing
+        the profiles but not the history, become two groups of 8 metric prompts, not one group with long own
+        parts."""
         n = len(encoded)
         if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and n > 1):
             return [], list(range(n))
@@ -271,31 +292,43 @@ class VLM:
             diff = np.flatnonzero(a[:m] != b[:m])
             return int(diff[0]) if len(diff) else m
 
+        hidden = getattr(getattr(self.model.config, "text_config", self.model.config), "hidden_size", 1024)
+        pair_cost = 1.0 / (6 * hidden)
+
+        def prefill_cost(prefix: int, own: list[int]) -> float:
+            width = max(own) if own else 0
+            return (prefix + pair_cost * prefix * prefix / 2
+                    + len(own) * width * (1 + pair_cost * (prefix + width / 2)))
+
+        lengths = [len(ids[i]) for i in order]
+        vision_end = [self._last_vision_index(encoded[i]) + 1 for i in order]
+        # lcp[k]: common prefix of sorted rows k-1 and k (0 across different vision inputs).
+        lcp = [0] + [common(ids[order[k - 1]], ids[order[k]]) if vision_keys[order[k - 1]] == vision_keys[order[k]]
+                     else 0 for k in range(1, n)]
+        best = [0.0] * (n + 1)  # best[j]: cheapest cut of sorted rows [0, j)
+        cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last piece, its prefix; 0 = single row)
+        for j in range(1, n + 1):
+            best[j], cut[j] = best[j - 1] + prefill_cost(lengths[j - 1], []), (j - 1, 0)
+            prefix, shortest, last_vision = lengths[j - 1] - 1, lengths[j - 1], vision_end[j - 1]
+            for i in range(j - 2, -1, -1):  # piece = sorted rows [i, j)
+                prefix = min(prefix, lcp[i + 1], lengths[i] - 1)
+                last_vision = max(last_vision, vision_end[i])
+                if prefix < max(self.cfg.min_shared_prefix, last_vision):
+                    break  # only shrinks further left
+                cost = best[i] + prefill_cost(prefix, [lengths[k] - prefix for k in range(i, j)])
+                if cost < best[j]:
+                    best[j], cut[j] = cost, (i, prefix)
         groups: list[tuple[list[int], int]] = []
         plain: list[int] = []
-
-        def close(rows: list[int], prefix_len: int) -> None:
-            if len(rows) >= 2:
-                groups.append((rows, prefix_len))
+        j = n
+        while j > 0:
+            i, prefix = cut[j]
+            if prefix:
+                groups.append(([order[k] for k in range(i, j)], prefix))
             else:
-                plain.extend(rows)
-
-        vision_end = [self._last_vision_index(e) + 1 for e in encoded]
-        rows, prefix_len = [order[0]], len(ids[order[0]]) - 1
-        longest, last_vision = len(ids[order[0]]), vision_end[order[0]]  # over the current run
-        for i in order[1:]:
-            prev = rows[-1]
-            cand = min(prefix_len, common(ids[prev], ids[i]), len(ids[i]) - 1)
-            need = max(self.cfg.min_shared_prefix, max(longest, len(ids[i])) // 2, max(last_vision, vision_end[i]))
-            if vision_keys[i] == vision_keys[prev] and cand >= need:
-                rows, prefix_len = rows + [i], cand
-                longest, last_vision = max(longest, len(ids[i])), max(last_vision, vision_end[i])
-            else:
-                close(rows, prefix_len)
-                rows, prefix_len = [i], len(ids[i]) - 1
-                longest, last_vision = len(ids[i]), vision_end[i]
-        close(rows, prefix_len)
-        return groups, sorted(plain)
+                plain.append(order[j - 1])
+            j = i
+        return groups[::-1], sorted(plain)
 
     @staticmethod
     def _last_vision_index(e: dict) -> int:
@@ -305,35 +338,55 @@ class VLM:
         nz = np.flatnonzero(np.asarray(tt))
         return int(nz[-1]) if len(nz) else -1
 
-    def _generate_from_prefix(self, rows: list[dict], prefix_len: int, kw: dict) -> list[list[int]]:
-        """Prefill ``rows[0][:prefix_len]`` (with the image) once, repeat its KV cache per row, then let
-        ``generate`` process each row's own tokens, left-padded after the prefix (the attention mask hides the
-        pads and the positions skip them, so each row sees exactly its unpadded prompt)."""
-        first = rows[0]
-        n = len(first["input_ids"])
-        prefix = {k: (v[:prefix_len] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v)
-                  for k, v in first.items()}
-        prefix_batch = self.to_device(self.pad_batch([prefix]))
-        prefix_batch.pop("labels", None)
-        out = self.model(**prefix_batch, use_cache=True, logits_to_keep=1)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(len(rows))
-        own = [np.asarray(r["input_ids"])[prefix_len:] for r in rows]
-        width = max(len(x) for x in own)
-        ids = np.full((len(rows), prefix_len + width), self.encoder.pad_token_id, dtype=np.int64)
+    def _generate_from_prefixes(self, groups: list[tuple[list[dict], int]], kw: dict) -> list[list[int]]:
+        """New tokens of every row of ``groups`` (``(rows, shared prefix length)``), rows in group order.
+
+        Each group's prefix (with its image) is prefilled once at batch 1; the prefixes' caches become one
+        shared-prefix cache (:mod:`.shared_prefix`: no per-row copy of a prefix while decoding), and ``generate``
+        processes each row's own tokens, left-padded after its left-padded prefix (the attention mask hides the
+        pads and the positions skip them, so each row sees exactly its unpadded prompt; Qwen's M-RoPE offsets
+        from each prefix call are reused per row)."""
+        core = self.model.get_base_model() if self.is_peft else self.model
+        caches, deltas = [], []
+        for rows, prefix_len in groups:
+            first = rows[0]
+            n = len(first["input_ids"])
+            prefix = {k: (v[:prefix_len] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v)
+                      for k, v in first.items()}
+            prefix_batch = self.to_device(self.pad_batch([prefix]))
+            prefix_batch.pop("labels", None)
+            out = self.model(**prefix_batch, use_cache=True, logits_to_keep=1)
+            caches.append(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
+            delta = getattr(core.model, "rope_deltas", None)
+            deltas.append(None if delta is None else delta.expand(len(rows), -1))
+        sizes = [len(rows) for rows, _ in groups]
+        cache = shared_prefix_cache(caches, sizes)
+        if all(d is not None for d in deltas):
+            core.model.rope_deltas = torch.cat(deltas)  # one M-RoPE offset per row, from its group's prefix
+        longest_prefix = max(p for _, p in groups)
+        width = max(len(r["input_ids"]) - p for rows, p in groups for r in rows)
+        total = longest_prefix + width
+        ids = np.full((sum(sizes), total), self.encoder.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
-        ids[:, :prefix_len] = np.asarray(first["input_ids"])[:prefix_len]
-        mask[:, :prefix_len] = 1
-        for i, x in enumerate(own):
-            ids[i, prefix_len + width - len(x):] = x
-            mask[i, prefix_len + width - len(x):] = 1
+        types = np.zeros_like(ids) if "mm_token_type_ids" in groups[0][0][0] else None
+        row = 0
+        for rows, p in groups:
+            first = rows[0]
+            for r in rows:
+                ids[row, longest_prefix - p:longest_prefix] = np.asarray(first["input_ids"])[:p]
+                mask[row, longest_prefix - p:longest_prefix] = 1
+                if types is not None:
+                    types[row, longest_prefix - p:longest_prefix] = np.asarray(first["mm_token_type_ids"])[:p]
+                own = np.asarray(r["input_ids"])[p:]
+                ids[row, total - len(own):] = own
+                mask[row, total - len(own):] = 1
+                row += 1
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if "mm_token_type_ids" in first:
-            tt = np.zeros_like(ids)
-            tt[:, :prefix_len] = np.asarray(first["mm_token_type_ids"])[:prefix_len]
-            batch["mm_token_type_ids"] = torch.from_numpy(tt)
+        if types is not None:
+            batch["mm_token_type_ids"] = torch.from_numpy(types)
         batch = self.to_device(batch)
-        return self._new_tokens(self.model.generate(**batch, cache=cache, **kw), batch)
+        with shared_prefix_decoding(self.model, cache):
+            return self._new_tokens(self.model.generate(**batch, cache=cache, **kw), batch)
 
     @staticmethod
     def _new_tokens(out: torch.Tensor, batch: dict) -> list[list[int]]:
