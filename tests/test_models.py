@@ -464,6 +464,17 @@ def test_several_shared_prefix_groups_in_one_call(vlms, family, monkeypatch):
     assert len(set(shared)) > 1
 
 
+def test_sliding_window_models_are_not_grouped(vlms, monkeypatch):
+    """A model with sliding-window layers keeps per-row caches (its cache layers cannot share a prefix)."""
+    vlm = vlms["qwen2_vl"]
+    samples, imgs = metric_prompts()
+    enc = [vlm.encode(s, im, with_target=False) for s, im in zip(samples, imgs)]
+    assert vlm.shared_prefix_groups(enc)[0]
+    text_cfg = vlm.model.config.text_config
+    monkeypatch.setattr(text_cfg, "layer_types", ["sliding_attention"] + list(text_cfg.layer_types[1:]))
+    assert vlm.shared_prefix_groups(enc) == ([], list(range(len(enc))))
+
+
 def test_sampling_is_seeded_and_stop_strings_cut(vlms):
     vlm = vlms["qwen2_5_vl"]
     samples, images = samples_and_images(3, seed=5)

@@ -270,9 +270,12 @@ class VLM:
         order) by the model's prefill work: tokens through the layers plus attention pairs weighted by
         ``1 / (6 * hidden size)`` (their FLOPs relative to a token's). So two answers about one image, sharing
         the profiles but not the history, become two groups of 8 metric prompts, not one group with long own
-        parts."""
+        parts. Models with sliding-window attention layers are not grouped (their caches are not shared)."""
         n = len(encoded)
-        if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and n > 1):
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        full_attention = (not getattr(text_cfg, "use_sliding_window", False)
+                          and all(t == "full_attention" for t in (getattr(text_cfg, "layer_types", None) or [])))
+        if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and full_attention and n > 1):
             return [], list(range(n))
         import hashlib
 
@@ -292,7 +295,7 @@ class VLM:
             diff = np.flatnonzero(a[:m] != b[:m])
             return int(diff[0]) if len(diff) else m
 
-        hidden = getattr(getattr(self.model.config, "text_config", self.model.config), "hidden_size", 1024)
+        hidden = getattr(text_cfg, "hidden_size", 1024)
         pair_cost = 1.0 / (6 * hidden)
 
         def prefill_cost(prefix: int, own: list[int]) -> float:
