@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer
 ATTN_NAME = "mmrole_shared_prefix"
 
 # The cache whose prefix the attention function reads. Set only while a shared-prefix generate call runs.
-_ACTIVE: contextvars.ContextVar[Optional["object"]] = contextvars.ContextVar("mmrole_shared_prefix_cache",
+_ACTIVE: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("mmrole_shared_prefix_cache",
                                                                               default=None)
 
 
