@@ -526,9 +526,9 @@ def test_cuda_auto_dtype_forward_backward_generate(tiny_dirs):
     fp32 = build_vlm(VLMConfig(model_path=str(tiny_dirs["qwen3_vl"]), dtype="float32"))
     p = GenerationParams(max_new_tokens=8)
     assert fp32.generate(samples, images, p) == [fp32.generate([s], [im], p)[0] for s, im in zip(samples, images)]
-    prompts, imgs = metric_prompts()  # the shared-prefix path on CUDA
+    prompts, imgs = judge_batch_prompts()  # the shared-prefix path on CUDA: eager decoding, sdpa own prefill
     encoded = [fp32.encode(s, im, with_target=False) for s, im in zip(prompts, imgs)]
-    assert len(fp32.shared_prefix_groups(encoded)[0]) == 1
+    assert len(fp32.shared_prefix_groups(encoded)[0]) == 3
     assert fp32.generate(prompts, imgs, p) == [fp32.generate([s], [im], p)[0] for s, im in zip(prompts, imgs)]
 
 
