@@ -50,6 +50,10 @@ class SharedPrefixLayer(DynamicLayer):
             raise ValueError(f"SharedPrefixLayer: {prefix_keys.shape[0]} prefixes for group sizes {list(group_sizes)}")
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.prefix_mask = prefix_mask  # [groups, P] bool, None = no padding
+        # The same mask as an additive bias [groups, 1, 1, P], made once: every layer's decoding step uses it.
+        self.prefix_bias = None if prefix_mask is None else torch.zeros(
+            prefix_mask.shape, dtype=prefix_keys.dtype, device=prefix_keys.device).masked_fill_(
+            ~prefix_mask, float("-inf"))[:, None, None, :]
         self.prefix_length = prefix_keys.shape[-2]
         self.group_sizes = [int(n) for n in group_sizes]
         rows = sum(self.group_sizes)
@@ -212,18 +216,18 @@ def _attend_prefixes(q: torch.Tensor, layer: SharedPrefixLayer, scale: float) ->
     per call whatever the number of rows."""
     rows, kv_heads, m, dim = q.shape
     sizes = layer.group_sizes
-    pk, pv, pm = layer.prefix_keys, layer.prefix_values, layer.prefix_mask
+    pk, pv, pm = layer.prefix_keys, layer.prefix_values, layer.prefix_bias
     if len(set(sizes)) == 1:  # equal groups (a judge's 8 metrics per answer): one batched call
         n_groups, per = len(sizes), sizes[0]
         qf = q.reshape(n_groups, per, kv_heads, m, dim).transpose(1, 2).reshape(n_groups, kv_heads, per * m, dim)
-        o, lse = _attend(qf, pk, pv, scale, None if pm is None else pm[:, None, None, :])
+        o, lse = _attend(qf, pk, pv, scale, pm)
         o = o.reshape(n_groups, kv_heads, per, m, dim).transpose(1, 2).reshape(rows, kv_heads, m, dim)
         lse = lse.reshape(n_groups, kv_heads, per, m).transpose(1, 2).reshape(rows, kv_heads, m)
         return o, lse
     outs, lses, start = [], [], 0
     for g, n in enumerate(sizes):
         qf = q[start:start + n].transpose(0, 1).reshape(1, kv_heads, n * m, dim)
-        o, lse = _attend(qf, pk[g:g + 1], pv[g:g + 1], scale, None if pm is None else pm[g:g + 1, None, None, :])
+        o, lse = _attend(qf, pk[g:g + 1], pv[g:g + 1], scale, None if pm is None else pm[g:g + 1])
         outs.append(o.reshape(kv_heads, n, m, dim).transpose(0, 1))
         lses.append(lse.reshape(kv_heads, n, m).transpose(0, 1))
         start += n

@@ -298,10 +298,10 @@ class VLM:
         hidden = getattr(text_cfg, "hidden_size", 1024)
         pair_cost = 1.0 / (6 * hidden)
 
-        def prefill_cost(prefix: int, own: list[int]) -> float:
-            width = max(own) if own else 0
+        def prefill_cost(prefix: int, rows: int = 0, width: int = 0) -> float:
+            """A prefix prefilled once, then ``rows`` own parts padded to ``width`` tokens."""
             return (prefix + pair_cost * prefix * prefix / 2
-                    + len(own) * width * (1 + pair_cost * (prefix + width / 2)))
+                    + rows * width * (1 + pair_cost * (prefix + width / 2)))
 
         lengths = [len(ids[i]) for i in order]
         vision_end = [self._last_vision_index(encoded[i]) + 1 for i in order]
@@ -311,14 +311,14 @@ class VLM:
         best = [0.0] * (n + 1)  # best[j]: cheapest cut of sorted rows [0, j)
         cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last piece, its prefix; 0 = single row)
         for j in range(1, n + 1):
-            best[j], cut[j] = best[j - 1] + prefill_cost(lengths[j - 1], []), (j - 1, 0)
-            prefix, shortest, last_vision = lengths[j - 1] - 1, lengths[j - 1], vision_end[j - 1]
+            best[j], cut[j] = best[j - 1] + prefill_cost(lengths[j - 1]), (j - 1, 0)
+            prefix, longest, last_vision = lengths[j - 1] - 1, lengths[j - 1], vision_end[j - 1]
             for i in range(j - 2, -1, -1):  # piece = sorted rows [i, j)
                 prefix = min(prefix, lcp[i + 1], lengths[i] - 1)
-                last_vision = max(last_vision, vision_end[i])
+                longest, last_vision = max(longest, lengths[i]), max(last_vision, vision_end[i])
                 if prefix < max(self.cfg.min_shared_prefix, last_vision):
                     break  # only shrinks further left
-                cost = best[i] + prefill_cost(prefix, [lengths[k] - prefix for k in range(i, j)])
+                cost = best[i] + prefill_cost(prefix, j - i, longest - prefix)
                 if cost < best[j]:
                     best[j], cut[j] = cost, (i, prefix)
         groups: list[tuple[list[int], int]] = []
@@ -374,12 +374,12 @@ class VLM:
         types = np.zeros_like(ids) if "mm_token_type_ids" in groups[0][0][0] else None
         row = 0
         for rows, p in groups:
-            first = rows[0]
+            block = slice(row, row + len(rows))  # the group's rows share its prefix, right-aligned at longest_prefix
+            ids[block, longest_prefix - p:longest_prefix] = np.asarray(rows[0]["input_ids"])[:p]
+            mask[block, longest_prefix - p:longest_prefix] = 1
+            if types is not None:
+                types[block, longest_prefix - p:longest_prefix] = np.asarray(rows[0]["mm_token_type_ids"])[:p]
             for r in rows:
-                ids[row, longest_prefix - p:longest_prefix] = np.asarray(first["input_ids"])[:p]
-                mask[row, longest_prefix - p:longest_prefix] = 1
-                if types is not None:
-                    types[row, longest_prefix - p:longest_prefix] = np.asarray(first["mm_token_type_ids"])[:p]
                 own = np.asarray(r["input_ids"])[p:]
                 ids[row, total - len(own):] = own
                 mask[row, total - len(own):] = 1
