@@ -56,7 +56,9 @@ def peak_rss_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=10)
-    ap.add_argument("--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample")))
+    ap.add_argument(
+        "--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample"))
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mmrole-bench-"))
     try:
@@ -82,7 +84,10 @@ def main() -> None:
             ("prepare / render-only time ratio", f"{t_prep / t_render:.2f}x"),
             ("target", ">= 5,000 samples/s on one core"),
             ("Parquet size", f"{size / 2**20:.1f} MiB in {len(m['splits']['train']['files'])} shards"),
-            ("peak RSS before / after render / after prepare", f"{rss0:.0f} / {rss_render:.0f} / {peak_rss_mb():.0f} MiB"),
+            (
+                "peak RSS before / after render / after prepare",
+                f"{rss0:.0f} / {rss_render:.0f} / {peak_rss_mb():.0f} MiB",
+            ),
         ]
         print_table(rows)
     finally:

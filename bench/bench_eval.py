@@ -34,15 +34,17 @@ def main() -> None:
     ap.add_argument("--cpus-per-replica", type=float, default=1.0, help="also the torch threads of a replica")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=8192)
-    ap.add_argument("--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample")))
+    ap.add_argument(
+        "--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample"))
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from PIL import Image
 
     from mmrole.eval.contract import expand_requests
-    from mmrole.eval.judges import VLMJudge
     from mmrole.eval.job_config import ScoreJobConfig, load_job_config
+    from mmrole.eval.judges import VLMJudge
     from mmrole.eval.pipeline import load_answers_dir
     from mmrole.models import GenerationParams, VLMConfig, build_vlm, make_tiny_vlm
     from mmrole.ray_env import init_ray
@@ -53,8 +55,10 @@ def main() -> None:
         judge_dir = make_tiny_vlm(tmp / "judge", family="qwen2_vl", seed=1)
         eval_dir = tmp / "eval"
         for s in ("in", "out"):
-            shutil.copytree(Path(args.sample_dir) / "eval" / f"{s}-test_answers" / "gpt-4-turbo",
-                            eval_dir / f"{s}-test_answers" / "gpt-4-turbo")
+            shutil.copytree(
+                Path(args.sample_dir) / "eval" / f"{s}-test_answers" / "gpt-4-turbo",
+                eval_dir / f"{s}-test_answers" / "gpt-4-turbo",
+            )
         answers, _ = load_answers_dir(eval_dir, "gpt-4-turbo")
         images = tmp / "images"
         for a in answers:
@@ -80,12 +84,24 @@ def main() -> None:
         # Batched: the Ray Data job path (actor pool, batched generation), every request.
         torch.set_num_threads(1)
         init_ray(log_to_driver=False)
-        cfg = load_job_config(ScoreJobConfig, None, [
-            f"eval_dir={eval_dir}", "model_name=gpt-4-turbo", f"images_root={images}",
-            f"judge.model.model_path={judge_dir}", f"judge.model.max_length={args.max_length}",
-            f"judge.generation.max_new_tokens={args.new_tokens}", f"judge.generation.min_new_tokens={args.new_tokens}",
-            "judge.max_retries=0", f"pool.concurrency=[{args.replicas}]", f"pool.num_cpus={args.cpus_per_replica}",
-            f"pool.batch_size={args.batch}", "bootstrap=0"])
+        cfg = load_job_config(
+            ScoreJobConfig,
+            None,
+            [
+                f"eval_dir={eval_dir}",
+                "model_name=gpt-4-turbo",
+                f"images_root={images}",
+                f"judge.model.model_path={judge_dir}",
+                f"judge.model.max_length={args.max_length}",
+                f"judge.generation.max_new_tokens={args.new_tokens}",
+                f"judge.generation.min_new_tokens={args.new_tokens}",
+                "judge.max_retries=0",
+                f"pool.concurrency=[{args.replicas}]",
+                f"pool.num_cpus={args.cpus_per_replica}",
+                f"pool.batch_size={args.batch}",
+                "bootstrap=0",
+            ],
+        )
         t0 = time.perf_counter()
         first: list[tuple[float, int]] = []  # (time, requests done) at the first finished batch
 
@@ -97,13 +113,17 @@ def main() -> None:
         wall = time.perf_counter() - t0
         batched_rate = summary["requests"] / wall
         steady_rate = (summary["requests"] - first[0][1]) / max(1e-9, time.perf_counter() - first[0][0])
-        rows = [("requests (samples x 8 metrics)", f"{len(requests):,}"),
-                ("serial loop (1 request per call)", f"{serial_rate:.1f} req/s (over {n_serial} spread over the set)"),
-                (f"Ray Data, {args.replicas} replicas x {args.cpus_per_replica:g} CPU, batch {args.batch}", f"{batched_rate:.1f} req/s "
-                 f"(incl. pool start-up, {wall:.0f} s)"),
-                ("  same, after the first batch (steady state)", f"{steady_rate:.1f} req/s"),
-                ("batched / serial", f"{batched_rate / serial_rate:.2f}x (target >= 4x on 2 cores)"),
-                ("batched / serial, steady state", f"{steady_rate / serial_rate:.2f}x")]
+        rows = [
+            ("requests (samples x 8 metrics)", f"{len(requests):,}"),
+            ("serial loop (1 request per call)", f"{serial_rate:.1f} req/s (over {n_serial} spread over the set)"),
+            (
+                f"Ray Data, {args.replicas} replicas x {args.cpus_per_replica:g} CPU, batch {args.batch}",
+                f"{batched_rate:.1f} req/s (incl. pool start-up, {wall:.0f} s)",
+            ),
+            ("  same, after the first batch (steady state)", f"{steady_rate:.1f} req/s"),
+            ("batched / serial", f"{batched_rate / serial_rate:.2f}x (target >= 4x on 2 cores)"),
+            ("batched / serial, steady state", f"{steady_rate / serial_rate:.2f}x"),
+        ]
         print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

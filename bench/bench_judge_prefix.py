@@ -57,8 +57,10 @@ def main() -> int:
     ap.add_argument("--answers", type=int, default=4, help="answers judged (x 8 metric prompts)")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--size", choices=("auto", "tiny", "2b"), default="auto")
-    ap.add_argument("--eval-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample"))
-                    + "/eval")
+    ap.add_argument(
+        "--eval-dir",
+        default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample")) + "/eval",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -82,13 +84,17 @@ def main() -> int:
         requests = expand_requests(answers)
         samples = [build_judge_sample(r, template) for r in requests]
         stand_in = {}
-        images = [stand_in.setdefault(r.image, Image.new("RGB", (448, 336), (len(r.image) * 7 % 255, 90, 160)))
-                  for r in requests]
+        images = [
+            stand_in.setdefault(r.image, Image.new("RGB", (448, 336), (len(r.image) * 7 % 255, 90, 160)))
+            for r in requests
+        ]
         vlm = build_vlm(VLMConfig(model_path=str(model_dir), max_length=16384))
         params = GenerationParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
         n_metrics = len(requests) // len(answers)
-        tokens = [len(vlm.encode(s, im, with_target=False)["input_ids"]) for s, im in zip(samples[:n_metrics],
-                                                                                           images[:n_metrics])]
+        tokens = [
+            len(vlm.encode(s, im, with_target=False)["input_ids"])
+            for s, im in zip(samples[:n_metrics], images[:n_metrics])
+        ]
 
         def sync():
             if cuda:
@@ -125,21 +131,33 @@ def main() -> int:
         n = len(samples)
         dev = torch.cuda.get_device_name(0) if cuda else "cpu"
         params_b = sum(p.numel() for p in vlm.model.parameters()) / 1e9
-        same = f"padded batch {sum(a == b for a, b in zip(alone, padded))}/{n}, " \
-               f"shared prefix {sum(a == b for a, b in zip(alone, shared))}/{n}, " \
-               f"all answers together {sum(a == b for a, b in zip(alone, together))}/{n}"
-        rows = [("device / model", f"{dev} / {size} ({params_b:.2f} B, {str(next(vlm.model.parameters()).dtype)})"),
-                ("prompts", f"{len(answers)} answers x {n_metrics} metrics; {min(tokens)}-{max(tokens)} tokens each, "
-                            f"{args.new_tokens} new tokens"),
-                ("one call per prompt", f"{n / t_alone:.2f} prompts/s"),
-                ("one padded batch per answer", f"{n / t_padded:.2f} prompts/s ({t_alone / t_padded:.2f}x)"),
-                ("shared prefix per answer", f"{n / t_shared:.2f} prompts/s ({t_alone / t_shared:.2f}x one call "
-                                             f"per prompt, {t_padded / t_shared:.2f}x padded batch)"),
-                (f"shared prefix, {len(answers)} answers in one batch",
-                 f"{n / t_together:.2f} prompts/s ({t_alone / t_together:.2f}x one call per prompt)"),
-                ("replies identical to one call per prompt", same)]
+        same = (
+            f"padded batch {sum(a == b for a, b in zip(alone, padded))}/{n}, "
+            f"shared prefix {sum(a == b for a, b in zip(alone, shared))}/{n}, "
+            f"all answers together {sum(a == b for a, b in zip(alone, together))}/{n}"
+        )
+        rows = [
+            ("device / model", f"{dev} / {size} ({params_b:.2f} B, {str(next(vlm.model.parameters()).dtype)})"),
+            (
+                "prompts",
+                f"{len(answers)} answers x {n_metrics} metrics; {min(tokens)}-{max(tokens)} tokens each, "
+                f"{args.new_tokens} new tokens",
+            ),
+            ("one call per prompt", f"{n / t_alone:.2f} prompts/s"),
+            ("one padded batch per answer", f"{n / t_padded:.2f} prompts/s ({t_alone / t_padded:.2f}x)"),
+            (
+                "shared prefix per answer",
+                f"{n / t_shared:.2f} prompts/s ({t_alone / t_shared:.2f}x one call "
+                f"per prompt, {t_padded / t_shared:.2f}x padded batch)",
+            ),
+            (
+                f"shared prefix, {len(answers)} answers in one batch",
+                f"{n / t_together:.2f} prompts/s ({t_alone / t_together:.2f}x one call per prompt)",
+            ),
+            ("replies identical to one call per prompt", same),
+        ]
         if cuda:
-            rows.append(("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB"))
+            rows.append(("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
         print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

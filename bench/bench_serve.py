@@ -43,10 +43,21 @@ def _image_url(seed: int) -> str:
 
 
 def _body(i: int, image: str, max_tokens: int) -> dict:
-    return {"model": "mmrole-agent", "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "system", "content": "You are Captain Nova of the starship Lumen."},
-                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                      {"type": "text", "text": f"Tell me about picture {i}."}]}]}
+    return {
+        "model": "mmrole-agent",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": "You are Captain Nova of the starship Lumen."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": f"Tell me about picture {i}."},
+                ],
+            },
+        ],
+    }
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -64,6 +75,7 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+
         async def one(b):
             nonlocal errors
             async with sem:
@@ -74,11 +86,18 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
                     errors += 1
                 else:
                     sizes.append(int(r.headers.get("x-mmrole-batch-size", 1)))
+
         t0 = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - t0
-    return {"n": len(bodies), "rps": len(bodies) / wall, "p50": _pct(lat, 0.5) * 1e3, "p99": _pct(lat, 0.99) * 1e3,
-            "batch": statistics.mean(sizes) if sizes else 0.0, "errors": errors}
+    return {
+        "n": len(bodies),
+        "rps": len(bodies) / wall,
+        "p50": _pct(lat, 0.5) * 1e3,
+        "p99": _pct(lat, 0.99) * 1e3,
+        "batch": statistics.mean(sizes) if sizes else 0.0,
+        "errors": errors,
+    }
 
 
 def _stats(client, base: str) -> dict:
@@ -86,11 +105,18 @@ def _stats(client, base: str) -> dict:
 
 
 def _app_args(model: dict, batch: int, max_tokens: int, conc: int, wait: float) -> dict:
-    return {"model": model, "torch_threads": 1, "generation": {"max_new_tokens": max_tokens,
-                                                               "min_new_tokens": max_tokens},
-            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": wait},
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": max(conc, batch),
-                           "max_queued_requests": 4 * conc, "num_cpus": 1}}
+    return {
+        "model": model,
+        "torch_threads": 1,
+        "generation": {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens},
+        "batching": {"max_batch_size": batch, "batch_wait_timeout_s": wait},
+        "deployment": {
+            "num_replicas": 1,
+            "max_ongoing_requests": max(conc, batch),
+            "max_queued_requests": 4 * conc,
+            "num_cpus": 1,
+        },
+    }
 
 
 class InProcess:
@@ -145,7 +171,10 @@ def main(argv=None) -> int:
     levels = [int(x) for x in a.concurrency.split(",")]
     top = max(levels)
     rounds = 1 if a.quick else a.rounds
-    per_level = (lambda c: a.requests or max(8 if a.quick else 16, (2 if a.quick else 4) * c))
+
+    def per_level(c: int) -> int:
+        return a.requests or max(8 if a.quick else 16, (2 if a.quick else 4) * c)
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import httpx
@@ -166,22 +195,31 @@ def main(argv=None) -> int:
     inproc_rps: list[float] = []
     rss: dict = {k: [] for k in configs}
     t_start = time.perf_counter()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Both configurations stay deployed (one replica each, idle when not measured) so rounds can alternate.
         for label, batch in configs.items():
             prefix = "/" + ("b" if batch > 1 else "u")
             t0 = time.perf_counter()
-            serve.run(build_app(_app_args(model, batch, a.max_tokens, top, a.batch_wait)), name=prefix[1:],
-                      route_prefix=prefix)
+            serve.run(
+                build_app(_app_args(model, batch, a.max_tokens, top, a.batch_wait)),
+                name=prefix[1:],
+                route_prefix=prefix,
+            )
             print(f"[{label}] deployed in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         url = {k: f"{base}/{'b' if b > 1 else 'u'}" for k, b in configs.items()}
         client = httpx.Client(timeout=120)
         for k in configs:  # warm-up, then memory before load
-            asyncio.run(_load(url[k] + "/v1/chat/completions", [_body(i, images[i % 8], a.max_tokens)
-                                                                 for i in range(8)], 8))
+            asyncio.run(
+                _load(url[k] + "/v1/chat/completions", [_body(i, images[i % 8], a.max_tokens) for i in range(8)], 8)
+            )
             rss[k].append(_stats(client, url[k])["rss_bytes"])
         inproc = InProcess(model, images, a.batch, a.max_tokens)
         inproc_single = statistics.median(inproc.run(1, 1) for _ in range(7)) * 1e3
@@ -189,48 +227,71 @@ def main(argv=None) -> int:
             n = per_level(c)
             for r in range(rounds):
                 for k in configs:
-                    res = asyncio.run(_load(url[k] + "/v1/chat/completions",
-                                            [_body(i, images[i % 8], a.max_tokens) for i in range(n)], c))
+                    res = asyncio.run(
+                        _load(
+                            url[k] + "/v1/chat/completions",
+                            [_body(i, images[i % 8], a.max_tokens) for i in range(n)],
+                            c,
+                        )
+                    )
                     results[(k, c)].append(res)
                     if c == top:
                         rss[k].append(_stats(client, url[k])["rss_bytes"])
                 if c == top:
                     inproc_rps.append(n / inproc.run(n))
-                print(f"c={c} round {r + 1}: " + ", ".join(f"{k} {results[(k, c)][-1]['rps']:.1f} req/s"
-                                                            for k in configs), file=sys.stderr)
+                print(
+                    f"c={c} round {r + 1}: "
+                    + ", ".join(f"{k} {results[(k, c)][-1]['rps']:.1f} req/s" for k in configs),
+                    file=sys.stderr,
+                )
         client.close()
     finally:
         serve.shutdown()
         ray.shutdown()
     rows = [{"config": k, "conc": c, **_median_row(results[(k, c)])} for k in configs for c in levels]
     load = os.getloadavg()
-    print(f"\nServe agent app; model: {'tiny random qwen2_5_vl' if a.model_path is None else a.model_path} "
-          f"({a.device}), {a.max_tokens} new tokens/request, 1 replica per config (1 CPU, 1 torch thread), "
-          f"batched: max_batch_size={a.batch}, batch_wait_timeout_s={a.batch_wait}; {os.cpu_count()} cores, "
-          f"load average {load[0]:.1f}; median of {rounds} alternating round(s); {time.perf_counter() - t_start:.0f}s\n")
-    print(f"| {'config':<17} | {'conc':>4} | {'reqs':>4} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8} | "
-          f"{'mean batch':>10} | {'errors':>6} |")
+    print(
+        f"\nServe agent app; model: {'tiny random qwen2_5_vl' if a.model_path is None else a.model_path} "
+        f"({a.device}), {a.max_tokens} new tokens/request, 1 replica per config (1 CPU, 1 torch thread), "
+        f"batched: max_batch_size={a.batch}, batch_wait_timeout_s={a.batch_wait}; {os.cpu_count()} cores, "
+        f"load average {load[0]:.1f}; median of {rounds} alternating round(s); {time.perf_counter() - t_start:.0f}s\n"
+    )
+    print(
+        f"| {'config':<17} | {'conc':>4} | {'reqs':>4} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8} | "
+        f"{'mean batch':>10} | {'errors':>6} |"
+    )
     print(f"|{'-' * 19}|{'-' * 6}|{'-' * 6}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
     for r in rows:
-        print(f"| {r['config']:<17} | {r['conc']:>4} | {r['n']:>4} | {r['rps']:>7.1f} | {r['p50']:>8.0f} | "
-              f"{r['p99']:>8.0f} | {r['batch']:>10.1f} | {r['errors']:>6} |")
+        print(
+            f"| {r['config']:<17} | {r['conc']:>4} | {r['n']:>4} | {r['rps']:>7.1f} | {r['p50']:>8.0f} | "
+            f"{r['p99']:>8.0f} | {r['batch']:>10.1f} | {r['errors']:>6} |"
+        )
     print()
     by = {(r["config"], r["conc"]): r for r in rows}
     for c in levels:
         b, u = by[("batched", c)], by[("max_batch_size=1", c)]
         per_round = [x["rps"] / y["rps"] for x, y in zip(results[("batched", c)], results[("max_batch_size=1", c)])]
-        print(f"batching speed-up at concurrency {c:>2}: {b['rps'] / u['rps']:.2f}x throughput "
-              f"(per round: {', '.join(f'{x:.2f}x' for x in per_round)})")
+        print(
+            f"batching speed-up at concurrency {c:>2}: {b['rps'] / u['rps']:.2f}x throughput "
+            f"(per round: {', '.join(f'{x:.2f}x' for x in per_round)})"
+        )
     b1, bt = by[("batched", min(levels))], by[("batched", top)]
     ip = statistics.median(inproc_rps)
-    print(f"in-process batched model (batches of {a.batch}): {ip:.1f} req/s; via Serve at concurrency {top}: "
-          f"{bt['rps']:.1f} req/s (Serve delivers {bt['rps'] / ip:.0%} of it)")
-    print(f"single request in-process: {inproc_single:.0f} ms; via Serve (p50, concurrency {min(levels)}): "
-          f"{b1['p50']:.0f} ms (Serve + HTTP + batch wait: {b1['p50'] - inproc_single:+.0f} ms)")
+    print(
+        f"in-process batched model (batches of {a.batch}): {ip:.1f} req/s; via Serve at concurrency {top}: "
+        f"{bt['rps']:.1f} req/s (Serve delivers {bt['rps'] / ip:.0%} of it)"
+    )
+    print(
+        f"single request in-process: {inproc_single:.0f} ms; via Serve (p50, concurrency {min(levels)}): "
+        f"{b1['p50']:.0f} ms (Serve + HTTP + batch wait: {b1['p50'] - inproc_single:+.0f} ms)"
+    )
     for k, xs in rss.items():
         mib = [x / 2**20 for x in xs]
-        print(f"replica RSS [{k}]: before load {mib[0]:.0f} MiB; after each round at concurrency {top}: "
-              + ", ".join(f"{x:.0f}" for x in mib[1:]) + f" MiB (first to last round: {mib[-1] - mib[1]:+.0f} MiB)")
+        print(
+            f"replica RSS [{k}]: before load {mib[0]:.0f} MiB; after each round at concurrency {top}: "
+            + ", ".join(f"{x:.0f}" for x in mib[1:])
+            + f" MiB (first to last round: {mib[-1] - mib[1]:+.0f} MiB)"
+        )
     return 0
 
 

@@ -119,7 +119,7 @@ def plain_loop(model_dir: Path, prepared: Path, micro: int, lr: float, threads: 
     opt = torch.optim.AdamW([p for p in vlm.model.parameters() if p.requires_grad], lr=lr)
     times, losses = [], []
     for i in range(0, len(enc) - micro + 1, micro):
-        batch = vlm.pad_batch(enc[i:i + micro])
+        batch = vlm.pad_batch(enc[i : i + micro])
         t0 = time.perf_counter()
         loss = vlm.model(**batch).loss
         loss.backward()
@@ -128,23 +128,43 @@ def plain_loop(model_dir: Path, prepared: Path, micro: int, lr: float, threads: 
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     steady = times[2:] or times
-    return {"steps": len(times), "median_step_s": statistics.median(steady), "mean_step_s": statistics.mean(steady),
-            "first_loss": losses[0], "last_loss": losses[-1]}
+    return {
+        "steps": len(times),
+        "median_step_s": statistics.median(steady),
+        "mean_step_s": statistics.mean(steady),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
-def ray_run(name: str, out: Path, model_dir: Path, prepared: Path, workers: int, micro: int, lr: float,
-            zero: int = 2) -> dict:
+def ray_run(
+    name: str, out: Path, model_dir: Path, prepared: Path, workers: int, micro: int, lr: float, zero: int = 2
+) -> dict:
     from mmrole.ray_train import run_training
     from mmrole.train.config import load_config
     from mmrole.train.metrics import read_metrics
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / "smoke_cpu.yaml", [
-        f"run_name={name}", f"output_dir={out / 'runs'}", f"model.model_path={model_dir}", f"data.prepared={prepared}",
-        "data.max_rows=null", "tiny_model=null", "train.epochs=1", f"train.micro_batch_size={micro}",
-        f"train.global_batch_size={micro * workers}", f"train.lr={lr}", f"train.zero_stage={zero}",
-        f"scaling.num_workers={workers}", "checkpoint.every_steps=1000000", "train.log_every=1000000",
-        "data.local_shuffle_buffer=16"])
+    cfg = load_config(
+        repo / "configs" / "smoke_cpu.yaml",
+        [
+            f"run_name={name}",
+            f"output_dir={out / 'runs'}",
+            f"model.model_path={model_dir}",
+            f"data.prepared={prepared}",
+            "data.max_rows=null",
+            "tiny_model=null",
+            "train.epochs=1",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro * workers}",
+            f"train.lr={lr}",
+            f"train.zero_stage={zero}",
+            f"scaling.num_workers={workers}",
+            "checkpoint.every_steps=1000000",
+            "train.log_every=1000000",
+            "data.local_shuffle_buffer=16",
+        ],
+    )
     import shutil
 
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -160,13 +180,25 @@ def ray_run(name: str, out: Path, model_dir: Path, prepared: Path, workers: int,
     st = [r["step_time_s"] for r in steady]
     wait = sum(r["data_wait_s"] for r in steady) / max(sum(st), 1e-9)
     wait_all = sum(r["data_wait_s"] for r in steps) / max(sum(r["step_time_s"] for r in steps), 1e-9)
-    return {"name": name, "workers": workers, "rows": summary.counts["in"], "steps": len(steps), "wall_s": wall,
-            "median_step_s": statistics.median(st), "data_wait_frac_steady": wait, "data_wait_frac_all": wait_all,
-            "first_step_s": steps[0]["step_time_s"], "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
-            "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
-            "peak_worker_rss_mb": mon.peaks("train_worker")[0], "peak_worker_pss_mb": mon.peaks("train_worker")[1],
-            "peak_encoder_rss_mb": mon.peaks("encoder_actor")[0], "peak_encoder_pss_mb": mon.peaks("encoder_actor")[1],
-            "peak_total_pss_mb": mon.peak_total_pss / MB}
+    return {
+        "name": name,
+        "workers": workers,
+        "rows": summary.counts["in"],
+        "steps": len(steps),
+        "wall_s": wall,
+        "median_step_s": statistics.median(st),
+        "data_wait_frac_steady": wait,
+        "data_wait_frac_all": wait_all,
+        "first_step_s": steps[0]["step_time_s"],
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
+        "first_loss": steps[0]["loss"],
+        "last_loss": steps[-1]["loss"],
+        "peak_worker_rss_mb": mon.peaks("train_worker")[0],
+        "peak_worker_pss_mb": mon.peaks("train_worker")[1],
+        "peak_encoder_rss_mb": mon.peaks("encoder_actor")[0],
+        "peak_encoder_pss_mb": mon.peaks("encoder_actor")[1],
+        "peak_total_pss_mb": mon.peak_total_pss / MB,
+    }
 
 
 def main(argv=None) -> int:
@@ -208,21 +240,43 @@ def main(argv=None) -> int:
     p, r1, a, b = results["plain"], results["ray_1w"], results["ray_2w_1x"], results["ray_2w_10x"]
     rows = [
         ("plain torch loop (1 proc, micro 2)", f"{p['median_step_s'] * 1000:.0f} ms", "1.00", "-", "-", "-", "-"),
-        ("Ray Train + DeepSpeed ZeRO-2, 1 worker", f"{r1['median_step_s'] * 1000:.0f} ms",
-         f"{r1['median_step_s'] / p['median_step_s']:.2f}", f"{100 * r1['data_wait_frac_steady']:.1f}%",
-         f"{r1['peak_worker_pss_mb']:.0f} ({r1['peak_worker_rss_mb']:.0f})",
-         f"{r1['peak_encoder_pss_mb']:.0f} ({r1['peak_encoder_rss_mb']:.0f})", f"{r1['peak_total_pss_mb']:.0f}"),
-        (f"2 workers, {a['rows']} rows (1x)", f"{a['median_step_s'] * 1000:.0f} ms",
-         f"{a['median_step_s'] / p['median_step_s']:.2f}", f"{100 * a['data_wait_frac_steady']:.1f}%",
-         f"{a['peak_worker_pss_mb']:.0f} ({a['peak_worker_rss_mb']:.0f})",
-         f"{a['peak_encoder_pss_mb']:.0f} ({a['peak_encoder_rss_mb']:.0f})", f"{a['peak_total_pss_mb']:.0f}"),
-        (f"2 workers, {b['rows']} rows ({args.scale}x)", f"{b['median_step_s'] * 1000:.0f} ms",
-         f"{b['median_step_s'] / p['median_step_s']:.2f}", f"{100 * b['data_wait_frac_steady']:.1f}%",
-         f"{b['peak_worker_pss_mb']:.0f} ({b['peak_worker_rss_mb']:.0f})",
-         f"{b['peak_encoder_pss_mb']:.0f} ({b['peak_encoder_rss_mb']:.0f})", f"{b['peak_total_pss_mb']:.0f}"),
+        (
+            "Ray Train + DeepSpeed ZeRO-2, 1 worker",
+            f"{r1['median_step_s'] * 1000:.0f} ms",
+            f"{r1['median_step_s'] / p['median_step_s']:.2f}",
+            f"{100 * r1['data_wait_frac_steady']:.1f}%",
+            f"{r1['peak_worker_pss_mb']:.0f} ({r1['peak_worker_rss_mb']:.0f})",
+            f"{r1['peak_encoder_pss_mb']:.0f} ({r1['peak_encoder_rss_mb']:.0f})",
+            f"{r1['peak_total_pss_mb']:.0f}",
+        ),
+        (
+            f"2 workers, {a['rows']} rows (1x)",
+            f"{a['median_step_s'] * 1000:.0f} ms",
+            f"{a['median_step_s'] / p['median_step_s']:.2f}",
+            f"{100 * a['data_wait_frac_steady']:.1f}%",
+            f"{a['peak_worker_pss_mb']:.0f} ({a['peak_worker_rss_mb']:.0f})",
+            f"{a['peak_encoder_pss_mb']:.0f} ({a['peak_encoder_rss_mb']:.0f})",
+            f"{a['peak_total_pss_mb']:.0f}",
+        ),
+        (
+            f"2 workers, {b['rows']} rows ({args.scale}x)",
+            f"{b['median_step_s'] * 1000:.0f} ms",
+            f"{b['median_step_s'] / p['median_step_s']:.2f}",
+            f"{100 * b['data_wait_frac_steady']:.1f}%",
+            f"{b['peak_worker_pss_mb']:.0f} ({b['peak_worker_rss_mb']:.0f})",
+            f"{b['peak_encoder_pss_mb']:.0f} ({b['peak_encoder_rss_mb']:.0f})",
+            f"{b['peak_total_pss_mb']:.0f}",
+        ),
     ]
-    head = ("setup", "median step", "x plain", "data wait", "worker PSS (RSS) MiB", "encoder PSS (RSS) MiB",
-            "whole run PSS MiB")
+    head = (
+        "setup",
+        "median step",
+        "x plain",
+        "data wait",
+        "worker PSS (RSS) MiB",
+        "encoder PSS (RSS) MiB",
+        "whole run PSS MiB",
+    )
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print()
@@ -230,12 +284,16 @@ def main(argv=None) -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")  # Markdown, so bench/run_all.py collects it
     for r in rows:
         print(line(r))
-    print(f"\nidle embedded Ray (driver + cluster) PSS: {results['idle_ray_pss_mb']:.0f} MiB; "
-          f"{args.scale}x / 1x whole-run peak PSS: {b['peak_total_pss_mb'] / a['peak_total_pss_mb']:.2f}; "
-          f"data wait incl. the epoch's first step: 1x {100 * a['data_wait_frac_all']:.0f}%, "
-          f"{args.scale}x {100 * b['data_wait_frac_all']:.0f}%")
-    print(f"loss (plain) {p['first_loss']:.3f} -> {p['last_loss']:.3f}; (ray 1 worker) {r1['first_loss']:.3f} -> "
-          f"{r1['last_loss']:.3f}")
+    print(
+        f"\nidle embedded Ray (driver + cluster) PSS: {results['idle_ray_pss_mb']:.0f} MiB; "
+        f"{args.scale}x / 1x whole-run peak PSS: {b['peak_total_pss_mb'] / a['peak_total_pss_mb']:.2f}; "
+        f"data wait incl. the epoch's first step: 1x {100 * a['data_wait_frac_all']:.0f}%, "
+        f"{args.scale}x {100 * b['data_wait_frac_all']:.0f}%"
+    )
+    print(
+        f"loss (plain) {p['first_loss']:.3f} -> {p['last_loss']:.3f}; (ray 1 worker) {r1['first_loss']:.3f} -> "
+        f"{r1['last_loss']:.3f}"
+    )
     (out / "bench_train.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'bench_train.json'}")
     return 0

@@ -34,9 +34,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Peak dense bf16 tensor FLOP/s by device-name substring (first match wins; --peak-tflops overrides).
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("GH200", 989.4),
-               ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
-               ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("4090", 165.2), ("V100", 125.0)]
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("4090", 165.2),
+    ("V100", 125.0),
+]
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 
 
@@ -44,24 +58,64 @@ def model_config(args):
     from transformers import Qwen2_5_VLConfig
 
     if args.smoke_cpu:
-        text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                      in_channels=3)
+        text = dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            in_channels=3,
+        )
         ids = dict(image_token_id=996, video_token_id=997, vision_start_token_id=998, vision_end_token_id=999)
     else:
-        text = dict(vocab_size=151936, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                    num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=2,
-                    max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+        text = dict(
+            vocab_size=151936,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        )
         depth = args.vision_depth
-        vision = dict(depth=depth, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                      out_hidden_size=args.hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                      window_size=112, fullatt_block_indexes=[i for i in range(depth) if i % 4 == 3], in_channels=3)
-        ids = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-                   vision_end_token_id=VISION_END)
+        vision = dict(
+            depth=depth,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=args.hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[i for i in range(depth) if i % 4 == 3],
+            in_channels=3,
+        )
+        ids = dict(
+            image_token_id=IMAGE_PAD,
+            video_token_id=VIDEO_PAD,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
@@ -82,8 +136,14 @@ def make_batch(cfg, args, device, dtype):
     rows = []
     for _ in range(args.micro_batch):
         text = torch.randint(0, min(vocab, 150000) - 10, (text_len,), generator=g)
-        ids = torch.cat([torch.tensor([cfg.vision_start_token_id]), torch.full((n_img,), cfg.image_token_id),
-                         torch.tensor([cfg.vision_end_token_id]), text])
+        ids = torch.cat(
+            [
+                torch.tensor([cfg.vision_start_token_id]),
+                torch.full((n_img,), cfg.image_token_id),
+                torch.tensor([cfg.vision_end_token_id]),
+                text,
+            ]
+        )
         rows.append(ids)
     input_ids = torch.stack(rows)
     labels = input_ids.clone()
@@ -91,8 +151,14 @@ def make_batch(cfg, args, device, dtype):
     mm = (input_ids == cfg.image_token_id).long()
     pix = torch.randn(patches * args.micro_batch, 3 * 2 * 14 * 14, generator=g)
     grid = torch.tensor([[1, side, side]] * args.micro_batch)
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids),
-             "mm_token_type_ids": mm, "pixel_values": pix, "image_grid_thw": grid}
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": mm,
+        "pixel_values": pix,
+        "image_grid_thw": grid,
+    }
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return batch, {"patches": patches, "image_tokens": n_img, "text_tokens": text_len + 2, "seq": args.seq_len}
@@ -148,8 +214,11 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.smoke_cpu:
-        print("bench_train_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
-              f"(torch {torch.__version__}). Nothing was run. On CPU use bench/bench_train.py.", file=sys.stderr)
+        print(
+            "bench_train_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Nothing was run. On CPU use bench/bench_train.py.",
+            file=sys.stderr,
+        )
         return 2
     if args.smoke_cpu:
         args.image_size, args.seq_len, args.micro_batch = min(args.image_size, 56), min(args.seq_len, 64), 1
@@ -176,8 +245,10 @@ def main(argv=None) -> int:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay = split_decay((n, p.ndim) for n, p in named)
     by = dict(named)
-    groups = [{"params": [by[n] for n in decay], "weight_decay": 0.05},
-              {"params": [by[n] for n in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [by[n] for n in decay], "weight_decay": 0.05},
+        {"params": [by[n] for n in no_decay], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
     if args.engine == "deepspeed":
         import deepspeed
@@ -185,11 +256,20 @@ def main(argv=None) -> int:
         from mmrole.train.config import TrainSettings, batch_geometry
         from mmrole.train.ds_config import build_deepspeed_config
 
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", "29561")):
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29561"),
+        ):
             os.environ.setdefault(k, v)
-        ts = TrainSettings(micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
-                           zero_stage=args.zero, precision="bf16" if device.type == "cuda" else "fp32")
+        ts = TrainSettings(
+            micro_batch_size=args.micro_batch,
+            global_batch_size=args.micro_batch,
+            zero_stage=args.zero,
+            precision="bf16" if device.type == "cuda" else "fp32",
+        )
         ds_cfg = build_deepspeed_config(ts, batch_geometry(args.micro_batch, args.micro_batch, 1), device.type)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
 
@@ -199,6 +279,7 @@ def main(argv=None) -> int:
             engine.step()
             return loss
     else:
+
         def step():
             loss = model(**batch).loss
             loss.backward()
@@ -229,22 +310,40 @@ def main(argv=None) -> int:
     fl = flops_per_sample(cfg, params, shape) * args.micro_batch / st
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
     peak = peak_tflops(name, args.peak_tflops)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     rows = [
         ("device", name),
-        ("engine", f"{args.engine}" + (f" ZeRO-{args.zero}" if args.engine == "deepspeed" else "")
-         + f", {str(dtype).replace('torch.', '')}, attn={args.attn}" + (", grad ckpt" if args.grad_ckpt else "")),
-        ("parameters", f"{params['total'] / 1e9:.3f} B (LM {params['lm_non_embedding'] / 1e9:.3f} B + embedding "
-                       f"{params['embedding'] / 1e9:.3f} B + vision {params['vision'] / 1e9:.3f} B)"),
-        ("batch", f"{args.micro_batch} x {shape['seq']} tokens ({shape['image_tokens']} image tokens from "
-                  f"{shape['patches']} patches per sample)"),
+        (
+            "engine",
+            f"{args.engine}"
+            + (f" ZeRO-{args.zero}" if args.engine == "deepspeed" else "")
+            + f", {str(dtype).replace('torch.', '')}, attn={args.attn}"
+            + (", grad ckpt" if args.grad_ckpt else ""),
+        ),
+        (
+            "parameters",
+            f"{params['total'] / 1e9:.3f} B (LM {params['lm_non_embedding'] / 1e9:.3f} B + embedding "
+            f"{params['embedding'] / 1e9:.3f} B + vision {params['vision'] / 1e9:.3f} B)",
+        ),
+        (
+            "batch",
+            f"{args.micro_batch} x {shape['seq']} tokens ({shape['image_tokens']} image tokens from "
+            f"{shape['patches']} patches per sample)",
+        ),
         ("step time (median)", f"{st * 1000:.1f} ms over {args.steps} steps (model built in {build_s:.1f}s)"),
-        ("tokens/s", f"{toks / st:,.0f} (text {args.micro_batch * shape['text_tokens'] / st:,.0f}, image "
-                     f"{args.micro_batch * shape['image_tokens'] / st:,.0f})"),
+        (
+            "tokens/s",
+            f"{toks / st:,.0f} (text {args.micro_batch * shape['text_tokens'] / st:,.0f}, image "
+            f"{args.micro_batch * shape['image_tokens'] / st:,.0f})",
+        ),
         ("samples/s", f"{args.micro_batch / st:.2f}"),
         ("model TFLOP/s", f"{fl / 1e12:.1f}"),
-        ("MFU", f"{100 * fl / (peak * 1e12):.1f}% of {peak:g} TFLOP/s" if peak else
-         "unknown peak for this device: pass --peak-tflops"),
+        (
+            "MFU",
+            f"{100 * fl / (peak * 1e12):.1f}% of {peak:g} TFLOP/s"
+            if peak
+            else "unknown peak for this device: pass --peak-tflops",
+        ),
         ("peak memory", f"{mem:.1f} GiB" if mem == mem else "n/a"),
         ("loss", f"{losses[0]:.3f} -> {losses[-1]:.3f}"),
     ]

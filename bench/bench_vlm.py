@@ -36,11 +36,22 @@ def _samples(n: int, seed: int):
     for i in range(n):
         lines = [" ".join(rng.choice(words, size=int(rng.integers(8, 30)))) for _ in range(int(rng.integers(0, 8)))]
         head = "Here is the image. " + " ".join(rng.choice(words, size=int(rng.integers(10, 60)))) + "\n"
-        s = Sample(id=f"b{i}", system="You are Harry Potter. " + " ".join(rng.choice(words, size=40)),
-                   user_text="", image=f"{i}.png", target=" ".join(rng.choice(words, size=int(rng.integers(10, 60)))),
-                   role="Harry Potter", other_role="human", script="Harry Potter", dialogue_type="human-role", k=1,
-                   prompt_head=head, history_header="History:\n", history_lines=[f"human: {x}" for x in lines],
-                   prompt_tail="\nYour reply:")
+        s = Sample(
+            id=f"b{i}",
+            system="You are Harry Potter. " + " ".join(rng.choice(words, size=40)),
+            user_text="",
+            image=f"{i}.png",
+            target=" ".join(rng.choice(words, size=int(rng.integers(10, 60)))),
+            role="Harry Potter",
+            other_role="human",
+            script="Harry Potter",
+            dialogue_type="human-role",
+            k=1,
+            prompt_head=head,
+            history_header="History:\n",
+            history_lines=[f"human: {x}" for x in lines],
+            prompt_tail="\nYour reply:",
+        )
         s.user_text = s.user_text_with_history()
         out.append(s)
         images.append(tiny_image(seed * 1000 + i, size=(int(rng.integers(96, 320)), int(rng.integers(96, 320)))))
@@ -52,7 +63,7 @@ def bench_collate(vlm, samples, images, batch_size: int, generic: bool = False, 
 
     enc = SampleEncoder(vlm.processor, "generic" if generic else vlm.family, vlm.cfg.max_length)
     for i in range(0, min(len(samples), 64), batch_size):  # warm-up (allocator, PIL and tokenizer caches)
-        enc.collate(samples[i:i + batch_size], images[i:i + batch_size])
+        enc.collate(samples[i : i + batch_size], images[i : i + batch_size])
     enc.stats.text_tokens = 0
     times = []
     tokens = text_tokens = 0
@@ -60,14 +71,19 @@ def bench_collate(vlm, samples, images, batch_size: int, generic: bool = False, 
         tokens = text_tokens = 0
         t0 = time.perf_counter()
         for i in range(0, len(samples), batch_size):
-            batch, rejected = enc.collate(samples[i:i + batch_size], images[i:i + batch_size])
+            batch, rejected = enc.collate(samples[i : i + batch_size], images[i : i + batch_size])
             assert not rejected, rejected
             tokens += int(batch["attention_mask"].sum())
         times.append(time.perf_counter() - t0)
     text_tokens = enc.stats.text_tokens // repeats
     t = statistics.median(times)
-    return {"seconds": t, "samples_per_s": len(samples) / t, "tokens_per_s": tokens / t,
-            "text_tokens_per_s": text_tokens / t, "tokens": tokens}
+    return {
+        "seconds": t,
+        "samples_per_s": len(samples) / t,
+        "tokens_per_s": tokens / t,
+        "text_tokens_per_s": text_tokens / t,
+        "tokens": tokens,
+    }
 
 
 def bench_generate(vlm, samples, images, batch_size: int, new_tokens: int) -> dict:
@@ -79,14 +95,20 @@ def bench_generate(vlm, samples, images, batch_size: int, new_tokens: int) -> di
     t0 = time.perf_counter()
     batched = []
     for i in range(0, len(samples), batch_size):
-        batched += vlm.generate(samples[i:i + batch_size], images[i:i + batch_size], p)
+        batched += vlm.generate(samples[i : i + batch_size], images[i : i + batch_size], p)
     tb = time.perf_counter() - t0
     t0 = time.perf_counter()
     single = [vlm.generate([s], [im], p)[0] for s, im in zip(samples, images)]
     ts = time.perf_counter() - t0
     n_tok = len(samples) * new_tokens
-    return {"batched_s": tb, "single_s": ts, "batched_tok_per_s": n_tok / tb, "single_tok_per_s": n_tok / ts,
-            "speedup": ts / tb, "same_replies": batched == single}
+    return {
+        "batched_s": tb,
+        "single_s": ts,
+        "batched_tok_per_s": n_tok / tb,
+        "single_tok_per_s": n_tok / ts,
+        "speedup": ts / tb,
+        "same_replies": batched == single,
+    }
 
 
 def main(argv=None) -> int:
@@ -118,23 +140,36 @@ def main(argv=None) -> int:
     samples, images = _samples(args.n, seed=0)
     native = bench_collate(vlm, samples, images, args.batch_size)
     generic = bench_collate(vlm, samples, images, args.batch_size, generic=True)
-    gen = bench_generate(vlm, samples[:args.gen_n], images[:args.gen_n], args.batch_size, args.new_tokens)
+    gen = bench_generate(vlm, samples[: args.gen_n], images[: args.gen_n], args.batch_size, args.new_tokens)
 
-    print(f"VLM layer benchmark: family={vlm.family} params={vlm.num_parameters():,} device={vlm.device} "
-          f"torch_threads={args.threads}\n")
-    rows = [(f"collation, {name} ({args.n} samples, batch {args.batch_size}, median of 3)",
-             f"{r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s "
-             f"({r['text_tokens_per_s']:.0f} text), {native['tokens'] / args.n:.0f} tokens/sample")
-            for name, r in (("native (ours)", native), ("generic (HF processor)", generic))]
-    rows += [(f"greedy generation, one by one ({args.gen_n} x {args.new_tokens} new tokens)",
-              f"{gen['single_s']:.2f} s, {gen['single_tok_per_s']:.0f} new tok/s"),
-             (f"greedy generation, batched (bs={args.batch_size})",
-              f"{gen['batched_s']:.2f} s, {gen['batched_tok_per_s']:.0f} new tok/s"),
-             ("batched / one by one", f"{gen['speedup']:.2f}x; identical replies: {gen['same_replies']}")]
+    print(
+        f"VLM layer benchmark: family={vlm.family} params={vlm.num_parameters():,} device={vlm.device} "
+        f"torch_threads={args.threads}\n"
+    )
+    rows = [
+        (
+            f"collation, {name} ({args.n} samples, batch {args.batch_size}, median of 3)",
+            f"{r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s "
+            f"({r['text_tokens_per_s']:.0f} text), {native['tokens'] / args.n:.0f} tokens/sample",
+        )
+        for name, r in (("native (ours)", native), ("generic (HF processor)", generic))
+    ]
+    rows += [
+        (
+            f"greedy generation, one by one ({args.gen_n} x {args.new_tokens} new tokens)",
+            f"{gen['single_s']:.2f} s, {gen['single_tok_per_s']:.0f} new tok/s",
+        ),
+        (
+            f"greedy generation, batched (bs={args.batch_size})",
+            f"{gen['batched_s']:.2f} s, {gen['batched_tok_per_s']:.0f} new tok/s",
+        ),
+        ("batched / one by one", f"{gen['speedup']:.2f}x; identical replies: {gen['same_replies']}"),
+    ]
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"native": native, "generic": generic, "generate": gen,
-                                               "args": vars(args)}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"native": native, "generic": generic, "generate": gen, "args": vars(args)}, indent=2)
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -65,7 +65,9 @@ def main() -> int:
         rows = table_rows(proc.stdout)
         header = rows[0] if rows else []
         for r in rows[1:]:
-            value = "; ".join(f"{h}={v}" for h, v in zip(header[1:], r[1:])) if len(r) > 2 else (r[1] if len(r) > 1 else "")
+            value = (
+                "; ".join(f"{h}={v}" for h, v in zip(header[1:], r[1:])) if len(r) > 2 else (r[1] if len(r) > 1 else "")
+            )
             collected.append((script.stem, r[0], value))
         collected.append((script.stem, "wall time", f"{time.time() - t0:.0f} s"))
     w1 = max(len(a) for a, _, _ in collected)

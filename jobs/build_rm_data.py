@@ -22,11 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reviews", action="append", default=[],
-                    help="a reviews file or a folder searched for <set>_reviews/<model>/<type>_test.json (repeatable)")
+    ap.add_argument(
+        "--reviews",
+        action="append",
+        default=[],
+        help="a reviews file or a folder searched for <set>_reviews/<model>/<type>_test.json (repeatable)",
+    )
     ap.add_argument("--out", help="dataset root to write RM_data/ into")
-    ap.add_argument("--demo", metavar="DATASET_ROOT",
-                    help="make synthetic reviews for this (demo) dataset's test split and build RM_data from them")
+    ap.add_argument(
+        "--demo",
+        metavar="DATASET_ROOT",
+        help="make synthetic reviews for this (demo) dataset's test split and build RM_data from them",
+    )
     ap.add_argument("--test-fraction", type=float, default=0.1, help="share of samples (by id) held out as rm_test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-template", default=None, help="judge prompt template YAML (default: packaged)")
@@ -49,12 +56,14 @@ def main(argv=None) -> int:
     if not files:
         print(f"no review files found under {args.reviews}", file=sys.stderr)
         return 1
-    stats = build_rm_data(files, args.out, test_fraction=args.test_fraction, seed=args.seed, template=template,
-                          metrics=args.metrics)
+    stats = build_rm_data(
+        files, args.out, test_fraction=args.test_fraction, seed=args.seed, template=template, metrics=args.metrics
+    )
     d = stats.to_dict()
-    print(f"{d['files']} review files, {d['records_in']} records: in {d['in']} (record, metric) pairs, out {d['out']} "
-          f"(train {d['out_train']}, test {d['out_test']}), rejected {d['rejected']} {d['rejected_by_reason'] or ''}"
-          .rstrip())
+    print(
+        f"{d['files']} review files, {d['records_in']} records: in {d['in']} (record, metric) pairs, out {d['out']} "
+        f"(train {d['out_train']}, test {d['out_test']}), rejected {d['rejected']} {d['rejected_by_reason'] or ''}".rstrip()
+    )
     print(f"wrote {Path(args.out) / 'RM_data'} (rejects.jsonl, build_report.json)")
     return 0
 

@@ -73,38 +73,90 @@ def main(argv=None) -> int:
         return json.loads((prepared / "manifest.json").read_text())["counts"]
 
     def stage_train_agent():
-        run_cmd([py, "jobs/train_agent.py", "--config", "configs/smoke_cpu.yaml", "run_name=demo-agent",
-                 f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
-                 f"model.model_path={models / 'tiny-qwen2_5_vl'}", "train.epochs=1",
-                 "checkpoint.every_steps=20", *ray_cpus])
+        run_cmd(
+            [
+                py,
+                "jobs/train_agent.py",
+                "--config",
+                "configs/smoke_cpu.yaml",
+                "run_name=demo-agent",
+                f"output_dir={runs}",
+                f"data.prepared={prepared}",
+                "data.max_rows=null",
+                f"model.model_path={models / 'tiny-qwen2_5_vl'}",
+                "train.epochs=1",
+                "checkpoint.every_steps=20",
+                *ray_cpus,
+            ]
+        )
         return {"final_model": str(agent_final)}
 
     def stage_train_rm():
-        run_cmd([py, "jobs/train_reward_model.py", "--config", "configs/smoke_cpu_rm.yaml", "run_name=demo-rm",
-                 f"output_dir={runs}", f"data.prepared={prepared}", "data.max_rows=null",
-                 f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}",
-                 # enough steps for a tiny model to learn to end its reviews with the score pair
-                 "train.epochs=8", "train.global_batch_size=4", "train.lr=5e-3", "checkpoint.every_steps=96",
-                 *ray_cpus])
+        run_cmd(
+            [
+                py,
+                "jobs/train_reward_model.py",
+                "--config",
+                "configs/smoke_cpu_rm.yaml",
+                "run_name=demo-rm",
+                f"output_dir={runs}",
+                f"data.prepared={prepared}",
+                "data.max_rows=null",
+                f"model.model_path={models / 'tiny-qwen2_5_vl-rm'}",
+                # enough steps for a tiny model to learn to end its reviews with the score pair
+                "train.epochs=8",
+                "train.global_batch_size=4",
+                "train.lr=5e-3",
+                "checkpoint.every_steps=96",
+                *ray_cpus,
+            ]
+        )
         return {"final_model": str(rm_final)}
 
     pool = ["pool.concurrency=[2]", "pool.num_cpus=0.5", "pool.batch_size=8"]
 
     def stage_answer():
-        run_cmd([py, "jobs/generate_answers.py", "model_name=demo-agent", f"agent.model_path={agent_final}",
-                 f"data={prepared}", f"out={evaldir}", "generation.max_new_tokens=48", *pool])
+        run_cmd(
+            [
+                py,
+                "jobs/generate_answers.py",
+                "model_name=demo-agent",
+                f"agent.model_path={agent_final}",
+                f"data={prepared}",
+                f"out={evaldir}",
+                "generation.max_new_tokens=48",
+                *pool,
+            ]
+        )
         return {}
 
     def stage_score():
-        run_cmd([py, "jobs/score_answers.py", f"eval_dir={evaldir}", "model_name=demo-agent",
-                 f"images_root={data / 'images'}", f"judge.model.model_path={rm_final}",
-                 "judge.model.max_length=2048", "judge.generation.max_new_tokens=64", "judge.max_retries=1",
-                 "bootstrap=200", *pool])
+        run_cmd(
+            [
+                py,
+                "jobs/score_answers.py",
+                f"eval_dir={evaldir}",
+                "model_name=demo-agent",
+                f"images_root={data / 'images'}",
+                f"judge.model.model_path={rm_final}",
+                "judge.model.max_length=2048",
+                "judge.generation.max_new_tokens=64",
+                "judge.max_retries=1",
+                "bootstrap=200",
+                *pool,
+            ]
+        )
         return {"report": str(evaldir / "report")}
 
-    stages = [("data", stage_data, data), ("validate", stage_validate, None), ("prepare", stage_prepare, prepared),
-              ("train_agent", stage_train_agent, agent_final), ("train_reward_model", stage_train_rm, rm_final),
-              ("answer", stage_answer, evaldir), ("score", stage_score, evaldir / "report" / "report.md")]
+    stages = [
+        ("data", stage_data, data),
+        ("validate", stage_validate, None),
+        ("prepare", stage_prepare, prepared),
+        ("train_agent", stage_train_agent, agent_final),
+        ("train_reward_model", stage_train_rm, rm_final),
+        ("answer", stage_answer, evaldir),
+        ("score", stage_score, evaldir / "report" / "report.md"),
+    ]
     t_start = time.time()
     redone = False  # once a stage runs again, every later stage does too: its inputs changed
     for i, (name, fn, path) in enumerate(stages, 1):

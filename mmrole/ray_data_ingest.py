@@ -60,8 +60,18 @@ class EncodeRows:
         self.with_target = with_target
         self.rejects = RejectWriter(rejects_dir, prefix=f"encode-{split}")
         # Learn the output columns from a synthetic sample so that empty batches carry the same schema.
-        probe = Sample(id="__probe__", system="probe", user_text="probe", image="probe.png", target="probe",
-                       role="r", other_role="o", script="s", dialogue_type="comment", k=1)
+        probe = Sample(
+            id="__probe__",
+            system="probe",
+            user_text="probe",
+            image="probe.png",
+            target="probe",
+            role="r",
+            other_role="o",
+            script="s",
+            dialogue_type="comment",
+            k=1,
+        )
         self.spec = spec_from_encoded(self.encoder.encode(probe, Image.new("RGB", (64, 64)), with_target=with_target))
         self.encoder.stats = type(self.encoder.stats)()  # the probe is not a real sample
 
@@ -108,17 +118,20 @@ def resolve_source(prepared: str, split: str, max_rows: Optional[int] = None) ->
     manifest = load_manifest(prepared)
     files = [str(f) for f in split_files(prepared, split)]
     if not files:
-        raise FileNotFoundError(f"{prepared}: the prepared data has no {split!r} split (splits: "
-                                f"{sorted(manifest.get('splits', {}))}); for the reward model, build RM_data first "
-                                "(jobs/build_rm_data.py) and re-run `mmrole data prepare`")
+        raise FileNotFoundError(
+            f"{prepared}: the prepared data has no {split!r} split (splits: "
+            f"{sorted(manifest.get('splits', {}))}); for the reward model, build RM_data first "
+            "(jobs/build_rm_data.py) and re-run `mmrole data prepare`"
+        )
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"{prepared}: shard(s) listed in manifest.json are missing: {missing[:3]}")
     n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if max_rows is not None:
         n = min(n, max_rows)
-    return IngestSource(files=files, images_root=str(manifest["images_root"]), n_rows=n, split=split,
-                        prepared=str(prepared))
+    return IngestSource(
+        files=files, images_root=str(manifest["images_root"]), n_rows=n, split=split, prepared=str(prepared)
+    )
 
 
 def configure_data_context(progress_bars: Optional[bool] = None) -> None:
@@ -131,10 +144,18 @@ def configure_data_context(progress_bars: Optional[bool] = None) -> None:
         ctx.enable_progress_bars = progress_bars
 
 
-def build_dataset(source: IngestSource, model: dict, rejects_dir: str, *, max_rows: Optional[int] = None,
-                  shuffle_seed: Optional[int] = 0, encode_batch_size: int = 16,
-                  encode_concurrency: tuple[int, ...] = (1, 4), encode_num_cpus: float = 1.0,
-                  with_target: bool = True) -> "ray.data.Dataset":
+def build_dataset(
+    source: IngestSource,
+    model: dict,
+    rejects_dir: str,
+    *,
+    max_rows: Optional[int] = None,
+    shuffle_seed: Optional[int] = 0,
+    encode_batch_size: int = 16,
+    encode_concurrency: tuple[int, ...] = (1, 4),
+    encode_num_cpus: float = 1.0,
+    with_target: bool = True,
+) -> ray.data.Dataset:
     """The streaming dataset of encoded training rows (lazy; executes once per epoch when iterated)."""
     from ray.data import ActorPoolStrategy, FileShuffleConfig
 
@@ -150,7 +171,15 @@ def build_dataset(source: IngestSource, model: dict, rejects_dir: str, *, max_ro
     compute = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
     return ds.map_batches(
         EncodeRows,
-        fn_constructor_kwargs=dict(model=model, images_root=source.images_root, rejects_dir=str(rejects_dir),
-                                   split=source.split, with_target=with_target),
-        batch_size=encode_batch_size, batch_format="pyarrow", compute=compute, num_cpus=encode_num_cpus,
+        fn_constructor_kwargs=dict(
+            model=model,
+            images_root=source.images_root,
+            rejects_dir=str(rejects_dir),
+            split=source.split,
+            with_target=with_target,
+        ),
+        batch_size=encode_batch_size,
+        batch_format="pyarrow",
+        compute=compute,
+        num_cpus=encode_num_cpus,
     )

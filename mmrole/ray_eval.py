@@ -11,9 +11,10 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -39,8 +40,14 @@ def _pool_args(pool: PoolSettings) -> dict:
 
     c = pool.concurrency_arg()
     size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
-    return dict(compute=ray.data.ActorPoolStrategy(**size), batch_size=pool.batch_size, num_cpus=pool.num_cpus,
-                num_gpus=pool.num_gpus or None, max_restarts=pool.max_restarts, max_task_retries=-1)
+    return dict(
+        compute=ray.data.ActorPoolStrategy(**size),
+        batch_size=pool.batch_size,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+        max_restarts=pool.max_restarts,
+        max_task_retries=-1,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ answering
@@ -69,8 +76,11 @@ class AnswerWorker:
                 errors.append(str(e))
         answers = iter(self.vlm.generate(samples, images, self.params) if samples else [])
         out = [next(answers) if not err else "" for err in errors]
-        return {"id": np.array(ids, dtype=object), "answer": np.array(out, dtype=object),
-                "error": np.array(errors, dtype=object)}
+        return {
+            "id": np.array(ids, dtype=object),
+            "answer": np.array(out, dtype=object),
+            "error": np.array(errors, dtype=object),
+        }
 
 
 class JsonlStore:
@@ -116,21 +126,32 @@ def run_generate(cfg: GenerateJobConfig, log: Log = _log, stop_after: Optional[i
     if cfg.max_samples is not None:
         samples = samples[: cfg.max_samples]
     todo_ids = {s.id for s in samples} - set(done)
-    log(f"[answers] {len(samples)} samples in {cfg.sets}; {len(samples) - len(todo_ids)} already answered, "
-        f"{len(todo_ids)} to do")
+    log(
+        f"[answers] {len(samples)} samples in {cfg.sets}; {len(samples) - len(todo_ids)} already answered, "
+        f"{len(todo_ids)} to do"
+    )
     t0 = time.perf_counter()
     n_new = 0
     if todo_ids:
         rows = [s.to_row() for s in samples if s.id in todo_ids]
         # Blocks of about one batch each, so every replica of the pool gets work.
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(1, cfg.pool.batch_size), 256)))
-        ds = ds.map_batches(AnswerWorker, fn_constructor_kwargs=dict(
-            agent=asdict(cfg.agent), generation=asdict(cfg.generation),
-            images_root=str(prepared_images_root(cfg.data))), **_pool_args(cfg.pool))
+        ds = ds.map_batches(
+            AnswerWorker,
+            fn_constructor_kwargs=dict(
+                agent=asdict(cfg.agent),
+                generation=asdict(cfg.generation),
+                images_root=str(prepared_images_root(cfg.data)),
+            ),
+            **_pool_args(cfg.pool),
+        )
         written: set[str] = set()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            recs = [{"id": str(i), "answer": str(a), "error": str(e)}
-                    for i, a, e in zip(batch["id"], batch["answer"], batch["error"]) if str(i) not in written]
+            recs = [
+                {"id": str(i), "answer": str(a), "error": str(e)}
+                for i, a, e in zip(batch["id"], batch["answer"], batch["error"])
+                if str(i) not in written
+            ]
             store.append(recs)
             written.update(r["id"] for r in recs)
             n_new += len(recs)
@@ -152,8 +173,14 @@ def run_generate(cfg: GenerateJobConfig, log: Log = _log, stop_after: Optional[i
         write_answers_file(path, recs)
         files_written.append(str(path))
     empty = sum(1 for s in samples if not done[s.id]["answer"].strip())
-    summary = {"samples": len(samples), "answered_now": n_new, "empty_answers": empty, "errors": dict(errors),
-               "seconds": round(time.perf_counter() - t0, 2), "files": files_written}
+    summary = {
+        "samples": len(samples),
+        "answered_now": n_new,
+        "empty_answers": empty,
+        "errors": dict(errors),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": files_written,
+    }
     log(f"[answers] done: {json.dumps(summary)}")
     return summary
 
@@ -169,8 +196,14 @@ def build_judge(settings: JudgeSettings, images_root: str):
         from mmrole.models import build_vlm
 
         vlm = build_vlm(settings.model)
-        return VLMJudge(vlm, settings.generation, max_retries=settings.max_retries, template=template,
-                        images_root=images_root, name=f"local:{Path(settings.model.model_path).name}")
+        return VLMJudge(
+            vlm,
+            settings.generation,
+            max_retries=settings.max_retries,
+            template=template,
+            images_root=images_root,
+            name=f"local:{Path(settings.model.model_path).name}",
+        )
     if settings.kind == "openai":
         from mmrole.eval.judges import OpenAIJudge
 
@@ -187,7 +220,7 @@ class JudgeWorker:
     """A replica of the judge: a batch of serialized JudgeRequests -> serialized JudgeResults."""
 
     def __init__(self, judge: dict, images_root: str):
-        from mmrole.train.config import build_dataclass
+        from mmrole.config import build_dataclass
 
         self.judge = build_judge(build_dataclass(JudgeSettings, judge), images_root)
 
@@ -199,8 +232,12 @@ class JudgeWorker:
         return {"result": np.array([json.dumps(r.to_dict(), ensure_ascii=False) for r in results], dtype=object)}
 
 
-def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = None,
-              on_batch: Optional[Callable[[int], None]] = None) -> dict:
+def run_score(
+    cfg: ScoreJobConfig,
+    log: Log = _log,
+    stop_after: Optional[int] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Score every (sample, metric) the store lacks through a pool of judge replicas; then write the reviews,
     results CSVs and the report. ``stop_after`` stops after that many new results (tests of resume)."""
     import ray
@@ -223,8 +260,10 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
     suffix = ".swapped" if cfg.swap else ""
     store = ResultsStore(out / "judge_results" / f"{cfg.model_name}{suffix}.jsonl")
     todo = store.pending(requests, retry_failed=cfg.retry_failed)
-    log(f"[score] {len(requests)} judge requests ({len(answers)} answers x metrics); "
-        f"{len(requests) - len(todo)} already scored, {len(todo)} to do")
+    log(
+        f"[score] {len(requests)} judge requests ({len(answers)} answers x metrics); "
+        f"{len(requests) - len(todo)} already scored, {len(todo)} to do"
+    )
     t0 = time.perf_counter()
     n_new = n_ok = 0
     if todo:
@@ -234,10 +273,12 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
 
         bs = max(1, cfg.pool.batch_size)
         encoded = [json.dumps(r.to_dict(), ensure_ascii=False) for r in todo]
-        ds = ray.data.from_arrow([pa.table({"request": encoded[i:i + bs]}) for i in range(0, len(encoded), bs)])
-        ds = ds.map_batches(JudgeWorker, fn_constructor_kwargs=dict(judge=asdict(cfg.judge),
-                                                                    images_root=cfg.images_root),
-                            **_pool_args(cfg.pool))
+        ds = ray.data.from_arrow([pa.table({"request": encoded[i : i + bs]}) for i in range(0, len(encoded), bs)])
+        ds = ds.map_batches(
+            JudgeWorker,
+            fn_constructor_kwargs=dict(judge=asdict(cfg.judge), images_root=cfg.images_root),
+            **_pool_args(cfg.pool),
+        )
         expected = {r.key for r in todo}
         written: set = set()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -257,12 +298,16 @@ def run_score(cfg: ScoreJobConfig, log: Log = _log, stop_after: Optional[int] = 
     if not audit.complete:
         raise RuntimeError(f"scoring incomplete: {audit.to_dict()}")
     results = store.load()
-    summary = {"requests": len(requests), "scored_now": n_new, "parsed": sum(r.ok for r in results.values()),
-               "failed": sum(not r.ok for r in results.values()), "empty_answers_excluded": len(empty),
-               "seconds": round(time.perf_counter() - t0, 2), "store": str(store.path)}
+    summary = {
+        "requests": len(requests),
+        "scored_now": n_new,
+        "parsed": sum(r.ok for r in results.values()),
+        "failed": sum(not r.ok for r in results.values()),
+        "empty_answers_excluded": len(empty),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "store": str(store.path),
+    }
     if not cfg.swap:
-        summary["outputs"] = write_model_outputs(out, cfg.model_name, answers, results,
-                                                 check_metrics(cfg.metrics))
+        summary["outputs"] = write_model_outputs(out, cfg.model_name, answers, results, check_metrics(cfg.metrics))
     log(f"[score] done: {json.dumps(summary, default=str)[:2000]}")
     return summary
-

@@ -38,13 +38,11 @@ from typing import Any, Optional
 import deepspeed  # noqa: F401  (imported here so a missing install fails at startup, not inside workers)
 import ray
 import ray.train
-
-from mmrole.train.config import ConfigError
 import torch
 from ray.train.torch import TorchTrainer
 
 from mmrole.train import checkpoint as ckpt
-from mmrole.train.config import TrainJobConfig, batch_geometry, total_optimizer_steps
+from mmrole.train.config import ConfigError, TrainJobConfig, batch_geometry, total_optimizer_steps
 from mmrole.train.ds_config import build_deepspeed_config, resolve_precision, split_decay
 from mmrole.train.metrics import MetricsSink, StepStats, progress_line, read_metrics
 from mmrole.train.rejects import REJECTS_DIR, count_by_reason, merge_rejects
@@ -118,8 +116,10 @@ def _optimizer(model, cfg: TrainJobConfig, device: torch.device):
         raise ValueError("no trainable parameters (everything frozen?)")
     decay, no_decay = split_decay((n, p.ndim) for n, p in named)
     by_name = dict(named)
-    groups = [{"params": [by_name[n] for n in decay], "weight_decay": t.weight_decay},
-              {"params": [by_name[n] for n in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [by_name[n] for n in decay], "weight_decay": t.weight_decay},
+        {"params": [by_name[n] for n in no_decay], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     if t.offload_optimizer:
         return None, groups  # DeepSpeed builds DeepSpeedCPUAdam from the config
@@ -153,8 +153,20 @@ class _Progress:
     last_saved: int = -1
 
 
-def _save_checkpoint(engine, vlm, cfg: TrainJobConfig, run_dir: Path, prog: _Progress, token: str, rank: int,
-                     world: int, device: torch.device, total_steps: int, metrics: dict, sink) -> Path:
+def _save_checkpoint(
+    engine,
+    vlm,
+    cfg: TrainJobConfig,
+    run_dir: Path,
+    prog: _Progress,
+    token: str,
+    rank: int,
+    world: int,
+    device: torch.device,
+    total_steps: int,
+    metrics: dict,
+    sink,
+) -> Path:
     """Write -> mark complete -> rename -> report to Ray -> rotate. Collective: all ranks call it."""
     t0 = time.time()
     epoch_rows = int(_allreduce_sum([prog.epoch_rows_local], device)[0])
@@ -164,10 +176,20 @@ def _save_checkpoint(engine, vlm, cfg: TrainJobConfig, run_dir: Path, prog: _Pro
     _barrier()
     engine.save_checkpoint(str(tmp / ckpt.DS_DIR), tag=ckpt.DS_TAG, client_state={"mmrole_step": prog.step})
     _save_hf(engine, vlm, tmp / ckpt.HF_DIR, cfg.train.zero_stage, rank)
-    state = {"step": prog.step, "epoch": prog.epoch, "epoch_rows": epoch_rows, "samples_seen": prog.samples_seen,
-             "world_size": world, "zero_stage": cfg.train.zero_stage, "total_steps": total_steps,
-             "kind": cfg.kind, "run_name": cfg.run_name, "base_model": cfg.model.model_path,
-             "lora": cfg.model.lora is not None, "time": time.time()}
+    state = {
+        "step": prog.step,
+        "epoch": prog.epoch,
+        "epoch_rows": epoch_rows,
+        "samples_seen": prog.samples_seen,
+        "world_size": world,
+        "zero_stage": cfg.train.zero_stage,
+        "total_steps": total_steps,
+        "kind": cfg.kind,
+        "run_name": cfg.run_name,
+        "base_model": cfg.model.model_path,
+        "lora": cfg.model.lora is not None,
+        "time": time.time(),
+    }
     if rank == 0:
         ckpt.write_state(tmp, state)
     _barrier()  # every rank's optimizer partition is on disk before the commit
@@ -178,8 +200,13 @@ def _save_checkpoint(engine, vlm, cfg: TrainJobConfig, run_dir: Path, prog: _Pro
     _report(metrics | {"step": prog.step, "checkpoint": final}, Path(final), rank)
     if rank == 0:
         deleted = ckpt.apply_rotation(run_dir, cfg.checkpoint.num_to_keep, protect=[final])
-        sink.event("checkpoint", step=prog.step, path=final, seconds=round(time.time() - t0, 3),
-                   deleted=[p.name for p in deleted])
+        sink.event(
+            "checkpoint",
+            step=prog.step,
+            path=final,
+            seconds=round(time.time() - t0, 3),
+            deleted=[p.name for p in deleted],
+        )
         _say(f"[mmrole] checkpoint step {prog.step} committed: {final} ({time.time() - t0:.1f}s)")
     prog.last_saved = prog.step
     return Path(final)
@@ -192,8 +219,11 @@ def _report(metrics: dict, committed: Path, rank: int) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="mmrole-commit-", ignore_cleanup_errors=True) as d:
         (Path(d) / COMMIT_RECORD).write_text(json.dumps({"step": metrics["step"], "path": str(committed)}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"{RAY_COMMIT_PREFIX}{committed.name}-{uuid.uuid4().hex[:6]}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"{RAY_COMMIT_PREFIX}{committed.name}-{uuid.uuid4().hex[:6]}",
+        )
 
 
 def _maybe_kill(cfg: TrainJobConfig, run_dir: Path, step: int, rank: int) -> None:
@@ -214,10 +244,13 @@ def _iter_rows(shard, cfg: TrainJobConfig, epoch: int, rank: int, skip_rows: int
     """Decoded micro-batches of one epoch (lists of per-sample dicts), skipping rows already trained on."""
     d = cfg.data
     it = shard.iter_batches(
-        batch_size=cfg.train.micro_batch_size, batch_format="pyarrow", prefetch_batches=d.prefetch_batches,
+        batch_size=cfg.train.micro_batch_size,
+        batch_format="pyarrow",
+        prefetch_batches=d.prefetch_batches,
         local_shuffle_buffer_size=d.local_shuffle_buffer or None,
         local_shuffle_seed=(d.shuffle_seed * 1_000_003 + epoch * 7919 + rank) if d.local_shuffle_buffer else None,
-        drop_last=False)
+        drop_last=False,
+    )
     skipped = 0
     for table in it:
         if skipped < skip_rows:
@@ -231,7 +264,6 @@ def _iter_rows(shard, cfg: TrainJobConfig, epoch: int, rank: int, skip_rows: int
 
 def train_loop_per_worker(config: dict) -> None:
     """The training loop run by every Ray Train worker."""
-    import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
     cfg = TrainJobConfig.from_dict(config["cfg"], "<train_loop_config>")
@@ -245,13 +277,15 @@ def train_loop_per_worker(config: dict) -> None:
     precision = resolve_precision(cfg.train.precision, device.type)
     geo = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
     total_steps = total_optimizer_steps(n_rows, cfg.train.epochs, geo, cfg.train.max_steps)
-    schedule = make_schedule(total_steps, cfg.train.schedule, cfg.train.warmup_ratio, cfg.train.warmup_steps,
-                             cfg.train.min_lr_ratio)
+    schedule = make_schedule(
+        total_steps, cfg.train.schedule, cfg.train.warmup_ratio, cfg.train.warmup_steps, cfg.train.min_lr_ratio
+    )
     torch.manual_seed(cfg.train.seed)
 
     # Rank 0 decides (one directory scan) and tells the others, so every rank resumes from the same checkpoint.
-    plan, attempt = _broadcast((ckpt.plan_resume(run_dir, world, cfg.train.zero_stage), uuid.uuid4().hex[:10])
-                               if rank == 0 else None, device)
+    plan, attempt = _broadcast(
+        (ckpt.plan_resume(run_dir, world, cfg.train.zero_stage), uuid.uuid4().hex[:10]) if rank == 0 else None, device
+    )
     if rank == 0:
         # Leftovers of a crashed attempt (.tmp-* dirs) go now; committed checkpoints are kept.
         ckpt.apply_rotation(run_dir, cfg.checkpoint.num_to_keep, protect=[plan.checkpoint] if plan.checkpoint else [])
@@ -264,14 +298,22 @@ def train_loop_per_worker(config: dict) -> None:
     opt, groups = _optimizer(vlm.model, cfg, device)
     ds_config = build_deepspeed_config(cfg.train, geo, device.type)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=vlm.model, optimizer=opt, model_parameters=groups if opt is None else None,
+        model=vlm.model,
+        optimizer=opt,
+        model_parameters=groups if opt is None else None,
         # A plain function, not the schedule object: LambdaLR checkpoints the attributes of callable objects and
         # would restore the old schedule; this way a resumed run follows the current config's schedule.
-        lr_scheduler=lambda o: LambdaLR(o, lambda step: schedule(step)), config=ds_config,
-        dist_init_required=False)
+        lr_scheduler=lambda o: LambdaLR(o, lambda step: schedule(step)),
+        config=ds_config,
+        dist_init_required=False,
+    )
     if plan.mode == "exact":
-        load_path, _ = engine.load_checkpoint(str(plan.checkpoint / ckpt.DS_DIR), tag=ckpt.DS_TAG,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(plan.checkpoint / ckpt.DS_DIR),
+            tag=ckpt.DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if load_path is None:
             raise ckpt.CheckpointError(f"{plan.checkpoint}: DeepSpeed could not load its state")
     if plan.checkpoint is not None:
@@ -285,21 +327,40 @@ def train_loop_per_worker(config: dict) -> None:
     prog = _Progress(step=plan.step, epoch=plan.epoch, samples_seen=plan.samples_seen, last_saved=plan.step)
     sink = MetricsSink(run_dir, attempt) if rank == 0 else None
     if rank == 0:
-        info = dict(world_size=world, grad_accum=geo.grad_accum, global_batch=geo.global_batch_size,
-                    micro_batch=geo.micro_batch_size, total_steps=total_steps, precision=precision,
-                    zero_stage=cfg.train.zero_stage, device=str(device), model_build_s=round(build_s, 2),
-                    trainable_params=trainable, n_rows=n_rows)
+        info = dict(
+            world_size=world,
+            grad_accum=geo.grad_accum,
+            global_batch=geo.global_batch_size,
+            micro_batch=geo.micro_batch_size,
+            total_steps=total_steps,
+            precision=precision,
+            zero_stage=cfg.train.zero_stage,
+            device=str(device),
+            model_build_s=round(build_s, 2),
+            trainable_params=trainable,
+            n_rows=n_rows,
+        )
         if plan.checkpoint is not None:
-            sink.event("resume", from_step=plan.step, checkpoint=str(plan.checkpoint), mode=plan.mode,
-                       reason=plan.reason, **info)
+            sink.event(
+                "resume",
+                from_step=plan.step,
+                checkpoint=str(plan.checkpoint),
+                mode=plan.mode,
+                reason=plan.reason,
+                **info,
+            )
             _say(f"[mmrole] resuming from step {plan.step} ({plan.mode}) {plan.checkpoint} {plan.reason}".rstrip())
         else:
             sink.event("start", **info)
         if geo.global_batch_size != cfg.train.global_batch_size:
-            _say(f"[mmrole] global batch {cfg.train.global_batch_size} is not a multiple of micro_batch x world "
-                 f"({geo.micro_batch_size} x {world}); using {geo.global_batch_size}")
-        _say(f"[mmrole] {world} worker(s), ZeRO-{cfg.train.zero_stage}, {precision}, micro {geo.micro_batch_size}"
-             f" x accum {geo.grad_accum} x {world} = {geo.global_batch_size}/step, {total_steps} steps")
+            _say(
+                f"[mmrole] global batch {cfg.train.global_batch_size} is not a multiple of micro_batch x world "
+                f"({geo.micro_batch_size} x {world}); using {geo.global_batch_size}"
+            )
+        _say(
+            f"[mmrole] {world} worker(s), ZeRO-{cfg.train.zero_stage}, {precision}, micro {geo.micro_batch_size}"
+            f" x accum {geo.grad_accum} x {world} = {geo.global_batch_size}/step, {total_steps} steps"
+        )
 
     shard = ray.train.get_dataset_shard("train")
     skip_rows = plan.epoch_rows // world
@@ -340,10 +401,19 @@ def train_loop_per_worker(config: dict) -> None:
             tot = _allreduce_sum(acc, device)
             prog.samples_seen += int(tot[2])
             gn = engine.get_global_grad_norm()
-            stats = StepStats(step=prog.step, loss=tot[0] / max(tot[1], 1), lr=lr, samples=int(tot[2]),
-                              text_tokens=int(tot[3]), image_tokens=int(tot[4]), target_tokens=int(tot[5]),
-                              step_time_s=time.time() - t_step, data_wait_s=tot[6] / world,
-                              grad_norm=float(gn) if gn is not None else None, epoch=prog.epoch)
+            stats = StepStats(
+                step=prog.step,
+                loss=tot[0] / max(tot[1], 1),
+                lr=lr,
+                samples=int(tot[2]),
+                text_tokens=int(tot[3]),
+                image_tokens=int(tot[4]),
+                target_tokens=int(tot[5]),
+                step_time_s=time.time() - t_step,
+                data_wait_s=tot[6] / world,
+                grad_norm=float(gn) if gn is not None else None,
+                epoch=prog.epoch,
+            )
             last_metrics = stats.as_dict()
             if rank == 0:
                 sink.write(last_metrics)
@@ -352,8 +422,9 @@ def train_loop_per_worker(config: dict) -> None:
             acc = [0.0] * 7
             _maybe_kill(cfg, run_dir, prog.step, rank)
             if prog.step % cfg.checkpoint.every_steps == 0 or prog.step >= total_steps:
-                _save_checkpoint(engine, vlm, cfg, run_dir, prog, attempt, rank, world, device, total_steps,
-                                 last_metrics, sink)
+                _save_checkpoint(
+                    engine, vlm, cfg, run_dir, prog, attempt, rank, world, device, total_steps, last_metrics, sink
+                )
             t_step = time.time()
             if prog.step >= total_steps:
                 done = True
@@ -367,8 +438,7 @@ def train_loop_per_worker(config: dict) -> None:
         prog.epoch += 1
         skip_rows = 0
     if prog.step > prog.last_saved:  # data ran out before total_steps (e.g. rejects): keep the last state
-        _save_checkpoint(engine, vlm, cfg, run_dir, prog, attempt, rank, world, device, total_steps,
-                         last_metrics, sink)
+        _save_checkpoint(engine, vlm, cfg, run_dir, prog, attempt, rank, world, device, total_steps, last_metrics, sink)
     elif prog.last_saved == plan.step and plan.checkpoint is not None and rank == 0:
         _say(f"[mmrole] nothing left to train: the run is complete at step {plan.step}")
     epoch_rows = int(_allreduce_sum([prog.epoch_rows_local], device)[0])
@@ -406,8 +476,10 @@ def _check_paths_for_cluster(cfg: TrainJobConfig) -> None:
         return
     for key, value in (("output_dir", cfg.output_dir), ("data.prepared", cfg.data.prepared)):
         if not os.path.isabs(os.path.expanduser(value)):
-            raise ConfigError(f"{key}={value!r} is relative; under `ray job submit` use an absolute path on storage "
-                             "shared by all nodes (e.g. output_dir=/mnt/shared/runs)")
+            raise ConfigError(
+                f"{key}={value!r} is relative; under `ray job submit` use an absolute path on storage "
+                "shared by all nodes (e.g. output_dir=/mnt/shared/runs)"
+            )
 
 
 def _prepare_env(cfg: TrainJobConfig) -> None:
@@ -479,8 +551,9 @@ def _write_final(run_dir: Path, final: ckpt.CheckpointEntry) -> Path:
         tmp_link.unlink()
     tmp_link.symlink_to(os.path.relpath(hf, run_dir))
     os.replace(tmp_link, link)
-    (run_dir / FINAL_RECORD).write_text(json.dumps({"step": final.step, "checkpoint": str(final.path),
-                                                    "hf_model": str(hf)}, indent=2))
+    (run_dir / FINAL_RECORD).write_text(
+        json.dumps({"step": final.step, "checkpoint": str(final.path), "hf_model": str(hf)}, indent=2)
+    )
     return link
 
 
@@ -500,8 +573,11 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     prev = run_dir / "config.yaml"
     if prev.is_file() and prev.read_text() != cfg.to_yaml():
         (run_dir / f"config.{int(time.time())}.yaml").write_text(prev.read_text())
-        print(f"[mmrole] note: {prev} differs from this config (previous copy kept); resuming the run with the "
-              "new settings", flush=True)
+        print(
+            f"[mmrole] note: {prev} differs from this config (previous copy kept); resuming the run with the "
+            "new settings",
+            flush=True,
+        )
     prev.write_text(cfg.to_yaml())
 
     if cfg.tiny_model and not (Path(cfg.model.model_path) / "config.json").is_file():
@@ -513,15 +589,23 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     source = ingest.resolve_source(cfg.data.prepared, cfg.split, cfg.data.max_rows)
     geo = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.scaling.num_workers)
     if total_optimizer_steps(source.n_rows, cfg.train.epochs, geo, cfg.train.max_steps) == 0:
-        raise ValueError(f"{cfg.data.prepared} [{cfg.split}]: {source.n_rows} rows make no optimizer step with a "
-                         f"global batch of {geo.global_batch_size}; lower train.global_batch_size or add data")
+        raise ValueError(
+            f"{cfg.data.prepared} [{cfg.split}]: {source.n_rows} rows make no optimizer step with a "
+            f"global batch of {geo.global_batch_size}; lower train.global_batch_size or add data"
+        )
     embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     _init_ray(cfg)
     ingest.configure_data_context(progress_bars=sys.stderr.isatty())
     dataset = ingest.build_dataset(
-        source, cfg.model.to_dict(), str(run_dir / REJECTS_DIR), max_rows=cfg.data.max_rows,
-        shuffle_seed=cfg.data.shuffle_seed, encode_batch_size=cfg.data.encode_batch_size,
-        encode_concurrency=tuple(cfg.data.encode_concurrency), encode_num_cpus=cfg.data.encode_num_cpus)
+        source,
+        cfg.model.to_dict(),
+        str(run_dir / REJECTS_DIR),
+        max_rows=cfg.data.max_rows,
+        shuffle_seed=cfg.data.shuffle_seed,
+        encode_batch_size=cfg.data.encode_batch_size,
+        encode_concurrency=tuple(cfg.data.encode_concurrency),
+        encode_num_cpus=cfg.data.encode_num_cpus,
+    )
     if cfg.data.cache_encoded:
         dataset = dataset.materialize()
 
@@ -529,17 +613,20 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    num_workers = (s.min_workers, s.num_workers) if s.min_workers is not None and s.min_workers < s.num_workers \
-        else s.num_workers
+    num_workers = (
+        (s.min_workers, s.num_workers) if s.min_workers is not None and s.min_workers < s.num_workers else s.num_workers
+    )
     trainer = (EmbeddedTorchTrainer if embedded else TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "n_rows": source.n_rows},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=str(run_dir.parent),
+            name=cfg.run_name,
+            storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             # Ray keeps only the newest commit record; heavy checkpoint rotation is ours (mmrole.train.checkpoint).
-            checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
         datasets={"train": dataset},
     )
     error = None
@@ -560,23 +647,42 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
         elif r.get("event") == "end" and r.get("epoch_rows"):
             last_rows = r["epoch_rows"]
     final = ckpt.latest_complete(run_dir)
-    counts = {"in": source.n_rows, "rejected": len(rejected_ids), "out": source.n_rows - len(rejected_ids),
-              "rejected_by_stage": count_by_reason(rejects),
-              "rows_trained_last_epoch": last_rows}
-    summary = TrainSummary(ok=error is None, run_dir=str(run_dir), final_step=final.step if final else 0,
-                           final_checkpoint=str(final.path) if final else None, counts=counts,
-                           wall_s=round(time.time() - t_start, 2), error=error)
+    counts = {
+        "in": source.n_rows,
+        "rejected": len(rejected_ids),
+        "out": source.n_rows - len(rejected_ids),
+        "rejected_by_stage": count_by_reason(rejects),
+        "rows_trained_last_epoch": last_rows,
+    }
+    summary = TrainSummary(
+        ok=error is None,
+        run_dir=str(run_dir),
+        final_step=final.step if final else 0,
+        final_checkpoint=str(final.path) if final else None,
+        counts=counts,
+        wall_s=round(time.time() - t_start, 2),
+        error=error,
+    )
     if final is not None and error is None:
         summary.final_model = str(_write_final(run_dir, final))
     (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    print(f"[mmrole] data: in {counts['in']}, out {counts['out']}, rejected {counts['rejected']} "
-          f"{counts['rejected_by_stage'] or ''} (rejects: {run_dir / 'rejects.jsonl'})".rstrip(), flush=True)
+    print(
+        f"[mmrole] data: in {counts['in']}, out {counts['out']}, rejected {counts['rejected']} "
+        f"{counts['rejected_by_stage'] or ''} (rejects: {run_dir / 'rejects.jsonl'})".rstrip(),
+        flush=True,
+    )
     if error:
         print(f"[mmrole] training FAILED: {error}", file=sys.stderr, flush=True)
         if final is not None:
-            print(f"[mmrole] last committed checkpoint: {final.path} (step {final.step}); re-run the same "
-                  "command to resume", file=sys.stderr, flush=True)
+            print(
+                f"[mmrole] last committed checkpoint: {final.path} (step {final.step}); re-run the same "
+                "command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
     else:
-        print(f"[mmrole] done in {summary.wall_s:.1f}s: step {summary.final_step}, model {summary.final_model}",
-              flush=True)
+        print(
+            f"[mmrole] done in {summary.wall_s:.1f}s: step {summary.final_step}, model {summary.final_model}",
+            flush=True,
+        )
     return summary

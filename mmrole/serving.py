@@ -21,9 +21,11 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
+from mmrole.config import ConfigError, build_dataclass
 from mmrole.data.images import ImageError, open_image_bytes
 from mmrole.data.records import HUMAN_SPEAKER, Character, ImageRef, Sample, Turn, infer_kind, infer_language
 from mmrole.data.render import assemble_question, render_question
@@ -45,8 +47,14 @@ REQUEST_IMAGE = "<request>"  # Sample.image of an image that came in the request
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status``, a message and the offending field (``param``)."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: str = "invalid_request",
-                 headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: str = "invalid_request",
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status = int(status)
         self.message = message
@@ -69,18 +77,14 @@ def _bad(param: Optional[str], message: str, code: str = "invalid_request", stat
 
 
 def _from_dict(cls, d: Optional[Mapping], where: str):
-    """Dataclass from a YAML mapping; unknown keys are an error so typos in a Serve config do not pass silently."""
+    """Dataclass built by the one config system; unknown keys and wrong types fail naming the dotted key."""
     if d is None:
         return cls()
     if isinstance(d, cls):
         return d
     if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**dict(d))
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    return build_dataclass(cls, dict(d), "", where if where != cls.__name__ else "")
 
 
 @dataclass
@@ -106,7 +110,7 @@ class RequestLimits:
                 raise ValueError(f"limits.{f.name} must be positive")
 
     @classmethod
-    def from_dict(cls, d: Optional[Mapping]) -> "RequestLimits":
+    def from_dict(cls, d: Optional[Mapping]) -> RequestLimits:
         return _from_dict(cls, d, "limits")
 
 
@@ -125,7 +129,7 @@ class BatchSettings:
             raise ValueError("batching.batch_wait_timeout_s must be >= 0")
 
     @classmethod
-    def from_dict(cls, d: Optional[Mapping]) -> "BatchSettings":
+    def from_dict(cls, d: Optional[Mapping]) -> BatchSettings:
         return _from_dict(cls, d, "batching")
 
 
@@ -156,7 +160,7 @@ class DeploymentSettings:
             raise ValueError("deployment.max_ongoing_requests must be >= 1, max_queued_requests >= 1 (or -1)")
 
     @classmethod
-    def from_dict(cls, d: Optional[Mapping]) -> "DeploymentSettings":
+    def from_dict(cls, d: Optional[Mapping]) -> DeploymentSettings:
         return _from_dict(cls, d, "deployment")
 
     def serve_options(self) -> dict:
@@ -169,11 +173,14 @@ class DeploymentSettings:
         if self.env:
             actor["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in self.env.items()}}
         opts: dict[str, Any] = dict(
-            max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
-            ray_actor_options=actor, health_check_period_s=self.health_check_period_s,
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            ray_actor_options=actor,
+            health_check_period_s=self.health_check_period_s,
             health_check_timeout_s=self.health_check_timeout_s,
             graceful_shutdown_wait_loop_s=self.graceful_shutdown_wait_loop_s,
-            graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s)
+            graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s,
+        )
         if self.autoscaling is not None:
             opts["autoscaling_config"] = dict(self.autoscaling)
         else:
@@ -205,11 +212,13 @@ class AppConfig:
             raise ValueError("model.model_path is required (a model dir, a hub id, or tiny:<family>)")
         GenerationParams.from_dict(self.generation)  # typos fail at deploy time, not at the first request
         if self.deployment.max_ongoing_requests < self.batching.max_batch_size:
-            raise ValueError(f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be >= "
-                             f"batching.max_batch_size ({self.batching.max_batch_size}), or batches stay small")
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be >= "
+                f"batching.max_batch_size ({self.batching.max_batch_size}), or batches stay small"
+            )
 
     @classmethod
-    def from_dict(cls, d: Optional[Mapping]) -> "AppConfig":
+    def from_dict(cls, d: Optional[Mapping]) -> AppConfig:
         return _from_dict(cls, d, cls.__name__)
 
     def default_params(self) -> GenerationParams:
@@ -262,8 +271,14 @@ def check_bearer(authorization: Optional[str], token: Optional[str]) -> bool:
 # ------------------------------------------------------------------------------------------------ fields
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-               dict: "an object"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def _get(obj: Mapping, key: str, typ, path: str, required: bool = False, default: Any = None) -> Any:
@@ -324,8 +339,12 @@ def decode_image_url(url: Any, limits: RequestLimits, param: str) -> bytes:
         raise _bad(param, f"'{param}' must be a data: URL string", "wrong_type")
     scheme = url[:12].lower()
     if scheme.startswith(("http://", "https://", "ftp://", "file:")):
-        raise _bad(param, f"'{param}': remote image URLs are not fetched; send the image inline as a "
-                          "data:image/<type>;base64,... URL", "remote_url_not_allowed")
+        raise _bad(
+            param,
+            f"'{param}': remote image URLs are not fetched; send the image inline as a "
+            "data:image/<type>;base64,... URL",
+            "remote_url_not_allowed",
+        )
     if not scheme.startswith("data:"):
         raise _bad(param, f"'{param}' must be a data:image/<type>;base64,... URL", "invalid_image_url")
     head, sep, payload = url.partition(",")
@@ -347,8 +366,11 @@ def decode_image_url(url: Any, limits: RequestLimits, param: str) -> bytes:
     if not data:
         raise _bad(param, f"'{param}': image is empty (0 bytes)", "empty_image")
     if len(data) > limits.max_image_bytes:
-        raise _bad(param, f"'{param}': image is {len(data)} bytes, above the cap of {limits.max_image_bytes}",
-                   "image_too_large")
+        raise _bad(
+            param,
+            f"'{param}': image is {len(data)} bytes, above the cap of {limits.max_image_bytes}",
+            "image_too_large",
+        )
     return data
 
 
@@ -362,16 +384,24 @@ def probe_image(data: bytes, limits: RequestLimits, param: str) -> tuple[int, in
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, DecompressionBombError, ...)
         raise _bad(param, f"'{param}': not a readable image ({type(e).__name__})", "invalid_image")
     if fmt not in ALLOWED_IMAGE_FORMATS:
-        raise _bad(param, f"'{param}': image format {fmt or '?'} not accepted; use one of {ALLOWED_IMAGE_FORMATS}",
-                   "invalid_image")
+        raise _bad(
+            param,
+            f"'{param}': image format {fmt or '?'} not accepted; use one of {ALLOWED_IMAGE_FORMATS}",
+            "invalid_image",
+        )
     if w < 1 or h < 1:
         raise _bad(param, f"'{param}': image has no pixels ({w}x{h})", "invalid_image")
     if w > limits.max_image_side or h > limits.max_image_side or w * h > limits.max_image_pixels:
-        raise _bad(param, f"'{param}': image is {w}x{h}; the caps are {limits.max_image_side} px a side and "
-                          f"{limits.max_image_pixels} pixels", "image_too_large")
+        raise _bad(
+            param,
+            f"'{param}': image is {w}x{h}; the caps are {limits.max_image_side} px a side and "
+            f"{limits.max_image_pixels} pixels",
+            "image_too_large",
+        )
     if max(w, h) / min(w, h) > limits.max_aspect_ratio:
-        raise _bad(param, f"'{param}': image aspect ratio {w}x{h} exceeds {limits.max_aspect_ratio:g}:1",
-                   "invalid_image")
+        raise _bad(
+            param, f"'{param}': image aspect ratio {w}x{h} exceeds {limits.max_aspect_ratio:g}:1", "invalid_image"
+        )
     return w, h, fmt
 
 
@@ -419,11 +449,20 @@ def parse_generation(body: Mapping, limits: RequestLimits, defaults: GenerationP
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise _bad("stop", "'stop' must be a non-empty string or an array of them", "wrong_type")
         if len(stops) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in stops):
-            raise _bad("stop", f"'stop': at most {limits.max_stop} strings of up to {limits.max_stop_chars} chars",
-                       "invalid_value")
-    return GenerationParams(max_new_tokens=int(max_new), do_sample=bool(do_sample), temperature=float(temperature),
-                            top_p=float(top_p), min_new_tokens=min(defaults.min_new_tokens, int(max_new)),
-                            seed=seed, stop=stops or None)
+            raise _bad(
+                "stop",
+                f"'stop': at most {limits.max_stop} strings of up to {limits.max_stop_chars} chars",
+                "invalid_value",
+            )
+    return GenerationParams(
+        max_new_tokens=int(max_new),
+        do_sample=bool(do_sample),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        min_new_tokens=min(defaults.min_new_tokens, int(max_new)),
+        seed=seed,
+        stop=stops or None,
+    )
 
 
 def params_key(p: GenerationParams) -> tuple:
@@ -456,8 +495,9 @@ class _TextBudget:
                 raise _bad(param, f"'{param}' contains the reserved control token {tok}", "control_token")
         self.left -= len(text)
         if self.left < 0:
-            raise RequestError(413, f"request text exceeds {self.cap} characters (at '{param}')", param,
-                               "text_too_long")
+            raise RequestError(
+                413, f"request text exceeds {self.cap} characters (at '{param}')", param, "text_too_long"
+            )
         return text
 
 
@@ -478,12 +518,25 @@ class ChatInput:
 
     def sample(self, sample_id: str, default_system: str) -> Sample:
         header = "The conversation so far:\n" if self.history else ""
-        return Sample(id=sample_id, system=self.system if self.system is not None else default_system,
-                      user_text=self.user_text if not self.history else
-                      header + "\n".join(self.history) + "\n\n" + self.user_text,
-                      image=REQUEST_IMAGE, target="", role="assistant", other_role="user", script="",
-                      dialogue_type="chat", k=len(self.history), prompt_head="", history_header=header,
-                      history_lines=list(self.history), history_footer="\n\n", prompt_tail=self.user_text)
+        return Sample(
+            id=sample_id,
+            system=self.system if self.system is not None else default_system,
+            user_text=self.user_text
+            if not self.history
+            else header + "\n".join(self.history) + "\n\n" + self.user_text,
+            image=REQUEST_IMAGE,
+            target="",
+            role="assistant",
+            other_role="user",
+            script="",
+            dialogue_type="chat",
+            k=len(self.history),
+            prompt_head="",
+            history_header=header,
+            history_lines=list(self.history),
+            history_footer="\n\n",
+            prompt_tail=self.user_text,
+        )
 
 
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -498,8 +551,9 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
     if not messages:
         raise _bad("messages", "'messages' must not be empty", "invalid_value")
     if len(messages) > limits.max_messages:
-        raise _bad("messages", f"'messages' has {len(messages)} entries; the cap is {limits.max_messages}",
-                   "too_many_messages")
+        raise _bad(
+            "messages", f"'messages' has {len(messages)} entries; the cap is {limits.max_messages}", "too_many_messages"
+        )
     params = parse_generation(body, limits, defaults)
     budget = _TextBudget(limits)
     systems: list[str] = []
@@ -511,8 +565,9 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
             raise _bad(p, f"'{p}' must be an object", "wrong_type")
         role = _get(m, "role", str, f"{p}.role", required=True)
         if role not in _CHAT_ROLES:
-            raise _bad(f"{p}.role", f"'{p}.role' must be one of {list(_CHAT_ROLES)}, got {role[:40]!r}",
-                       "invalid_value")
+            raise _bad(
+                f"{p}.role", f"'{p}.role' must be one of {list(_CHAT_ROLES)}, got {role[:40]!r}", "invalid_value"
+            )
         content = m.get("content")
         texts: list[str] = []
         if isinstance(content, str):
@@ -536,11 +591,11 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
                         iu, ip = iu.get("url"), f"{ip}.url"
                     images.append((ip, iu))
                     if len(images) > limits.max_images:
-                        raise _bad(pp, f"too many images: at most {limits.max_images} per request",
-                                   "too_many_images")
+                        raise _bad(pp, f"too many images: at most {limits.max_images} per request", "too_many_images")
                 else:
-                    raise _bad(f"{pp}.type", f"'{pp}.type' {ptype[:40]!r} is not supported (text, image_url)",
-                               "unsupported")
+                    raise _bad(
+                        f"{pp}.type", f"'{pp}.type' {ptype[:40]!r} is not supported (text, image_url)", "unsupported"
+                    )
         elif content is None:
             raise _bad(f"{p}.content", f"missing required field '{p}.content'", "missing_field")
         else:
@@ -553,30 +608,56 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
     if not turns or turns[-1][0] != "user":
         raise _bad("messages", "the last non-system message must come from the user", "invalid_value")
     if not images:
-        raise _bad("messages", "this model needs exactly one image: add an image_url part (data: URL) to a user "
-                               "message", "missing_image")
+        raise _bad(
+            "messages",
+            "this model needs exactly one image: add an image_url part (data: URL) to a user message",
+            "missing_image",
+        )
     image_param, url = images[0]
     data = decode_image_url(url, limits, image_param)
     probe_image(data, limits, image_param)
     history = [f"[{r}]: {t}" for r, t in turns[:-1]]
-    return ChatInput(model=model, system="\n\n".join(systems) if systems else None, history=history,
-                     user_text=turns[-1][1], image=data, image_param=image_param, params=params)
+    return ChatInput(
+        model=model,
+        system="\n\n".join(systems) if systems else None,
+        history=history,
+        user_text=turns[-1][1],
+        image=data,
+        image_param=image_param,
+        params=params,
+    )
 
 
-def chat_response(request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-                  max_new_tokens: int) -> dict:
+def chat_response(
+    request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int, max_new_tokens: int
+) -> dict:
     """An OpenAI ``chat.completion`` object. ``finish_reason`` is "length" when the reply used the whole budget."""
-    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "length" if completion_tokens >= max_new_tokens else "stop",
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length" if completion_tokens >= max_new_tokens else "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def models_response(names: Sequence[str], created: int) -> dict:
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "mmrole"}
-                                       for n in names]}
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": created, "owned_by": "mmrole"} for n in names],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ role-play
@@ -600,8 +681,11 @@ def _character(spec: Any, characters: Mapping[str, Character], param: str, budge
         if spec in characters:
             return characters[spec]
         close = difflib.get_close_matches(spec, list(characters), n=3)
-        hint = f"; did you mean {close}?" if close else (
-            "" if characters else "; this server has no dataset loaded, give the profile inline")
+        hint = (
+            f"; did you mean {close}?"
+            if close
+            else ("" if characters else "; this server has no dataset loaded, give the profile inline")
+        )
         raise RequestError(404, f"'{param}': unknown character {spec[:80]!r}{hint}", param, "unknown_character")
     if isinstance(spec, dict):
         allowed = {"name", "profile", "script", "language", "kind"}
@@ -615,18 +699,29 @@ def _character(spec: Any, characters: Mapping[str, Character], param: str, budge
         script = _get(spec, "script", str, f"{param}.script", default="")
         kind = _get(spec, "kind", str, f"{param}.kind", default=None) or infer_kind(script)
         if kind not in ("fictional", "historical-or-public", "hypothetical"):
-            raise _bad(f"{param}.kind", f"'{param}.kind' must be fictional, historical-or-public or hypothetical",
-                       "invalid_value")
+            raise _bad(
+                f"{param}.kind",
+                f"'{param}.kind' must be fictional, historical-or-public or hypothetical",
+                "invalid_value",
+            )
         language = _get(spec, "language", str, f"{param}.language", default=None) or infer_language(name, profile)
         return Character(name=name, script=script, group="inline", kind=kind, language=language, profile=profile)
     raise _bad(param, f"'{param}' must be a character name or an object with name and profile", "wrong_type")
 
 
-def parse_roleplay_fields(body: Mapping, limits: RequestLimits, characters: Mapping[str, Character],
-                          prefix: str = "", budget: Optional[_TextBudget] = None) -> RoleplayInput:
+def parse_roleplay_fields(
+    body: Mapping,
+    limits: RequestLimits,
+    characters: Mapping[str, Character],
+    prefix: str = "",
+    budget: Optional[_TextBudget] = None,
+) -> RoleplayInput:
     """The role-play fields (character, other, history, message, image_info) of ``body``."""
     budget = budget or _TextBudget(limits)
-    p = (lambda k: f"{prefix}{k}")
+
+    def p(k: str) -> str:
+        return f"{prefix}{k}"
+
     if body.get("character") is None:
         raise _bad(p("character"), f"missing required field '{p('character')}'", "missing_field")
     role = _character(body["character"], characters, p("character"), budget)
@@ -636,8 +731,11 @@ def parse_roleplay_fields(body: Mapping, limits: RequestLimits, characters: Mapp
         other = _character(other_spec, characters, p("other"), budget)
     hist = _get(body, "history", list, p("history"), default=[])
     if len(hist) > limits.max_history_turns:
-        raise _bad(p("history"), f"'{p('history')}' has {len(hist)} turns; the cap is {limits.max_history_turns}",
-                   "too_many_turns")
+        raise _bad(
+            p("history"),
+            f"'{p('history')}' has {len(hist)} turns; the cap is {limits.max_history_turns}",
+            "too_many_turns",
+        )
     turns: list[Turn] = []
     for i, h in enumerate(hist):
         hp = f"{p('history')}[{i}]"
@@ -650,20 +748,27 @@ def parse_roleplay_fields(body: Mapping, limits: RequestLimits, characters: Mapp
     if message is not None:
         budget.take(message, p("message"))
         if not message.strip():
-            raise _bad(p("message"), f"'{p('message')}' must not be blank (omit it to let the role open)",
-                       "invalid_value")
+            raise _bad(
+                p("message"), f"'{p('message')}' must not be blank (omit it to let the role open)", "invalid_value"
+            )
     info = _get(body, "image_info", dict, p("image_info"), default={})
     unknown = sorted(set(info) - {"role_info", "place_info", "scene_info"})
     if unknown:
         raise _bad(p("image_info"), f"'{p('image_info')}': unknown field(s) {unknown}", "unknown_field")
-    ref = ImageRef(REQUEST_IMAGE, *(budget.take(_get(info, k, str, f"{p('image_info')}.{k}", default="") or "",
-                                                f"{p('image_info')}.{k}") or None
-                                    for k in ("role_info", "place_info", "scene_info")))
+    ref = ImageRef(
+        REQUEST_IMAGE,
+        *(
+            budget.take(_get(info, k, str, f"{p('image_info')}.{k}", default="") or "", f"{p('image_info')}.{k}")
+            or None
+            for k in ("role_info", "place_info", "scene_info")
+        ),
+    )
     return RoleplayInput(character=role, other=other, history=turns, message=message, image_info=ref)
 
 
-def parse_roleplay(body: Mapping, limits: RequestLimits, defaults: GenerationParams,
-                   characters: Mapping[str, Character]) -> tuple[RoleplayInput, bytes, GenerationParams]:
+def parse_roleplay(
+    body: Mapping, limits: RequestLimits, defaults: GenerationParams, characters: Mapping[str, Character]
+) -> tuple[RoleplayInput, bytes, GenerationParams]:
     """Validate a ``/v1/roleplay`` request: role-play fields, ``image`` (data: URL) and decoding options."""
     budget = _TextBudget(limits)
     inp = parse_roleplay_fields(body, limits, characters, budget=budget)
@@ -679,25 +784,44 @@ def parse_roleplay(body: Mapping, limits: RequestLimits, defaults: GenerationPar
 
 def roleplay_sample(inp: RoleplayInput, template: RoleplayTemplate, sample_id: str) -> Sample:
     """The sample the agent answers, rendered exactly as training renders a dialogue turn (same template)."""
-    head, header, lines, tail = render_question(template, inp.character, inp.other, inp.image_info, inp.history,
-                                                inp.message)
+    head, header, lines, tail = render_question(
+        template, inp.character, inp.other, inp.image_info, inp.history, inp.message
+    )
     other_name = template.human_indefinite if inp.other is None else inp.other.name
-    return Sample(id=sample_id, system=template.system,
-                  user_text=assemble_question(head, header, lines, template.section_separator, tail),
-                  image=REQUEST_IMAGE, target="", role=inp.character.name, other_role=other_name,
-                  script=inp.character.script,
-                  dialogue_type="inter-role" if inp.other is not None else "human-role",
-                  k=len(inp.history) + (1 if inp.message is not None else 0), group=inp.character.group,
-                  prompt_head=head, history_header=header, history_lines=lines,
-                  history_footer=template.section_separator, prompt_tail=tail)
+    return Sample(
+        id=sample_id,
+        system=template.system,
+        user_text=assemble_question(head, header, lines, template.section_separator, tail),
+        image=REQUEST_IMAGE,
+        target="",
+        role=inp.character.name,
+        other_role=other_name,
+        script=inp.character.script,
+        dialogue_type="inter-role" if inp.other is not None else "human-role",
+        k=len(inp.history) + (1 if inp.message is not None else 0),
+        group=inp.character.group,
+        prompt_head=head,
+        history_header=header,
+        history_lines=lines,
+        history_footer=template.section_separator,
+        prompt_tail=tail,
+    )
 
 
-def roleplay_response(request_id: str, model: str, inp: RoleplayInput, reply: str, usage: dict,
-                      history_dropped: int) -> dict:
-    return {"id": f"roleplay-{request_id}", "object": "roleplay.reply", "created": int(time.time()), "model": model,
-            "character": inp.character.name,
-            "other": inp.other.name if inp.other is not None else HUMAN_SPEAKER,
-            "reply": reply, "history_dropped": history_dropped, "usage": usage}
+def roleplay_response(
+    request_id: str, model: str, inp: RoleplayInput, reply: str, usage: dict, history_dropped: int
+) -> dict:
+    return {
+        "id": f"roleplay-{request_id}",
+        "object": "roleplay.reply",
+        "created": int(time.time()),
+        "model": model,
+        "character": inp.character.name,
+        "other": inp.other.name if inp.other is not None else HUMAN_SPEAKER,
+        "reply": reply,
+        "history_dropped": history_dropped,
+        "usage": usage,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ judge
@@ -712,8 +836,13 @@ class ScoreInput:
     max_retries: int
 
 
-def parse_score(body: Mapping, limits: RequestLimits, characters: Mapping[str, Character],
-                template: Optional[RoleplayTemplate], max_retries_cap: int) -> ScoreInput:
+def parse_score(
+    body: Mapping,
+    limits: RequestLimits,
+    characters: Mapping[str, Character],
+    template: Optional[RoleplayTemplate],
+    max_retries_cap: int,
+) -> ScoreInput:
     """Validate a score request. The question is given as text (``question``) or as role-play fields
     (``sample``: character, other, history, message, image_info), rendered with the role-play template."""
     budget = _TextBudget(limits)
@@ -734,8 +863,7 @@ def parse_score(body: Mapping, limits: RequestLimits, characters: Mapping[str, C
     question = _get(body, "question", str, "question")
     sample = _get(body, "sample", dict, "sample")
     if (question is None) == (sample is None):
-        raise _bad("question", "give exactly one of 'question' (text) or 'sample' (role-play fields)",
-                   "missing_field")
+        raise _bad("question", "give exactly one of 'question' (text) or 'sample' (role-play fields)", "missing_field")
     if question is not None:
         budget.take(question, "question")
     else:
@@ -753,11 +881,23 @@ def parse_score(body: Mapping, limits: RequestLimits, characters: Mapping[str, C
         raise _bad("image", "missing required field 'image' (a data:image/...;base64 URL)", "missing_image")
     data = decode_image_url(body["image"], limits, "image")
     probe_image(data, limits, "image")
-    reqs = [JudgeRequest(sample_id=sample_id, metric=m, question=question, answer=answer, reference=reference,
-                         image=REQUEST_IMAGE, role=role, other_role=other_role, script=script,
-                         set_name=_get(body, "set_name", str, "set_name", default=""),
-                         dialogue_type=_get(body, "dialogue_type", str, "dialogue_type", default=""),
-                         swapped=swapped) for m in metrics]
+    reqs = [
+        JudgeRequest(
+            sample_id=sample_id,
+            metric=m,
+            question=question,
+            answer=answer,
+            reference=reference,
+            image=REQUEST_IMAGE,
+            role=role,
+            other_role=other_role,
+            script=script,
+            set_name=_get(body, "set_name", str, "set_name", default=""),
+            dialogue_type=_get(body, "dialogue_type", str, "dialogue_type", default=""),
+            swapped=swapped,
+        )
+        for m in metrics
+    ]
     return ScoreInput(requests=reqs, image=data, max_retries=retries)
 
 
@@ -772,23 +912,47 @@ def score_response(sample_id: str, judge: str, results: Sequence[JudgeResult]) -
     """Per metric: review text, score pair, ratio A/B and parse status (plus counts)."""
     items = []
     for r in results:
-        items.append({"metric": r.metric, "ok": r.ok, "parse_status": parse_status(r), "review": r.review,
-                      "score": [r.score_a, r.score_b] if r.ok else None, "ratio": r.ratio,
-                      "error": r.error, "attempts": r.attempts, "swapped": r.swapped})
+        items.append(
+            {
+                "metric": r.metric,
+                "ok": r.ok,
+                "parse_status": parse_status(r),
+                "review": r.review,
+                "score": [r.score_a, r.score_b] if r.ok else None,
+                "ratio": r.ratio,
+                "error": r.error,
+                "attempts": r.attempts,
+                "swapped": r.swapped,
+            }
+        )
     n_ok = sum(1 for r in results if r.ok)
-    return {"object": "score", "sample_id": sample_id, "judge": judge, "results": items,
-            "parsed": n_ok, "failed": len(results) - n_ok}
+    return {
+        "object": "score",
+        "sample_id": sample_id,
+        "judge": judge,
+        "results": items,
+        "parsed": n_ok,
+        "failed": len(results) - n_ok,
+    }
 
 
 def result_from_item(sample_id: str, item: Mapping, judge: str, elapsed_s: float = 0.0) -> JudgeResult:
     """A :class:`JudgeResult` from one entry of a ``/v1/score`` response (client side)."""
     ok = bool(item.get("ok"))
     score = item.get("score") or [None, None]
-    return JudgeResult(sample_id=sample_id, metric=item["metric"], ok=ok,
-                       score_a=float(score[0]) if ok else None, score_b=float(score[1]) if ok else None,
-                       review=item.get("review") or "", error=item.get("error"),
-                       attempts=int(item.get("attempts") or 1), swapped=bool(item.get("swapped")), judge=judge,
-                       elapsed_s=elapsed_s)
+    return JudgeResult(
+        sample_id=sample_id,
+        metric=item["metric"],
+        ok=ok,
+        score_a=float(score[0]) if ok else None,
+        score_b=float(score[1]) if ok else None,
+        review=item.get("review") or "",
+        error=item.get("error"),
+        attempts=int(item.get("attempts") or 1),
+        swapped=bool(item.get("swapped")),
+        judge=judge,
+        elapsed_s=elapsed_s,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ stats
@@ -817,13 +981,17 @@ class BatchStats:
         self.status[status] += 1
 
     def snapshot(self) -> dict:
-        return {"batches": self.batches, "items": self.items,
-                "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
-                "max_batch_size_seen": max(self.hist) if self.hist else 0,
-                "batch_size_hist": {str(k): v for k, v in sorted(self.hist.items())},
-                "generate_s": round(self.generate_s, 3), "requests": self.requests,
-                "status": {str(k): v for k, v in sorted(self.status.items())},
-                "uptime_s": round(time.time() - self.started, 1)}
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
+            "max_batch_size_seen": max(self.hist) if self.hist else 0,
+            "batch_size_hist": {str(k): v for k, v in sorted(self.hist.items())},
+            "generate_s": round(self.generate_s, 3),
+            "requests": self.requests,
+            "status": {str(k): v for k, v in sorted(self.status.items())},
+            "uptime_s": round(time.time() - self.started, 1),
+        }
 
 
 def new_request_id() -> str:

@@ -20,8 +20,18 @@ from typing import Any
 
 from ray import serve
 
-from mmrole.serving import (AgentAppConfig, RequestError, chat_response, decode_image, models_response,
-                            new_request_id, parse_chat, parse_roleplay, roleplay_response, roleplay_sample)
+from mmrole.serving import (
+    AgentAppConfig,
+    RequestError,
+    chat_response,
+    decode_image,
+    models_response,
+    new_request_id,
+    parse_chat,
+    parse_roleplay,
+    roleplay_response,
+    roleplay_sample,
+)
 
 from .common import Engine, Job, Row, ServerBase, common_routes, json_response
 
@@ -46,8 +56,14 @@ def _load_characters(root: str | None):
     return dict(load_dataset(root).characters), tmp
 
 
-@serve.deployment(name="AgentServer", max_ongoing_requests=32, max_queued_requests=64,
-                  ray_actor_options={"num_cpus": 0.5}, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.deployment(
+    name="AgentServer",
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
 class AgentServer(ServerBase):
     """One replica: the base agent (+ LoRA agents on demand), batched decoding."""
 
@@ -76,23 +92,28 @@ class AgentServer(ServerBase):
             return self.engine
         if name in self.cfg.adapters:
             return await self._adapter(name)
-        raise RequestError(404, f"model {name[:80]!r} is not served here; see GET /v1/models", "model",
-                           "model_not_found")
+        raise RequestError(
+            404, f"model {name[:80]!r} is not served here; see GET /v1/models", "model", "model_not_found"
+        )
 
     def routes(self):
-        return {("POST", "/v1/chat/completions"): (self._chat, True),
-                ("POST", "/v1/roleplay"): (self._roleplay, True),
-                ("GET", "/v1/models"): (self._models, True),
-                ("GET", "/v1/characters"): (self._characters, True),
-                **common_routes(self)}
+        return {
+            ("POST", "/v1/chat/completions"): (self._chat, True),
+            ("POST", "/v1/roleplay"): (self._roleplay, True),
+            ("GET", "/v1/models"): (self._models, True),
+            ("GET", "/v1/characters"): (self._characters, True),
+            **common_routes(self),
+        }
 
     async def __call__(self, request) -> Any:
         return await self._dispatch(request)
 
     # -- handlers
-    async def _generate(self, engine: Engine, sample, image_bytes: bytes, image_param: str, params,
-                        text_param: str) -> Row:
+    async def _generate(
+        self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str
+    ) -> Row:
         """Queue one reply; its image is decoded and its prompt encoded on the gen thread, in its batch."""
+
         def prepare() -> dict:
             image = decode_image(image_bytes, self.limits, image_param)
             return engine.encode(sample, image, params, text_param)
@@ -101,8 +122,11 @@ class AgentServer(ServerBase):
 
     @staticmethod
     def _usage(row: Row) -> dict:
-        return {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
-                "total_tokens": row.prompt_tokens + row.completion_tokens}
+        return {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "total_tokens": row.prompt_tokens + row.completion_tokens,
+        }
 
     async def _chat(self, request) -> Any:
         body = await self._read_json(request)
@@ -111,10 +135,12 @@ class AgentServer(ServerBase):
         rid = new_request_id()
         sample = inp.sample(rid, self.template.system)
         row = await self._generate(engine, sample, inp.image, inp.image_param, inp.params, "messages")
-        out = chat_response(rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens,
-                            inp.params.max_new_tokens)
-        return json_response(out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size),
-                                                         "x-request-id": rid}))
+        out = chat_response(
+            rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
+        )
+        return json_response(
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+        )
 
     async def _roleplay(self, request) -> Any:
         body = await self._read_json(request)
@@ -124,16 +150,19 @@ class AgentServer(ServerBase):
         sample = roleplay_sample(inp, self.template, inp.sample_id or rid)
         row = await self._generate(engine, sample, image, "image", params, "message")
         out = roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)
-        return json_response(out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size),
-                                                         "x-request-id": rid}))
+        return json_response(
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+        )
 
     async def _models(self, request) -> Any:
         names = [self.cfg.model_name, *self.cfg.adapters]
         return json_response(models_response(names, self.created), headers=self._headers())
 
     async def _characters(self, request) -> Any:
-        data = [{"name": c.name, "script": c.script, "group": c.group, "kind": c.kind, "language": c.language}
-                for c in self.characters.values()]
+        data = [
+            {"name": c.name, "script": c.script, "group": c.group, "kind": c.kind, "language": c.language}
+            for c in self.characters.values()
+        ]
         return json_response({"object": "list", "data": data}, headers=self._headers())
 
     def __del__(self):

@@ -18,12 +18,23 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Optional
 
-from mmrole.serving import (AppConfig, BatchStats, RequestError, apply_stops, body_too_large, check_bearer,
-                            check_content_length, header_value, params_key, parse_json_object)
+from mmrole.serving import (
+    AppConfig,
+    BatchStats,
+    RequestError,
+    apply_stops,
+    body_too_large,
+    check_bearer,
+    check_content_length,
+    header_value,
+    params_key,
+    parse_json_object,
+)
 
 log = logging.getLogger("mmrole.serve")
 
@@ -56,7 +67,7 @@ class Engine:
         self._tmp_dir = tmp_dir
 
     @classmethod
-    def load(cls, model: dict, name: str, torch_threads: Optional[int] = None) -> "Engine":
+    def load(cls, model: dict, name: str, torch_threads: Optional[int] = None) -> Engine:
         import torch
 
         from mmrole.models import VLMConfig, build_vlm
@@ -82,9 +93,13 @@ class Engine:
         try:
             return self.vlm.encode(sample, image, with_target=False, reserve=reserve)
         except SampleTooLong as e:
-            raise RequestError(400, f"'{param}': the prompt is too long for the model even with the whole history "
-                                    f"dropped ({e.length} tokens with the reply budget > {e.max_length})",
-                               param, "context_length_exceeded")
+            raise RequestError(
+                400,
+                f"'{param}': the prompt is too long for the model even with the whole history "
+                f"dropped ({e.length} tokens with the reply budget > {e.max_length})",
+                param,
+                "context_length_exceeded",
+            )
         except SampleRejected as e:
             raise RequestError(400, f"'{param}': {e.reason}", param, "rejected_input")
 
@@ -172,8 +187,11 @@ class ServerBase:
         except Exception:  # outside a replica (e.g. a unit test of the class)
             self.replica_id, max_ongoing = f"local-{self.pid}", None
         if max_ongoing is not None and max_ongoing < cfg.batching.max_batch_size:
-            log.warning("max_ongoing_requests=%s < max_batch_size=%s: batches will never be full",
-                        max_ongoing, cfg.batching.max_batch_size)
+            log.warning(
+                "max_ongoing_requests=%s < max_batch_size=%s: batches will never be full",
+                max_ongoing,
+                cfg.batching.max_batch_size,
+            )
         self._token = os.environ.get(cfg.api_token_env) or None
         self._gen = ThreadPoolExecutor(1, thread_name_prefix="mmrole-gen")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="mmrole-load")  # adapters load beside serving
@@ -185,8 +203,14 @@ class ServerBase:
         self._batch.set_max_batch_size(cfg.batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._wait_now = cfg.batching.batch_wait_timeout_s
-        log.info("replica %s ready: model %s, batch %d/%.3fs, auth %s", self.replica_id, cfg.model_name,
-                 cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s, "on" if self._token else "off")
+        log.info(
+            "replica %s ready: model %s, batch %d/%.3fs, auth %s",
+            self.replica_id,
+            cfg.model_name,
+            cfg.batching.max_batch_size,
+            cfg.batching.batch_wait_timeout_s,
+            "on" if self._token else "off",
+        )
 
     # -- to override
     def routes(self) -> dict[tuple[str, str], tuple[Handler, bool]]:
@@ -225,9 +249,13 @@ class ServerBase:
                 texts = eng.generate([jobs[i].encoded for i in idx], [jobs[i].params for i in idx])
                 for i, t in zip(idx, texts):
                     enc = jobs[i].encoded
-                    out[i] = Row(text=t, batch_size=len(ready), prompt_tokens=int(len(enc["input_ids"])),
-                                 completion_tokens=min(eng.count_tokens(t), jobs[i].params.max_new_tokens),
-                                 history_dropped=int(enc.get("history_dropped", 0)))
+                    out[i] = Row(
+                        text=t,
+                        batch_size=len(ready),
+                        prompt_tokens=int(len(enc["input_ids"])),
+                        completion_tokens=min(eng.count_tokens(t), jobs[i].params.max_new_tokens),
+                        history_dropped=int(enc.get("history_dropped", 0)),
+                    )
             return out, len(ready)
 
         try:
@@ -281,7 +309,7 @@ class ServerBase:
         path = request.scope.get("path", "/")
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         path = path.rstrip("/") or "/"
         routes = self.routes()
         route = routes.get((request.method, path))
@@ -294,13 +322,19 @@ class ServerBase:
                 return json_response({"status": "ok", "replica": self.replica_id}, headers=self._headers())
             if route is None:
                 if any(p == path for _, p in routes):
-                    raise RequestError(405, f"method {request.method} not allowed on {path}", None,
-                                       "method_not_allowed")
+                    raise RequestError(
+                        405, f"method {request.method} not allowed on {path}", None, "method_not_allowed"
+                    )
                 raise RequestError(404, f"no route {path}; see GET /v1/models", None, "not_found")
             handler, needs_auth = route
             if needs_auth and not check_bearer(request.headers.get("authorization"), self._token):
-                raise RequestError(401, "missing or invalid bearer token (Authorization: Bearer <token>)", None,
-                                   "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+                raise RequestError(
+                    401,
+                    "missing or invalid bearer token (Authorization: Bearer <token>)",
+                    None,
+                    "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             counted = path != "/v1/stats"
             self._ongoing += counted
             try:
@@ -316,16 +350,31 @@ class ServerBase:
             self.stats.record_status(500)
             log.exception("request failed")
             status = 503 if self._fatal else 500
-            return json_response({"error": {"message": f"internal error ({type(e).__name__})",
-                                            "type": "server_error", "param": None, "code": "internal_error"}},
-                                 status, self._headers())
+            return json_response(
+                {
+                    "error": {
+                        "message": f"internal error ({type(e).__name__})",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "internal_error",
+                    }
+                },
+                status,
+                self._headers(),
+            )
 
     async def _stats(self, request) -> Any:
-        body = {"replica": self.replica_id, "pid": self.pid, "model": self.cfg.model_name,
-                "max_batch_size": self.cfg.batching.max_batch_size,
-                "batch_wait_timeout_s": self.cfg.batching.batch_wait_timeout_s,
-                "rss_bytes": rss_bytes(), "auth": bool(self._token), "ongoing": self._ongoing,
-                **self.stats.snapshot()}
+        body = {
+            "replica": self.replica_id,
+            "pid": self.pid,
+            "model": self.cfg.model_name,
+            "max_batch_size": self.cfg.batching.max_batch_size,
+            "batch_wait_timeout_s": self.cfg.batching.batch_wait_timeout_s,
+            "rss_bytes": rss_bytes(),
+            "auth": bool(self._token),
+            "ongoing": self._ongoing,
+            **self.stats.snapshot(),
+        }
         return json_response(body, headers=self._headers())
 
     # -- Serve hooks

@@ -28,8 +28,14 @@ from .agent_app import _load_characters
 from .common import Job, ServerBase, common_routes, json_response
 
 
-@serve.deployment(name="JudgeServer", max_ongoing_requests=16, max_queued_requests=32,
-                  ray_actor_options={"num_cpus": 0.5}, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.deployment(
+    name="JudgeServer",
+    max_ongoing_requests=16,
+    max_queued_requests=32,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
 class JudgeServer(ServerBase):
     """One replica of the reward model; (sample, metric) judge calls of all requests are batched together."""
 
@@ -48,10 +54,12 @@ class JudgeServer(ServerBase):
         return await self._run_batch(jobs)
 
     def routes(self):
-        return {("POST", "/v1/score"): (self._score, True),
-                ("GET", "/v1/models"): (self._models, True),
-                ("GET", "/v1/metrics"): (self._metrics, True),
-                **common_routes(self)}
+        return {
+            ("POST", "/v1/score"): (self._score, True),
+            ("GET", "/v1/models"): (self._models, True),
+            ("GET", "/v1/metrics"): (self._metrics, True),
+            **common_routes(self),
+        }
 
     async def __call__(self, request) -> Any:
         return await self._dispatch(request)
@@ -75,8 +83,9 @@ class JudgeServer(ServerBase):
             return cache["image"]
 
         def prepare_for(req):
-            return lambda: self.engine.encode(build_judge_sample(req, self.judge_template), image(), self.defaults,
-                                              "question")
+            return lambda: self.engine.encode(
+                build_judge_sample(req, self.judge_template), image(), self.defaults, "question"
+            )
 
         # One job per metric; a re-ask reuses the job's encoded prompt with sampling params.
         jobs = [Job(self.engine, prepare_for(r), self.defaults) for r in inp.requests]

@@ -53,8 +53,10 @@ def tiny_models(tmp_path_factory) -> dict:
     from mmrole.models import make_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {"agent": str(make_tiny_vlm(root / "agent", family="qwen2_5_vl", seed=0)),
-            "judge": str(make_tiny_vlm(root / "judge", family="qwen2_vl", seed=1))}
+    return {
+        "agent": str(make_tiny_vlm(root / "agent", family="qwen2_5_vl", seed=0)),
+        "judge": str(make_tiny_vlm(root / "judge", family="qwen2_vl", seed=1)),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def _rel(p: Path) -> str:
     return p.relative_to(REPO).as_posix()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _docs(path: Path) -> tuple:
     return tuple(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
 
@@ -376,10 +376,10 @@ def test_secret_example_placeholders_and_matching_names():
             assert _is_placeholder(base64.b64decode(v).decode()), f"{d['metadata']['name']}.{k}"
             provided.add((d["metadata"]["name"], k))
     # Only the example may define Secrets; everything referenced must be defined there.
-    for p, d in _kinds("Secret"):
+    for p, _d in _kinds("Secret"):
         assert p == example, f"{_rel(p)} defines a Secret; keep real Secrets out of the repo"
     referenced = set()
-    for p, d in _k8s_docs():
+    for _p, d in _k8s_docs():
         for path, v in _walk(d):
             if path and path[-1] == "secretKeyRef":
                 referenced.add((v["name"], v["key"]))
@@ -394,7 +394,7 @@ def test_secret_example_placeholders_and_matching_names():
 def test_rayjob_runs_train_agent():
     jobs = _kinds("RayJob")
     assert jobs
-    for p, d in jobs:
+    for _p, d in jobs:
         spec = d["spec"]
         argv = shlex.split(spec["entrypoint"])
         assert argv[:2] == ["python", "jobs/train_agent.py"], argv
@@ -457,7 +457,7 @@ def test_serve_config_apps():
                     assert 0 < asc["target_ongoing_requests"] <= mor, f"{where}: target_ongoing_requests"
                 assert (dep.get("ray_actor_options") or {}).get("num_gpus") == 1, f"{where}: num_gpus"
         # No secrets smuggled into the Serve config (e.g. runtime_env.env_vars): pods/nodes set them.
-        for path, v in _walk(cfg):
+        for path, _v in _walk(cfg):
             in_env = any(k in ("env_vars", "env") for k in path[:-1])
             if in_env and isinstance(path[-1], str) and SECRETISH_ENV.search(path[-1]):
                 pytest.fail(f"{where_cfg} sets {'.'.join(map(str, path))}; use the node/pod environment")
@@ -476,7 +476,7 @@ def _max_gpu_demand(cfg) -> float:
 def test_rayservice_capacity_and_api_token():
     services = _kinds("RayService")
     assert services
-    for p, d in services:
+    for _p, d in services:
         spec = d["spec"]["rayClusterConfig"]
         # The worker groups can grow to the apps' maxima ...
         capacity = sum(_gpus(g) * g["maxReplicas"] for g in spec.get("workerGroupSpecs") or [])
@@ -609,7 +609,7 @@ def test_secret_scanner_catches_fakes():
         "export RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token",
         "judge.model.model_path=/mnt/shared/mmrole/rm-7b/final_model eval_dir=/mnt/shared/mmrole/eval",
         "image: registry.example.com/mmrole@sha256:" + raw[0].hex(),
-        "kubectl create secret generic mmrole-api-token --from-literal=token=\"$(openssl rand -hex 32)\"",
+        'kubectl create secret generic mmrole-api-token --from-literal=token="$(openssl rand -hex 32)"',
     ]
     for b in benign:
         assert not find_secrets(b), b

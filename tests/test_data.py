@@ -22,8 +22,16 @@ from mmrole.data.templates import TemplateError, load_roleplay_template
 from mmrole.data.validate import validate
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SAMPLE_ROLES = {"Albus Dumbledore", "Hermione Granger", "Iron Man", "Chandler Bing", "Leonardo da Vinci",
-                "Aisha Al-Farsi", "Liam Johnson", "Buzz Lightyear"}
+SAMPLE_ROLES = {
+    "Albus Dumbledore",
+    "Hermione Granger",
+    "Iron Man",
+    "Chandler Bing",
+    "Leonardo da Vinci",
+    "Aisha Al-Farsi",
+    "Liam Johnson",
+    "Buzz Lightyear",
+}
 
 
 # ---- the real slice -------------------------------------------------------------------------------
@@ -102,7 +110,14 @@ def test_paper_template_reproduces_published_test_samples(sample_dir):
             s = rendered[ts.id]
             compared += 1
             assert (s.user_text, s.target, s.system, s.role, s.other_role, s.script, s.image) == (
-                ts.user_text, ts.target, ts.system, ts.role, ts.other_role, ts.script, ts.image), ts.id
+                ts.user_text,
+                ts.target,
+                ts.system,
+                ts.role,
+                ts.other_role,
+                ts.script,
+                ts.image,
+            ), ts.id
     assert compared == 21  # every test sample drawn from the 8 roles' dialogues
 
 
@@ -144,11 +159,15 @@ def test_demo_layout_and_validate(demo_root):
     assert rep.ok(), [str(p) for p in rep.errors]
     c = rep.counts
     assert c["characters"] >= 6 and c["characters_by_language"]["Chinese"] == 1
-    assert set(c["characters_by_group_kind"]) >= {"in-distribution/fictional", "in-distribution/hypothetical",
-                                                  "in-distribution/historical-or-public",
-                                                  "out-of-distribution/fictional"}
-    assert set(c["dialogues"]) == {f"{g}/{t}" for g in ("in-distribution", "out-of-distribution")
-                                   for t in ("comment", "human-role", "inter-role")}
+    assert set(c["characters_by_group_kind"]) >= {
+        "in-distribution/fictional",
+        "in-distribution/hypothetical",
+        "in-distribution/historical-or-public",
+        "out-of-distribution/fictional",
+    }
+    assert set(c["dialogues"]) == {
+        f"{g}/{t}" for g in ("in-distribution", "out-of-distribution") for t in ("comment", "human-role", "inter-role")
+    }
     assert c["test_samples_total"] > 0 and c["images_checked"] == c["images_referenced"]
     # quirks are reported as warnings, with file and id
     assert {p.code for p in rep.warnings} == {"unanswered", "empty_dialogue"}

@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo(out: Path, *extra: str) -> str:
-    r = subprocess.run([sys.executable, "jobs/run_demo.py", "--out", str(out), "--until", "prepare", *extra],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "jobs/run_demo.py", "--out", str(out), "--until", "prepare", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 from mmrole.eval.aggregate import ALL, ScoreRow, position_bias, rows_from_reviews, summarize
 from mmrole.eval.contract import JudgeResult
 from mmrole.eval.formats import format_results_csv, load_reviews_file, read_results_csv
 from mmrole.eval.metrics import DIMENSIONS, METRICS
 from mmrole.eval.report import build_report, discover
-from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # The published overall scores (README of the sample; mean of the 8 metric means over all 294 test samples).
 PUBLISHED_OVERALL = {"mmrole-agent": 0.994, "gpt-4-turbo": 1.099, "qwen-vl-chat": 0.843}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +90,13 @@ def _rows(spec):
 
 
 def test_failures_are_excluded_and_counted_never_zero():
-    rows = _rows([("in-test", "comment", "a", "R", {"Fluency": 0.5}),
-                  ("in-test", "comment", "b", "R", {"Fluency": None}),
-                  ("in-test", "comment", "c", "R", {"Fluency": 1.5})])
+    rows = _rows(
+        [
+            ("in-test", "comment", "a", "R", {"Fluency": 0.5}),
+            ("in-test", "comment", "b", "R", {"Fluency": None}),
+            ("in-test", "comment", "c", "R", {"Fluency": 1.5}),
+        ]
+    )
     (g,) = summarize(rows)
     assert g.metrics["Fluency"].mean == 1.0  # (0.5 + 1.5) / 2, not (0.5 + 0 + 1.5) / 3
     assert g.metrics["Fluency"].n == 2 and g.metrics["Fluency"].n_failed == 1
@@ -114,8 +116,11 @@ def test_bootstrap_is_seeded_and_stratified():
     import random
 
     rnd = random.Random(1)
-    spec = [("in-test", t, f"{t}{i}", "R", {m: rnd.uniform(0.5, 1.5) for m in METRICS})
-            for t in ("comment", "human-role") for i in range(30)]
+    spec = [
+        ("in-test", t, f"{t}{i}", "R", {m: rnd.uniform(0.5, 1.5) for m in METRICS})
+        for t in ("comment", "human-role")
+        for i in range(30)
+    ]
     rows = _rows(spec)
     a = summarize(rows, bootstrap=300, seed=7)[0]
     b = summarize(rows, bootstrap=300, seed=7)[0]
@@ -140,8 +145,11 @@ def _res(sid, metric, a, b, swapped=False):
 
 
 def test_position_bias_reports_difference_and_flips():
-    orig = {("s1", "Fluency"): _res("s1", "Fluency", 8, 8), ("s2", "Fluency"): _res("s2", "Fluency", 9, 6),
-            ("s3", "Fluency"): _res("s3", "Fluency", 5, 10)}
+    orig = {
+        ("s1", "Fluency"): _res("s1", "Fluency", 8, 8),
+        ("s2", "Fluency"): _res("s2", "Fluency", 9, 6),
+        ("s3", "Fluency"): _res("s3", "Fluency", 5, 10),
+    }
     swap = {("s1", "Fluency"): _res("s1", "Fluency", 6, 8, True), ("s2", "Fluency"): _res("s2", "Fluency", 9, 6, True)}
     bias = position_bias(orig, swap)
     b = bias["Fluency"]

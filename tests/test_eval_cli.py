@@ -9,15 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 from mmrole.cli import main
 from mmrole.eval.metrics import METRICS
-from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_OVERALL = {"mmrole-agent": 0.994, "gpt-4-turbo": 1.099, "qwen-vl-chat": 0.843}
-
-
 
 
 def test_report_on_sample_writes_tables_csv_json_plots(tmp_path, capsys):
@@ -36,8 +34,9 @@ def test_report_on_sample_writes_tables_csv_json_plots(tmp_path, capsys):
         assert (out / p.relative_to(eval_dir)).read_bytes() == p.read_bytes()
     with open(out / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["model"], r["set"]) for r in rows} == {(m, s) for m in PUBLISHED_OVERALL
-                                                     for s in ("all", "in-test", "out-test")}
+    assert {(r["model"], r["set"]) for r in rows} == {
+        (m, s) for m in PUBLISHED_OVERALL for s in ("all", "in-test", "out-test")
+    }
     for r in rows:
         if r["set"] == "all":
             assert abs(float(r["Overall"]) - PUBLISHED_OVERALL[r["model"]]) <= 0.001
@@ -97,7 +96,7 @@ def test_score_command_end_to_end_with_resume(tmp_path, capsys, monkeypatch):
     dst = d / "out-test_answers" / "agent" / "comment_test.json"
     dst.parent.mkdir(parents=True)
     recs = json.loads((eval_dir / "out-test_answers" / "mmrole-agent" / "comment_test.json").read_text())[:2]
-    for i, r in enumerate(recs):  # tag the question so the fake server can tell the samples apart
+    for _i, r in enumerate(recs):  # tag the question so the fake server can tell the samples apart
         r["conversations"][0]["value"] += f"\nQUESTION-{r['id']}\n"
     dst.write_text(json.dumps(recs))
     images = tmp_path / "images"
@@ -106,8 +105,23 @@ def test_score_command_end_to_end_with_resume(tmp_path, capsys, monkeypatch):
         Image.new("RGB", (8, 8)).save(images / r["image"], format="JPEG")
     monkeypatch.setenv("MY_KEY", "k")
     with FakeOpenAI(OK) as srv:
-        args = ["eval", "score", str(d), "--model", "agent", "--judge-model", "j", "--base-url", srv.url,
-                "--api-key-env", "MY_KEY", "--images-root", str(images), "--metrics", "Fluency,Coherency"]
+        args = [
+            "eval",
+            "score",
+            str(d),
+            "--model",
+            "agent",
+            "--judge-model",
+            "j",
+            "--base-url",
+            srv.url,
+            "--api-key-env",
+            "MY_KEY",
+            "--images-root",
+            str(images),
+            "--metrics",
+            "Fluency,Coherency",
+        ]
         assert main(args) == 0
         first = json.loads(capsys.readouterr().out)
         assert first["scoring"]["n_scored"] == 4 and first["audit"]["complete"]

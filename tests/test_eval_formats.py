@@ -6,21 +6,37 @@ import json
 import os
 
 import pytest
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 from mmrole.data.records import Sample
 from mmrole.eval.contract import JudgeResult, build_judge_sample, expand_requests, result_from_reply, rm_training_sample
-from mmrole.eval.formats import (EvalDataError, answer_record_dict, load_answers_file, load_reviews_file,
-                                 read_results_csv, write_answers_file, write_results_csv, write_reviews_file)
+from mmrole.eval.formats import (
+    EvalDataError,
+    answer_record_dict,
+    load_answers_file,
+    load_reviews_file,
+    read_results_csv,
+    write_answers_file,
+    write_results_csv,
+    write_reviews_file,
+)
 from mmrole.eval.metrics import METRICS
 from mmrole.eval.template import JudgeTemplateError, load_judge_template
-from sample_data import sample_eval_dir as _sample_eval_dir
 
 
 def _rec(i, answer="my answer", **kw):
-    r = {"id": f"R_comment_COCO_{i}", "system": "sys", "image": f"COCO/{i}.jpg",
-         "conversations": [{"from": "user", "value": f"question {i}"},
-                           {"from": "assistant", "value": f"truth {i}", "answer": answer}],
-         "role": "Iron Man", "script": "The Avengers", "other_role": "a curious human"}
+    r = {
+        "id": f"R_comment_COCO_{i}",
+        "system": "sys",
+        "image": f"COCO/{i}.jpg",
+        "conversations": [
+            {"from": "user", "value": f"question {i}"},
+            {"from": "assistant", "value": f"truth {i}", "answer": answer},
+        ],
+        "role": "Iron Man",
+        "script": "The Avengers",
+        "other_role": "a curious human",
+    }
     r.update(kw)
     return r
 
@@ -67,8 +83,14 @@ def test_bad_records_are_rejected_with_reasons_or_raise_in_strict_mode(tmp_path)
 def test_reviews_failures_are_entries_not_rejects(tmp_path):
     good = {m: {"review": "ok [Scores]: (8, 8)", "score": [8.0, 8.0]} for m in METRICS}
     r1 = _rec(1, rm_review=dict(good))
-    r2 = _rec(2, rm_review={**good, "Fluency": {"review": "garbled", "score": None, "error": "unparsable"},
-                            "Coherency": {"review": "x", "score": [7, 0]}})
+    r2 = _rec(
+        2,
+        rm_review={
+            **good,
+            "Fluency": {"review": "garbled", "score": None, "error": "unparsable"},
+            "Coherency": {"review": "x", "score": [7, 0]},
+        },
+    )
     r3 = _rec(3, rm_review={k: v for k, v in good.items() if k != "Tone Consistency"} | {"Extra": {}})
     r4 = _rec(4)  # no rm_review at all
     p = _write(tmp_path / "comment_test.json", [r1, r2, r3, r4])
@@ -83,20 +105,35 @@ def test_reviews_failures_are_entries_not_rejects(tmp_path):
 
 
 def test_answers_and_reviews_round_trip(tmp_path):
-    s = Sample(id="X_human-role-dialogue_COCO_1_2", system="sys", user_text="the whole question", image="a.jpg",
-               target="ground truth", role="Hermione Granger", other_role="a curious human", script="Harry Potter",
-               dialogue_type="human-role", k=2)
+    s = Sample(
+        id="X_human-role-dialogue_COCO_1_2",
+        system="sys",
+        user_text="the whole question",
+        image="a.jpg",
+        target="ground truth",
+        role="Hermione Granger",
+        other_role="a curious human",
+        script="Harry Potter",
+        dialogue_type="human-role",
+        k=2,
+    )
     p = tmp_path / "in-test_answers" / "m" / "human-role_test.json"
     write_answers_file(p, [answer_record_dict(s, "model says hi")])
     text = p.read_text(encoding="utf-8")
     assert text.startswith('[\n    {\n        "id"')  # indent 4 like the published files
     (a,), st = load_answers_file(p, set_name="in-test", dialogue_type="human-role")
-    assert (a.question, a.reference, a.answer, a.role) == ("the whole question", "ground truth", "model says hi",
-                                                           "Hermione Granger")
+    assert (a.question, a.reference, a.answer, a.role) == (
+        "the whole question",
+        "ground truth",
+        "model says hi",
+        "Hermione Granger",
+    )
     results = {}
     for i, m in enumerate(METRICS):
         if m == "Fluency":
-            results[(a.id, m)] = JudgeResult(a.id, m, False, review="??", error="unparsable after 3 replies", attempts=3)
+            results[(a.id, m)] = JudgeResult(
+                a.id, m, False, review="??", error="unparsable after 3 replies", attempts=3
+            )
         else:
             results[(a.id, m)] = JudgeResult(a.id, m, True, float(i + 1), 8.0, review=f"r [Scores]: ({i + 1}, 8)")
     rp = tmp_path / "in-test_reviews" / "m" / "human-role_test.json"
@@ -104,8 +141,12 @@ def test_answers_and_reviews_round_trip(tmp_path):
     raw = json.loads(rp.read_text(encoding="utf-8"))[0]
     assert list(raw["rm_review"]) == list(METRICS)
     assert raw["conversations"][1]["answer"] == "model says hi"
-    assert raw["rm_review"]["Fluency"] == {"review": "??", "score": None, "error": "unparsable after 3 replies",
-                                          "attempts": 3}
+    assert raw["rm_review"]["Fluency"] == {
+        "review": "??",
+        "score": None,
+        "error": "unparsable after 3 replies",
+        "attempts": 3,
+    }
     (rr,), _ = load_reviews_file(rp)
     assert rr.reviews["Fluency"].score is None
     assert rr.reviews["Coherency"].score == (3.0, 8.0)
@@ -173,8 +214,11 @@ def test_judge_template_validation(tmp_path, monkeypatch):
         load_judge_template(p)
     import yaml
 
-    good = {"system": "s", "prompt": "{question}|{answer_a}|{answer_b}|{metric_description}|{bogus}",
-            "metrics": {m: "d" for m in METRICS}}
+    good = {
+        "system": "s",
+        "prompt": "{question}|{answer_a}|{answer_b}|{metric_description}|{bogus}",
+        "metrics": {m: "d" for m in METRICS},
+    }
     p.write_text(yaml.safe_dump(good))
     with pytest.raises(JudgeTemplateError, match="unknown placeholder"):
         load_judge_template(p)
@@ -183,8 +227,6 @@ def test_judge_template_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("MMROLE_JUDGE_TEMPLATE", str(p))
     t2 = load_judge_template()
     assert t2.render(question="q", answer_a="a", answer_b="b", metric="Fluency") == "q|a|b|d"
-
-
 
 
 def test_published_answers_expand_and_our_reviews_writer_matches_published_bytes(tmp_path):
@@ -200,8 +242,11 @@ def test_published_answers_expand_and_our_reviews_writer_matches_published_bytes
     for set_name, dtype in (("in-test", "inter-role"), ("out-test", "comment")):
         published = eval_dir / f"{set_name}_reviews" / "gpt-4-turbo" / f"{dtype}_test.json"
         recs, _ = load_reviews_file(published)
-        results = {(r.id, m): JudgeResult(r.id, m, True, e.score[0], e.score[1], review=e.review)
-                   for r in recs for m, e in r.reviews.items()}
+        results = {
+            (r.id, m): JudgeResult(r.id, m, True, e.score[0], e.score[1], review=e.review)
+            for r in recs
+            for m, e in r.reviews.items()
+        }
         mine = [a for a in answers if (a.set_name, a.dialogue_type) == (set_name, dtype)]
         out = tmp_path / f"{set_name}_{dtype}.json"
         write_reviews_file(out, mine, results)

@@ -17,9 +17,20 @@ POOL = ["pool.concurrency=[2]", "pool.num_cpus=0.5", "pool.batch_size=4"]
 
 
 def _generate_cfg(tiny_models, demo_prepared, out, *extra):
-    return load_job_config(GenerateJobConfig, None, [
-        "model_name=tiny-agent", f"agent.model_path={tiny_models['agent']}", f"data={demo_prepared}",
-        f"out={out}", "generation.max_new_tokens=6", "generation.min_new_tokens=2", *POOL, *extra])
+    return load_job_config(
+        GenerateJobConfig,
+        None,
+        [
+            "model_name=tiny-agent",
+            f"agent.model_path={tiny_models['agent']}",
+            f"data={demo_prepared}",
+            f"out={out}",
+            "generation.max_new_tokens=6",
+            "generation.min_new_tokens=2",
+            *POOL,
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.ray
@@ -43,17 +54,26 @@ def test_answer_then_score_resumes_exactly_once(ray_local, tiny_models, demo_pre
     assert set(written) == test_ids and len(list(out.glob("*-test_answers/tiny-agent/*.json"))) == 6
     assert all("answer" in r["conversations"][1] for r in written.values())
 
-    score = load_job_config(ScoreJobConfig, None, [
-        f"eval_dir={out}", "model_name=tiny-agent", f"images_root={demo_root / 'images'}",
-        f"judge.model.model_path={tiny_models['judge']}", "judge.generation.max_new_tokens=8",
-        "judge.max_retries=1", *POOL, "pool.batch_size=8"])
+    score = load_job_config(
+        ScoreJobConfig,
+        None,
+        [
+            f"eval_dir={out}",
+            "model_name=tiny-agent",
+            f"images_root={demo_root / 'images'}",
+            f"judge.model.model_path={tiny_models['judge']}",
+            "judge.generation.max_new_tokens=8",
+            "judge.max_retries=1",
+            *POOL,
+            "pool.batch_size=8",
+        ],
+    )
     n = len(test_ids) * len(METRICS)
     part = run_score(score, stop_after=16)
     assert part["stopped"] and part["scored"] < n
     done = run_score(score)
     assert done["requests"] == n and done["scored_now"] == n - part["scored"]
-    audit = ResultsStore(out / "judge_results" / "tiny-agent.jsonl").audit(
-        {(i, m) for i in test_ids for m in METRICS})
+    audit = ResultsStore(out / "judge_results" / "tiny-agent.jsonl").audit({(i, m) for i in test_ids for m in METRICS})
     assert audit.complete and audit.n_lines == audit.n_keys == n  # every (id, metric) exactly once
     # A random-weight judge writes no score pair: recorded as failures with raw text, never as zeros.
     results = ResultsStore(out / "judge_results" / "tiny-agent.jsonl").load()
@@ -84,8 +104,15 @@ class HashJudgeServer:
                     fake.calls += 1
                 threading.Event().wait(delay_s)
                 content = f"Compared. [Scores]: ({1 + h % 10}, {1 + (h // 10) % 10})"
-                data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).encode()
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -112,12 +139,27 @@ def _published_answers(sample_dir, out, model="gpt-4-turbo"):
 
 
 def _api_score_cfg(out, images, url, model="gpt-4-turbo", *extra):
-    return load_job_config(ScoreJobConfig, None, [
-        f"eval_dir={out}", f"model_name={model}", f"images_root={images}", "judge.kind=openai",
-        "judge.openai.model=fake", f"judge.openai.base_url={url}", "judge.openai.api_key_env=null",
-        "judge.openai.require_api_key=false", "judge.openai.max_concurrency=4", "judge.openai.timeout_s=20",
-        "pool.concurrency=[2]", "pool.num_cpus=1", "pool.batch_size=16",
-        "bootstrap=0", *extra])
+    return load_job_config(
+        ScoreJobConfig,
+        None,
+        [
+            f"eval_dir={out}",
+            f"model_name={model}",
+            f"images_root={images}",
+            "judge.kind=openai",
+            "judge.openai.model=fake",
+            f"judge.openai.base_url={url}",
+            "judge.openai.api_key_env=null",
+            "judge.openai.require_api_key=false",
+            "judge.openai.max_concurrency=4",
+            "judge.openai.timeout_s=20",
+            "pool.concurrency=[2]",
+            "pool.num_cpus=1",
+            "pool.batch_size=16",
+            "bootstrap=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture()
@@ -174,8 +216,10 @@ def test_elastic_scoring_survives_node_loss(sample_dir, stand_in_images, tmp_pat
         assert events, "the node was never removed (run finished too fast)"
         n = 294 * len(METRICS)
         assert summary["requests"] == n
-        keys = {(json.loads(x)["sample_id"], json.loads(x)["metric"])
-                for x in (churn / "judge_results" / "gpt-4-turbo.jsonl").read_text().splitlines()}
+        keys = {
+            (json.loads(x)["sample_id"], json.loads(x)["metric"])
+            for x in (churn / "judge_results" / "gpt-4-turbo.jsonl").read_text().splitlines()
+        }
         audit = ResultsStore(churn / "judge_results" / "gpt-4-turbo.jsonl").audit(keys)
         assert audit.complete and audit.n_lines == audit.n_keys == n
         a, b = build_report(calm, bootstrap=0), build_report(churn, bootstrap=0)
@@ -196,8 +240,9 @@ def test_generate_configs_load(name):
     assert cfg.pool.concurrency_arg() and cfg.agent.model_path
 
 
-@pytest.mark.parametrize("name,kind", [("score_local.yaml", "local"), ("score_openai.yaml", "openai"),
-                                       ("score_serve.yaml", "serve")])
+@pytest.mark.parametrize(
+    "name,kind", [("score_local.yaml", "local"), ("score_openai.yaml", "openai"), ("score_serve.yaml", "serve")]
+)
 def test_score_configs_load(name, kind):
     from pathlib import Path
 

@@ -86,8 +86,11 @@ class FakeOpenAI:
 
 
 def reply(text):
-    return {"id": "x", "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+    }
 
 
 OK = lambda body, key, n: (200, {}, reply(f"Fine. [Scores]: ({7 + n % 3}, 8)"), 0.0)  # noqa: E731
@@ -105,16 +108,35 @@ def images(tmp_path):
 
 
 def _answers(n=2):
-    return [AnswerRecord(id=f"s{i}", question=f"Talk about it.\nQUESTION-s{i}\n", reference=f"truth {i}",
-                         answer=f"answer {i}", image=f"COCO/{i % 3}.png", role="Iron Man",
-                         other_role="a curious human", set_name="in-test", dialogue_type="comment")
-            for i in range(n)]
+    return [
+        AnswerRecord(
+            id=f"s{i}",
+            question=f"Talk about it.\nQUESTION-s{i}\n",
+            reference=f"truth {i}",
+            answer=f"answer {i}",
+            image=f"COCO/{i % 3}.png",
+            role="Iron Man",
+            other_role="a curious human",
+            set_name="in-test",
+            dialogue_type="comment",
+        )
+        for i in range(n)
+    ]
 
 
 def _cfg(url, images, **kw):
-    base = dict(model="judge-x", base_url=url, api_key_env="MMROLE_TEST_JUDGE_KEY", images_root=str(images),
-                max_concurrency=4, timeout_s=5.0, max_http_retries=3, backoff_initial_s=0.01, backoff_max_s=0.05,
-                max_retries=2)
+    base = dict(
+        model="judge-x",
+        base_url=url,
+        api_key_env="MMROLE_TEST_JUDGE_KEY",
+        images_root=str(images),
+        max_concurrency=4,
+        timeout_s=5.0,
+        max_http_retries=3,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        max_retries=2,
+    )
     base.update(kw)
     return OpenAIJudgeConfig(**base)
 
@@ -140,8 +162,9 @@ def test_scores_with_image_data_url_and_bounded_concurrency(images):
     body = srv.bodies[0]
     assert body["model"] == "judge-x" and body["temperature"] == 0.0
     assert body["messages"][0]["role"] == "system"
-    url = next(b for b in srv.bodies if "QUESTION-s1" in b["messages"][1]["content"][1]["text"])[
-        "messages"][1]["content"][0]["image_url"]["url"]
+    url = next(b for b in srv.bodies if "QUESTION-s1" in b["messages"][1]["content"][1]["text"])["messages"][1][
+        "content"
+    ][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == (images / "COCO" / "1.png").read_bytes()
     text = body["messages"][1]["content"][1]["text"]

@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from sample_data import sample_eval_dir as _sample_eval_dir
 
 from mmrole.eval.metrics import METRICS
 from mmrole.eval.parse import ScoreParseError, check_pair, parse_scores, try_parse_scores
-from sample_data import sample_eval_dir as _sample_eval_dir
 
 REPO = Path(__file__).resolve().parents[1]
-
-
 
 
 def test_every_published_review_parses_to_its_stored_score():
@@ -36,43 +34,49 @@ def test_every_published_review_parses_to_its_stored_score():
     assert keys == set(METRICS)  # our metric keys are the published ones, exactly
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Both are good. [Scores]: (8, 9)", (8, 9)),
-    ("Both are good. [Scores]: 10, 10", (10, 10)),  # no parentheses (2 published reviews do this)
-    ("**[Scores]:** (7.5, 9)", (7.5, 9)),  # decimals, markdown
-    ("[Scores]**: 6 and 7", (6, 7)),
-    ("[Scores]: (8/10, 9/10)", (8, 9)),
-    ("[Scores]: (Model A: 8, Model B: 9)", (8, 9)),
-    ("[Score]: [4; 6]", (4, 6)),
-    ("[Scores]: (7, 9). Model B is slightly better overall.", (7, 9)),  # extra text after the pair
-    ("Model A: 7\nModel B: 9", (7, 9)),
-    ("Model A's score: 7. Model B's score - 9/10", (7, 9)),
-    ("Assistant A = 3, Assistant B = 5", (3, 5)),
-    ("A is weaker here.\n(6, 8)", (6, 8)),  # a bare pair on the last line
-    ("[分数] ignored. [Scores]：（7，8）", (7, 8)),  # full-width punctuation
-    ("Scores: 5 vs 6", (5, 6)),
-    ("[Scores]: (9, 9)\n\nFormat: [Scores]: (score of Model A, score of Model B)", (9, 9)),  # echoed format
-    ("[Scores]: (3, 4) earlier draft ... [Scores]: (7, 9)", (7, 9)),  # the last pair wins
-    ("[Scores]: (7, 9) even though the scores 3 and 4 came up", (7, 9)),  # bracketed marker beats the word
-    ("[Scores]: (0, 5)", (0, 5)),  # A = 0 is a legal (terrible) score
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Both are good. [Scores]: (8, 9)", (8, 9)),
+        ("Both are good. [Scores]: 10, 10", (10, 10)),  # no parentheses (2 published reviews do this)
+        ("**[Scores]:** (7.5, 9)", (7.5, 9)),  # decimals, markdown
+        ("[Scores]**: 6 and 7", (6, 7)),
+        ("[Scores]: (8/10, 9/10)", (8, 9)),
+        ("[Scores]: (Model A: 8, Model B: 9)", (8, 9)),
+        ("[Score]: [4; 6]", (4, 6)),
+        ("[Scores]: (7, 9). Model B is slightly better overall.", (7, 9)),  # extra text after the pair
+        ("Model A: 7\nModel B: 9", (7, 9)),
+        ("Model A's score: 7. Model B's score - 9/10", (7, 9)),
+        ("Assistant A = 3, Assistant B = 5", (3, 5)),
+        ("A is weaker here.\n(6, 8)", (6, 8)),  # a bare pair on the last line
+        ("[分数] ignored. [Scores]：（7，8）", (7, 8)),  # full-width punctuation
+        ("Scores: 5 vs 6", (5, 6)),
+        ("[Scores]: (9, 9)\n\nFormat: [Scores]: (score of Model A, score of Model B)", (9, 9)),  # echoed format
+        ("[Scores]: (3, 4) earlier draft ... [Scores]: (7, 9)", (7, 9)),  # the last pair wins
+        ("[Scores]: (7, 9) even though the scores 3 and 4 came up", (7, 9)),  # bracketed marker beats the word
+        ("[Scores]: (0, 5)", (0, 5)),  # A = 0 is a legal (terrible) score
+    ],
+)
 def test_accepted_forms(text, expected):
     assert parse_scores(text) == tuple(float(x) for x in expected)
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("", "empty"),
-    ("   \n", "empty"),
-    ("Model A is better than Model B.", "no score pair"),
-    ("[Scores]: (A, B)", "no score pair"),
-    ("[Scores]: (score of Model A, score of Model B)", "no score pair"),
-    ("[Scores]: (8)", "no score pair"),
-    ("dss sdf 8 9 sdfsdf", "no score pair"),
-    ("[Scores]: (8, 0)", "B is 0"),
-    ("[Scores]: (11, 3)", "outside"),
-    ("[Scores]: (-2, 3)", "outside"),
-    ("[Scores]: (7, 12.5)", "outside"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("Model A is better than Model B.", "no score pair"),
+        ("[Scores]: (A, B)", "no score pair"),
+        ("[Scores]: (score of Model A, score of Model B)", "no score pair"),
+        ("[Scores]: (8)", "no score pair"),
+        ("dss sdf 8 9 sdfsdf", "no score pair"),
+        ("[Scores]: (8, 0)", "B is 0"),
+        ("[Scores]: (11, 3)", "outside"),
+        ("[Scores]: (-2, 3)", "outside"),
+        ("[Scores]: (7, 12.5)", "outside"),
+    ],
+)
 def test_rejected_replies(text, reason):
     with pytest.raises(ScoreParseError) as ei:
         parse_scores(text)

@@ -41,9 +41,19 @@ class ScriptedJudge:
 
 
 def _answers(n=5, set_name="in-test", dtype="comment"):
-    return [AnswerRecord(id=f"{dtype}_{set_name}_{i}", question=f"q{i}", reference=f"t{i}", answer=f"a{i}",
-                         image=f"{i}.jpg", role="Iron Man", set_name=set_name, dialogue_type=dtype)
-            for i in range(n)]
+    return [
+        AnswerRecord(
+            id=f"{dtype}_{set_name}_{i}",
+            question=f"q{i}",
+            reference=f"t{i}",
+            answer=f"a{i}",
+            image=f"{i}.jpg",
+            role="Iron Man",
+            set_name=set_name,
+            dialogue_type=dtype,
+        )
+        for i in range(n)
+    ]
 
 
 def test_half_written_run_then_rerun_gives_every_key_exactly_once(tmp_path):
@@ -129,13 +139,21 @@ def test_write_model_outputs_then_report(tmp_path):
     answers = _answers(4) + _answers(2, "out-test", "human-role")
     reqs = expand_requests(answers)
     store = ResultsStore(tmp_path / "r.jsonl")
-    judge = ScriptedJudge(reply=lambda r: "bad reply" if (r.sample_id.endswith("_0") and r.metric == "Coherency")
-                          else f"[Scores]: ({int(r.sample_id[-1]) + 5}, 8)")
+    judge = ScriptedJudge(
+        reply=lambda r: (
+            "bad reply"
+            if (r.sample_id.endswith("_0") and r.metric == "Coherency")
+            else f"[Scores]: ({int(r.sample_id[-1]) + 5}, 8)"
+        )
+    )
     score_requests(reqs, judge, store)
     paths = write_model_outputs(tmp_path / "eval", "mine", answers, store.load())
     assert sorted(p.relative_to(tmp_path / "eval").as_posix() for p in paths) == [
-        "in-test_results/mine/comment_test.csv", "in-test_reviews/mine/comment_test.json",
-        "out-test_results/mine/human-role_test.csv", "out-test_reviews/mine/human-role_test.json"]
+        "in-test_results/mine/comment_test.csv",
+        "in-test_reviews/mine/comment_test.json",
+        "out-test_results/mine/human-role_test.csv",
+        "out-test_reviews/mine/human-role_test.json",
+    ]
     count, means = read_results_csv(tmp_path / "eval/in-test_results/mine/comment_test.csv")
     assert count == 4
     assert means["Fluency"] == pytest.approx((5 + 6 + 7 + 8) / 4 / 8)

@@ -57,9 +57,20 @@ def images(tmp_path):
 
 
 def _answers(n=2, question="Talk about the picture."):
-    return [AnswerRecord(id=f"s{i}", question=f"{question} ({i})", reference=f"ref {i}", answer=f"ans {i}",
-                         image=f"{i}.png", role="Iron Man", other_role="a curious human", set_name="in-test",
-                         dialogue_type="comment") for i in range(n)]
+    return [
+        AnswerRecord(
+            id=f"s{i}",
+            question=f"{question} ({i})",
+            reference=f"ref {i}",
+            answer=f"ans {i}",
+            image=f"{i}.png",
+            role="Iron Man",
+            other_role="a curious human",
+            set_name="in-test",
+            dialogue_type="comment",
+        )
+        for i in range(n)
+    ]
 
 
 def test_reasks_unparsable_with_sampling_and_new_seeds(images):
@@ -142,11 +153,23 @@ def test_tiny_vlm_judge_records_unparsable_replies_as_failures(images, tmp_path)
     from mmrole.eval.template import load_judge_template
 
     tpl_path = tmp_path / "short_judge.yaml"
-    tpl_path.write_text(yaml.safe_dump({"system": "Judge.", "prompt": "{question}\nA: {answer_a}\nB: {answer_b}\n"
-                                        "{metric}: {metric_description}\n[Scores]: (A, B)",
-                                        "metrics": {m: m.lower() for m in METRICS}}))
-    judge = VLMJudge(vlm, GenerationParams(max_new_tokens=8, seed=0), max_retries=1, images_root=str(images),
-                     name="tiny", template=load_judge_template(tpl_path))
+    tpl_path.write_text(
+        yaml.safe_dump(
+            {
+                "system": "Judge.",
+                "prompt": "{question}\nA: {answer_a}\nB: {answer_b}\n{metric}: {metric_description}\n[Scores]: (A, B)",
+                "metrics": {m: m.lower() for m in METRICS},
+            }
+        )
+    )
+    judge = VLMJudge(
+        vlm,
+        GenerationParams(max_new_tokens=8, seed=0),
+        max_retries=1,
+        images_root=str(images),
+        name="tiny",
+        template=load_judge_template(tpl_path),
+    )
     answers = _answers(2, question="Hello there.")
     reqs = expand_requests(answers)
     store = ResultsStore(tmp_path / "r.jsonl")

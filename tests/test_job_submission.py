@@ -42,8 +42,20 @@ HEAD_START_TIMEOUT_S = 200  # `ray start` itself gives the dashboard RAY_DASHBOA
 AGENT_WAIT_S = 150  # for the node's dashboard agent to accept the submission
 TEARDOWN_MARGIN_S = 75  # what the job may not use of the test's budget: stopping the head, the checks
 # What the job's working_dir upload must leave out (the venv alone is ~2 GB; Ray's limit is ~500 MiB).
-EXCLUDES = [".venv", ".git", "demo_out", "runs", "outputs", "bench/results", "__pycache__", ".pytest_cache",
-            "*.egg-info", "*.pyc", ".whl", ".gl"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "demo_out",
+    "runs",
+    "outputs",
+    "bench/results",
+    "__pycache__",
+    ".pytest_cache",
+    "*.egg-info",
+    "*.pyc",
+    ".whl",
+    ".gl",
+]
 
 
 def _ray_cli() -> str:
@@ -115,30 +127,52 @@ def ray_head(log_dir: Path, extra_markers: list[str]):
     gcs_port, dash_port, agent_port, client_port = _free_ports(4)
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS & co.
-    env.update({
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop at once (no 30 s node drain)
-        # Ray's default (60 s) for the dashboard to come up is not enough on a loaded 2-core box.
-        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180",
-        # Token auth with a token of our own. Left unset, Ray 2.60 turns token auth on by itself whenever
-        # ~/.ray/auth_token exists (shared by every Ray of this user) and the Jobs API then answers 401 to a
-        # client whose process has no RAY_AUTH_MODE. The driver and workers inherit both from the raylet.
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-    })
-    cmd = [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
-           "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    env.update(
+        {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop at once (no 30 s node drain)
+            # Ray's default (60 s) for the dashboard to come up is not enough on a loaded 2-core box.
+            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180",
+            # Token auth with a token of our own. Left unset, Ray 2.60 turns token auth on by itself whenever
+            # ~/.ray/auth_token exists (shared by every Ray of this user) and the Jobs API then answers 401 to a
+            # client whose process has no RAY_AUTH_MODE. The driver and workers inherit both from the raylet.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+        }
+    )
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--ray-client-server-port={client_port}",
+        "--num-cpus=4",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     log = log_dir / "ray_start.log"
     url = f"http://127.0.0.1:{dash_port}"
     head = None
     seen: dict[int, psutil.Process] = {}
     try:
         with open(log, "wb") as fh:
-            head = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    cwd=log_dir, start_new_session=True, preexec_fn=_term_with_parent)
+            head = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=log_dir,
+                start_new_session=True,
+                preexec_fn=_term_with_parent,
+            )
         headers = {"authorization": f"Bearer {token}"}  # explicit: no process-global auth state in the client
         _wait_for_jobs_api(url, headers, head, log)
         yield url, headers, markers
@@ -161,8 +195,14 @@ def ray_head(log_dir: Path, extra_markers: list[str]):
         logs = Path(temp_dir) / "session_latest" / "logs"
         try:  # keep Ray's logs (~2 MB) with the test's tmp dir for post-mortems
             if logs.is_dir():
-                shutil.copytree(logs, log_dir / "ray_logs", dirs_exist_ok=True, symlinks=True,
-                                ignore_dangling_symlinks=True, ignore=shutil.ignore_patterns("*.sock"))
+                shutil.copytree(
+                    logs,
+                    log_dir / "ray_logs",
+                    dirs_exist_ok=True,
+                    symlinks=True,
+                    ignore_dangling_symlinks=True,
+                    ignore=shutil.ignore_patterns("*.sock"),
+                )
         except (OSError, shutil.Error):
             pass
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -203,8 +243,9 @@ def _submit(client, timeout_s: float = AGENT_WAIT_S, **kw) -> str:
         except RuntimeError as e:
             if retried and "already exists" in str(e):  # an earlier try got through after all
                 return client.get_job_info(kw["submission_id"]).submission_id
-            transient = any(m in str(e) for m in ("No available agent", "not yet been persisted",
-                                                  "Server disconnected"))
+            transient = any(
+                m in str(e) for m in ("No available agent", "not yet been persisted", "Server disconnected")
+            )
             if not transient or time.monotonic() > deadline:
                 raise
             retried = True
@@ -238,14 +279,26 @@ def test_submit_train_agent_job_to_a_cli_started_head(tmp_path):
     prepare(tmp / "MMRole_dataset", prepared)
     out, model = tmp / "runs", tmp / "tiny"  # absolute: the driver refuses relative paths under a submitted job
 
-    overrides = [f"run_name={RUN_NAME}", f"output_dir={out}", f"data.prepared={prepared}", f"model.model_path={model}",
-                 "tiny_model=qwen2_5_vl", "data.max_rows=16", "data.local_shuffle_buffer=8",
-                 "data.encode_batch_size=8", "train.epochs=1", "train.global_batch_size=4",
-                 "train.micro_batch_size=2", "train.zero_stage=2", "scaling.num_workers=2",
-                 "scaling.cpus_per_worker=0.5", "scaling.max_failures=0", "checkpoint.every_steps=2",
-                 "checkpoint.num_to_keep=2"]
-    entrypoint = shlex.join([sys.executable, "jobs/train_agent.py", "--config", "configs/smoke_cpu.yaml",
-                             *overrides])
+    overrides = [
+        f"run_name={RUN_NAME}",
+        f"output_dir={out}",
+        f"data.prepared={prepared}",
+        f"model.model_path={model}",
+        "tiny_model=qwen2_5_vl",
+        "data.max_rows=16",
+        "data.local_shuffle_buffer=8",
+        "data.encode_batch_size=8",
+        "train.epochs=1",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.zero_stage=2",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.max_failures=0",
+        "checkpoint.every_steps=2",
+        "checkpoint.num_to_keep=2",
+    ]
+    entrypoint = shlex.join([sys.executable, "jobs/train_agent.py", "--config", "configs/smoke_cpu.yaml", *overrides])
     env_vars = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -262,8 +315,12 @@ def test_submit_train_agent_job_to_a_cli_started_head(tmp_path):
     with ray_head(tmp, extra_markers=[str(tmp)]) as (url, headers, markers):
         t_head = time.monotonic() - t0
         client = JobSubmissionClient(url, headers=headers)
-        submitted = _submit(client, entrypoint=entrypoint, submission_id=job_id,
-                            runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env_vars})
+        submitted = _submit(
+            client,
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env_vars},
+        )
         assert submitted == job_id
         status = _wait_for_job(client, job_id, TEST_TIMEOUT_S - TEARDOWN_MARGIN_S - (time.monotonic() - t_start))
         logs = client.get_job_logs(job_id)
@@ -271,7 +328,8 @@ def test_submit_train_agent_job_to_a_cli_started_head(tmp_path):
             client.stop_job(job_id)
         assert status == JobStatus.SUCCEEDED, (
             f"job {job_id} is {status} after {time.monotonic() - t0:.0f}s (ray logs: {tmp / 'ray_logs'}); "
-            f"message: {client.get_job_info(job_id).message}\n--- job logs (tail) ---\n{logs[-12000:]}")
+            f"message: {client.get_job_info(job_id).message}\n--- job logs (tail) ---\n{logs[-12000:]}"
+        )
         t_job = time.monotonic() - t0 - t_head
         # The driver joined this cluster (RAY_ADDRESS from the job runtime), it did not start an embedded Ray.
         assert "Started a local Ray instance" not in logs, logs[-4000:]

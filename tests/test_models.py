@@ -19,9 +19,22 @@ import pytest
 import torch
 
 from mmrole.data.records import Sample
-from mmrole.models import (IGNORE_INDEX, GenerationParams, LoRASettings, Rejected, SampleEncoder, SampleRejected,
-                           SampleTooLong, VLMConfig, build_encoder, build_processor, build_vlm, make_tiny_vlm,
-                           merge_lora, tiny_image)
+from mmrole.models import (
+    IGNORE_INDEX,
+    GenerationParams,
+    LoRASettings,
+    Rejected,
+    SampleEncoder,
+    SampleRejected,
+    SampleTooLong,
+    VLMConfig,
+    build_encoder,
+    build_processor,
+    build_vlm,
+    make_tiny_vlm,
+    merge_lora,
+    tiny_image,
+)
 from mmrole.models.encoding import plan_packs
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -43,13 +56,27 @@ def vlms(tiny_dirs):
 
 def make_sample(i: int, n_hist: int = 2, target: str = "I see a castle by the sea.", words: int = 3) -> Sample:
     head = f"Look at the image. {' '.join(['the old castle'] * words)}\n"
-    lines = [f"human: what is the light {j} in the sky?" if j % 2 == 0 else f"Harry Potter: it is magic {j}."
-             for j in range(n_hist)]
+    lines = [
+        f"human: what is the light {j} in the sky?" if j % 2 == 0 else f"Harry Potter: it is magic {j}."
+        for j in range(n_hist)
+    ]
     tail = "\nWhat would you say now?"
-    s = Sample(id=f"sample-{i}", system="You are Harry Potter, a young wizard.", user_text="", image=f"img{i}.png",
-               target=target, role="Harry Potter", other_role="human", script="Harry Potter",
-               dialogue_type="human-role", k=n_hist, prompt_head=head, history_header="Dialogue so far:\n",
-               history_lines=lines, prompt_tail=tail)
+    s = Sample(
+        id=f"sample-{i}",
+        system="You are Harry Potter, a young wizard.",
+        user_text="",
+        image=f"img{i}.png",
+        target=target,
+        role="Harry Potter",
+        other_role="human",
+        script="Harry Potter",
+        dialogue_type="human-role",
+        k=n_hist,
+        prompt_head=head,
+        history_header="Dialogue so far:\n",
+        history_lines=lines,
+        prompt_tail=tail,
+    )
     s.user_text = s.user_text_with_history()
     return s
 
@@ -88,8 +115,14 @@ def test_tiny_model_cli_offline_roundtrip(tmp_path):
     assert 100_000 < n_params < 1_000_000
     assert vocab == 512
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "preprocessor_config.json", "chat_template.jinja"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+    } <= files
     assert not any(f.endswith(".bin") for f in files)
 
 
@@ -119,14 +152,29 @@ def test_processor_from_real_checkpoint_layout(tmp_path, tiny_dirs, vlms):
     (d / "chat_template.jinja").unlink()
     (d / "chat_template.json").write_text(json.dumps({"chat_template": tmpl}))
     # The Qwen2.5-VL checkpoints' preprocessor_config.json: legacy min/max_pixels instead of `size`.
-    pp = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "temporal_patch_size": 2,
-          "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-          "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-          "processor_class": "Qwen2_5_VLProcessor"}
+    pp = {
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
     (d / "preprocessor_config.json").write_text(json.dumps(pp))
-    (d / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2,
-         "temporal_patch_size": 2, "processor_class": "Qwen2_5_VLProcessor"}))
+    (d / "video_preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "video_processor_type": "Qwen2VLVideoProcessor",
+                "patch_size": 14,
+                "merge_size": 2,
+                "temporal_patch_size": 2,
+                "processor_class": "Qwen2_5_VLProcessor",
+            }
+        )
+    )
     proc = build_processor(str(d), "auto")
     assert proc.chat_template == tmpl
     enc = SampleEncoder(proc, "qwen2_5_vl")
@@ -167,7 +215,7 @@ def test_label_mask_only_target_and_end_token(vlms, family):
     # One contiguous span, right after "<|im_start|>assistant\n" and followed only by the template's "\n".
     assert supervised.tolist() == list(range(supervised[0], supervised[0] + len(expected)))
     assert tok.decode(ids[: supervised[0]]).endswith("<|im_start|>assistant\n")
-    assert tok.decode(ids[supervised[-1] + 1:]) == "\n"
+    assert tok.decode(ids[supervised[-1] + 1 :]) == "\n"
     # Image tokens: counted, typed for M-RoPE, never supervised.
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     img_pos = ids == image_id
@@ -230,7 +278,7 @@ def test_history_is_shortened_before_rejecting(tiny_dirs):
     tok = proc.tokenizer
     assert s.history_lines[-1] in tok.decode(e["input_ids"])
     assert s.history_lines[0] not in tok.decode(e["input_ids"])
-    one_more = replace(s, history_lines=s.history_lines[-(e["history_kept"] + 1):])
+    one_more = replace(s, history_lines=s.history_lines[-(e["history_kept"] + 1) :])
     assert len(full_enc.encode(one_more, im)["input_ids"]) > budget
     # The target is intact.
     assert tok.decode(e["labels"][e["labels"] != IGNORE_INDEX]) == s.target + "<|im_end|>"
@@ -314,8 +362,9 @@ def test_freeze_vision_and_projector(tiny_dirs):
     assert not any(n.startswith("model.visual.blocks") or "patch_embed" in n for n in train)
     assert any("visual.merger" in n for n in train) and any("deepstack_merger_list" in n for n in train)
     assert any("language_model" in n for n in train)
-    both = build_vlm(VLMConfig(device="cpu", model_path=str(tiny_dirs["qwen3_vl"]), freeze_vision=True,
-                               freeze_projector=True))
+    both = build_vlm(
+        VLMConfig(device="cpu", model_path=str(tiny_dirs["qwen3_vl"]), freeze_vision=True, freeze_projector=True)
+    )
     assert not any("visual" in n for n, p in both.model.named_parameters() if p.requires_grad)
     batch, _ = both.collate([make_sample(0)], [tiny_image(0)])
     both.model.train()
@@ -338,7 +387,7 @@ def test_packing_matches_unpacked(vlms, family):
         n = len(e["input_ids"])
         with torch.no_grad():
             ref = vlm.model(**vlm.pad_batch([e]))
-        torch.testing.assert_close(out.logits[0, start:start + n], ref.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits[0, start : start + n], ref.logits[0], atol=1e-5, rtol=1e-5)
         k = int((e["labels"] != IGNORE_INDEX).sum())
         total, n_tok, start = total + ref.loss.item() * k, n_tok + k, start + n
     assert out.loss.item() == pytest.approx(total / n_tok, rel=1e-5)
@@ -369,16 +418,28 @@ def test_batched_greedy_equals_one_by_one(vlms, family):
 
 def with_text(sample: Sample, sid: str, text: str) -> Sample:
     """``sample`` with id ``sid`` whose whole question is ``text`` (no parts to shorten)."""
-    return replace(sample, id=sid, user_text=text, prompt_head="", history_header="", history_lines=[],
-                   history_footer="", prompt_tail="")
+    return replace(
+        sample,
+        id=sid,
+        user_text=text,
+        prompt_head="",
+        history_header="",
+        history_lines=[],
+        history_footer="",
+        prompt_tail="",
+    )
 
 
 def metric_prompts():
     """4 judge-like prompts on one image that differ only in their last line, plus one on another image."""
     base_samples, images = samples_and_images(2, seed=11)
     context = " ".join(f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(40))
-    endings = ["Judge fluency.", "Judge the tone of the reply, carefully and briefly.", "Judge coherency now.",
-               "Judge knowledge consistency of the reply with the profile."]
+    endings = [
+        "Judge fluency.",
+        "Judge the tone of the reply, carefully and briefly.",
+        "Judge coherency now.",
+        "Judge knowledge consistency of the reply with the profile.",
+    ]
     samples = [with_text(base_samples[0], f"m{i}", f"{context}\n{end}") for i, end in enumerate(endings)]
     samples.append(with_text(base_samples[0], "other-image", f"{context}\n{endings[0]}"))
     return samples, [images[0]] * len(endings) + [images[1]]
@@ -398,8 +459,11 @@ def test_shared_prefix_generation_equals_one_by_one(vlms, family):
 
     seen_tokens = []
     hook = vlm.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen_tokens.append(int(kwargs["input_ids"].numel()) if kwargs.get("input_ids")
-                                                     is not None else 0), with_kwargs=True)
+        lambda mod, args, kwargs: seen_tokens.append(
+            int(kwargs["input_ids"].numel()) if kwargs.get("input_ids") is not None else 0
+        ),
+        with_kwargs=True,
+    )
     try:
         params = GenerationParams(max_new_tokens=10)
         shared = vlm.generate(samples, imgs, params)
@@ -421,13 +485,20 @@ def judge_batch_prompts():
     on much longer (3 endings), answer C on image 1 (2 endings) and a lone prompt on image 2."""
     base, images = samples_and_images(3, seed=12)
     facts = [f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(70)]
-    endings = ["Judge fluency.", "Judge the tone of the reply, carefully and briefly.", "Judge coherency now.",
-               "Judge knowledge consistency of the reply with the profile."]
+    endings = [
+        "Judge fluency.",
+        "Judge the tone of the reply, carefully and briefly.",
+        "Judge coherency now.",
+        "Judge knowledge consistency of the reply with the profile.",
+    ]
     context_a, context_b = " ".join(facts[:30]), " ".join(facts)
     context_c = " ".join(f"Note {i}: a blue kite flies over hill {i}." for i in range(30))
-    rows = ([(f"a{i}", context_a, e, 0) for i, e in enumerate(endings)]
-            + [(f"b{i}", context_b, e, 0) for i, e in enumerate(endings[:3])]
-            + [(f"c{i}", context_c, e, 1) for i, e in enumerate(endings[:2])] + [("lone", context_c, endings[0], 2)])
+    rows = (
+        [(f"a{i}", context_a, e, 0) for i, e in enumerate(endings)]
+        + [(f"b{i}", context_b, e, 0) for i, e in enumerate(endings[:3])]
+        + [(f"c{i}", context_c, e, 1) for i, e in enumerate(endings[:2])]
+        + [("lone", context_c, endings[0], 2)]
+    )
     samples = [with_text(base[0], sid, f"{ctx}\n{end}") for sid, ctx, end, _ in rows]
     images[1] = tiny_image(77, size=(72, 40))  # another vision grid: another M-RoPE offset for group C
     return samples, [images[k] for *_, k in rows]
@@ -446,14 +517,18 @@ def test_several_shared_prefix_groups_in_one_call(vlms, family, monkeypatch):
     groups, plain = vlm.shared_prefix_groups(enc)
     ids = [s.id for s in samples]
     assert sorted(sorted(ids[i] for i in rows) for rows, _ in groups) == [
-        ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"], ["c0", "c1"]]
+        ["a0", "a1", "a2", "a3"],
+        ["b0", "b1", "b2"],
+        ["c0", "c1"],
+    ]
     assert [ids[i] for i in plain] == ["lone"]
     assert len({p for _, p in groups}) == 3  # three different prefix lengths: the shorter ones are left-padded
 
     calls = []
     real_generate = type(vlm.model).generate
-    monkeypatch.setattr(type(vlm.model), "generate", lambda self, *a, **k: calls.append(1) or real_generate(
-        self, *a, **k))
+    monkeypatch.setattr(
+        type(vlm.model), "generate", lambda self, *a, **k: calls.append(1) or real_generate(self, *a, **k)
+    )
     params = GenerationParams(max_new_tokens=10)
     shared = vlm.generate(samples, imgs, params)
     assert len(calls) == 2  # the three groups together, the lone prompt in the plain batch
@@ -490,8 +565,18 @@ def test_sampling_is_seeded_and_stop_strings_cut(vlms):
 
 def test_judge_uses_the_same_layer(vlms):
     """A judge call is just a Sample whose user_text is the judge prompt (no history parts)."""
-    judge = Sample(id="judge-1", system="You are a strict judge.", user_text="Rate the two replies: A: hi. B: hello.",
-                   image="x.png", target="", role="judge", other_role="", script="", dialogue_type="comment", k=0)
+    judge = Sample(
+        id="judge-1",
+        system="You are a strict judge.",
+        user_text="Rate the two replies: A: hi. B: hello.",
+        image="x.png",
+        target="",
+        role="judge",
+        other_role="",
+        script="",
+        dialogue_type="comment",
+        k=0,
+    )
     out = vlms["qwen3_vl"].generate([judge], [tiny_image(1)], GenerationParams(max_new_tokens=5))
     assert isinstance(out[0], str)
 
@@ -508,8 +593,9 @@ def test_text_only_prompts_and_mixed_batches(vlms):
     assert not rejected and batch["image_grid_thw"].shape == (2, 3)
     assert torch.isfinite(vlm.loss(batch))
     params = GenerationParams(max_new_tokens=8)
-    assert vlm.generate(samples, images, params) == [vlm.generate([s], [im], params)[0]
-                                                     for s, im in zip(samples, images)]
+    assert vlm.generate(samples, images, params) == [
+        vlm.generate([s], [im], params)[0] for s, im in zip(samples, images)
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -566,14 +652,16 @@ def test_lora_adapter_save_merge_same_logits(tiny_dirs, tmp_path, family):
     adapter_dir = vlm.save(tmp_path / "adapter")
     assert (adapter_dir / "adapter_model.safetensors").is_file() and not (adapter_dir / "model.safetensors").exists()
     # Reload the adapter on the base (as LoRASettings.adapter_path, and as a bare model_path).
-    assert torch.equal(logits_of(build_vlm(replace(base, lora=LoRASettings(adapter_path=str(adapter_dir)))), batch),
-                       unmerged)
+    assert torch.equal(
+        logits_of(build_vlm(replace(base, lora=LoRASettings(adapter_path=str(adapter_dir)))), batch), unmerged
+    )
     assert torch.equal(logits_of(build_vlm(VLMConfig(device="cpu", model_path=str(adapter_dir))), batch), unmerged)
     # A data worker's weight-free encoder for the adapter dir gives the same rows as the model's own encoder.
     enc = build_encoder(VLMConfig(model_path=str(adapter_dir)))
     assert enc.family == family
-    np.testing.assert_array_equal(enc.encode(make_sample(0), tiny_image(0))["input_ids"],
-                                  vlm.encode(make_sample(0), tiny_image(0))["input_ids"])
+    np.testing.assert_array_equal(
+        enc.encode(make_sample(0), tiny_image(0))["input_ids"], vlm.encode(make_sample(0), tiny_image(0))["input_ids"]
+    )
     merged_dir = merge_lora(base, adapter_dir, tmp_path / "merged")
     merged = build_vlm(VLMConfig(device="cpu", model_path=str(merged_dir)))
     assert not merged.is_peft
@@ -583,8 +671,14 @@ def test_lora_adapter_save_merge_same_logits(tiny_dirs, tmp_path, family):
 
 
 def test_lora_with_gradient_checkpointing_trains(tiny_dirs):
-    vlm = build_vlm(VLMConfig(device="cpu", model_path=str(tiny_dirs["qwen2_vl"]), gradient_checkpointing=True,
-                              lora=LoRASettings(r=4, target_modules=["q_proj", "v_proj"])))
+    vlm = build_vlm(
+        VLMConfig(
+            device="cpu",
+            model_path=str(tiny_dirs["qwen2_vl"]),
+            gradient_checkpointing=True,
+            lora=LoRASettings(r=4, target_modules=["q_proj", "v_proj"]),
+        )
+    )
     batch, _ = vlm.collate(*samples_and_images(2, seed=8))
     vlm.model.train()
     opt = torch.optim.AdamW([p for p in vlm.model.parameters() if p.requires_grad], lr=1e-2)
@@ -604,17 +698,35 @@ def test_merge_cli(tiny_dirs, tmp_path):
 
     vlm = build_vlm(VLMConfig(device="cpu", model_path=str(tiny_dirs["qwen2_vl"]), lora=LoRASettings(r=2)))
     adapter = vlm.save(tmp_path / "a")
-    assert main(["model", "merge", "--base", str(tiny_dirs["qwen2_vl"]), "--adapter", str(adapter),
-                 "--out", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "model",
+                "merge",
+                "--base",
+                str(tiny_dirs["qwen2_vl"]),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "m"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
 def test_config_from_dict():
-    cfg = VLMConfig.from_dict({"model_path": "x", "lora": {"r": 16, "target_modules": ["q_proj"]},
-                               "max_pixels": 200704})
+    cfg = VLMConfig.from_dict(
+        {"model_path": "x", "lora": {"r": 16, "target_modules": ["q_proj"]}, "max_pixels": 200704}
+    )
     assert isinstance(cfg.lora, LoRASettings) and cfg.lora.r == 16 and cfg.max_pixels == 200704
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) model\.max_pixel"):
         VLMConfig.from_dict({"model_path": "x", "max_pixel": 1})
+    with pytest.raises(ValueError, match=r"model\.max_length: expected an integer"):
+        VLMConfig.from_dict({"model_path": "x", "max_length": "long"})
     with pytest.raises(ValueError, match="family"):
         VLMConfig(model_path="x", family="llava_next")
     assert GenerationParams.from_dict({"max_new_tokens": 5}).max_new_tokens == 5

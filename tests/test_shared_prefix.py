@@ -42,13 +42,13 @@ def build_case(group_sizes, prefix_lengths, own_lengths, q_len, kv_heads=2, grou
     pv = torch.randn(len(group_sizes), kv_heads, longest, dim, generator=g)
     pmask = torch.zeros(len(group_sizes), longest, dtype=torch.bool)
     for i, n in enumerate(prefix_lengths):
-        pmask[i, longest - n:] = True
+        pmask[i, longest - n :] = True
     layer = sp.SharedPrefixLayer(pk, pv, group_sizes, pmask)
     own_k = torch.randn(rows, kv_heads, width, dim, generator=g)
     own_v = torch.randn(rows, kv_heads, width, dim, generator=g)
     own_mask = torch.zeros(rows, width, dtype=torch.bool)
     for r, n in enumerate(own_lengths):
-        own_mask[r, width - n:] = True
+        own_mask[r, width - n :] = True
     group_of = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
     mask2d = torch.cat([pmask[group_of], own_mask], dim=1)  # what generate's attention mask holds
     total = longest + width
@@ -59,8 +59,8 @@ def build_case(group_sizes, prefix_lengths, own_lengths, q_len, kv_heads=2, grou
     query = torch.randn(rows, kv_heads * groups, q_len, dim, generator=g)
     # Feed the own keys the way the cache does: all but the last q_len first, then the call's own.
     if width > q_len:
-        layer.update(own_k[:, :, :width - q_len], own_v[:, :, :width - q_len])
-    return layer, query, own_k[:, :, width - q_len:], own_v[:, :, width - q_len:], mask4d, full_k, full_v
+        layer.update(own_k[:, :, : width - q_len], own_v[:, :, : width - q_len])
+    return layer, query, own_k[:, :, width - q_len :], own_v[:, :, width - q_len :], mask4d, full_k, full_v
 
 
 CASES = [  # group sizes, prefix lengths, own lengths (per row)
@@ -100,7 +100,10 @@ def test_layer_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="2 prefixes for group sizes"):
         sp.SharedPrefixLayer(pk, pk, [3])
     layer = sp.SharedPrefixLayer(pk, pk, [1, 2])
-    for call in (lambda: layer.crop(-1), lambda: layer.batch_repeat_interleave(2),
-                 lambda: layer.reorder_cache(torch.tensor([0, 1, 2]))):
+    for call in (
+        lambda: layer.crop(-1),
+        lambda: layer.batch_repeat_interleave(2),
+        lambda: layer.reorder_cache(torch.tensor([0, 1, 2])),
+    ):
         with pytest.raises(NotImplementedError):
             call()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmrole.train import checkpoint as ckpt
-from mmrole.train.config import (ConfigError, TrainJobConfig, batch_geometry, load_config, total_optimizer_steps)
+from mmrole.train.config import ConfigError, TrainJobConfig, batch_geometry, load_config, total_optimizer_steps
 from mmrole.train.ds_config import build_deepspeed_config, resolve_precision, split_decay
 from mmrole.train.metrics import MetricsSink, StepStats, progress_line, read_metrics, redone_steps
 from mmrole.train.rejects import RejectWriter, merge_rejects
@@ -33,9 +33,20 @@ def base(**kw) -> dict:
 def test_overrides_are_typed_and_nested(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run_name: a\nmodel: {model_path: /m}\ndata: {prepared: /p}\ntrain: {lr: 1.0e-5}\n")
-    cfg = load_config(f, ["train.lr=2e-5", "run_name=x", "train.betas=[0.9,0.99]", "scaling.min_workers=1",
-                          "model.lora.r=16", "model.freeze_vision=true", "data.encode_concurrency=[2, 3]",
-                          "train.max_steps=null", "checkpoint.every_steps=7"])
+    cfg = load_config(
+        f,
+        [
+            "train.lr=2e-5",
+            "run_name=x",
+            "train.betas=[0.9,0.99]",
+            "scaling.min_workers=1",
+            "model.lora.r=16",
+            "model.freeze_vision=true",
+            "data.encode_concurrency=[2, 3]",
+            "train.max_steps=null",
+            "checkpoint.every_steps=7",
+        ],
+    )
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)  # "2e-5" is a string to PyYAML
     assert cfg.run_name == "x" and cfg.train.betas == [0.9, 0.99] and cfg.scaling.min_workers == 1
     assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.freeze_vision is True
@@ -46,21 +57,26 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.lrr=1", "train.lrr"),
-    ("train.lr=fast", "train.lr"),
-    ("train.zero_stage=4", "train.zero_stage"),
-    ("scaling.min_workers=5", "scaling.min_workers"),
-    ("train.schedule=linear", "train.schedule"),
-    ("run_name=a/b", "run_name"),
-    ("model.dtype=int3", "model"),
-    ("checkpoint.num_to_keep=0", "checkpoint.num_to_keep"),
-    ("train.global_batch_size=1", "train.global_batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("train.lr=fast", "train.lr"),
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("scaling.min_workers=5", "scaling.min_workers"),
+        ("train.schedule=linear", "train.schedule"),
+        ("run_name=a/b", "run_name"),
+        ("model.dtype=int3", "model"),
+        ("checkpoint.num_to_keep=0", "checkpoint.num_to_keep"),
+        ("train.global_batch_size=1", "train.global_batch_size"),
+    ],
+)
 def test_bad_configs_name_the_key(tmp_path, override, needle):
     f = tmp_path / "c.yaml"
-    f.write_text("run_name: a\nmodel: {model_path: /m}\ndata: {prepared: /p}\nscaling: {num_workers: 2}\n"
-                 "train: {micro_batch_size: 2}\n")
+    f.write_text(
+        "run_name: a\nmodel: {model_path: /m}\ndata: {prepared: /p}\nscaling: {num_workers: 2}\n"
+        "train: {micro_batch_size: 2}\n"
+    )
     with pytest.raises(ConfigError) as ei:
         load_config(f, [override])
     assert needle in str(ei.value)
@@ -75,8 +91,16 @@ def test_missing_file_and_required_keys(tmp_path):
         load_config(None, ["train.lr"], defaults=base())
 
 
-@pytest.mark.parametrize("name", ["smoke_cpu.yaml", "smoke_cpu_rm.yaml", "agent_7b_8gpu.yaml",
-                                  "reward_model_7b_8gpu.yaml", "agent_7b_lora_1gpu.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "smoke_cpu.yaml",
+        "smoke_cpu_rm.yaml",
+        "agent_7b_8gpu.yaml",
+        "reward_model_7b_8gpu.yaml",
+        "agent_7b_lora_1gpu.yaml",
+    ],
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     if "7b_8gpu" in name:  # the paper's recipe
@@ -116,8 +140,9 @@ def test_batch_geometry_keeps_global_batch_when_world_changes():
 
 
 def test_deepspeed_config():
-    cfg = TrainJobConfig.from_dict(base(train={"zero_stage": 3, "grad_clip": 0.5, "global_batch_size": 32,
-                                               "micro_batch_size": 2}))
+    cfg = TrainJobConfig.from_dict(
+        base(train={"zero_stage": 3, "grad_clip": 0.5, "global_batch_size": 32, "micro_batch_size": 2})
+    )
     geo = batch_geometry(32, 2, 4)
     d = build_deepspeed_config(cfg.train, geo, "cuda")
     assert d["train_batch_size"] == 32 and d["gradient_accumulation_steps"] == 4
@@ -216,8 +241,21 @@ def test_rows_roundtrip_ragged_images(tiny_encoder):
     from mmrole.train.rows import batch_token_counts, decode_table, encode_table, spec_from_encoded
 
     enc, _ = tiny_encoder
-    samples = [Sample(id=f"s{i}", system="sys", user_text="look " * (i + 1), image="x.png", target="ok " * (i + 1),
-                      role="r", other_role="o", script="", dialogue_type="comment", k=1) for i in range(4)]
+    samples = [
+        Sample(
+            id=f"s{i}",
+            system="sys",
+            user_text="look " * (i + 1),
+            image="x.png",
+            target="ok " * (i + 1),
+            role="r",
+            other_role="o",
+            script="",
+            dialogue_type="comment",
+            k=1,
+        )
+        for i in range(4)
+    ]
     sizes = [(56, 56), (140, 84), (98, 126), (70, 140)]
     encoded = [enc.encode(s, tiny_image(i, size)) for i, (s, size) in enumerate(zip(samples, sizes))]
     assert len({e["pixel_values"].shape[0] for e in encoded}) > 1  # ragged
@@ -235,9 +273,11 @@ def test_rows_roundtrip_ragged_images(tiny_encoder):
     batch = enc.pad_batch(rows)
     assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in encoded[1:])
     assert batch["image_grid_thw"].shape == (3, 3) and batch["input_ids"].shape[0] == 3
-    assert batch_token_counts(rows) == (sum(e["num_text_tokens"] for e in encoded[1:]),
-                                        sum(e["num_image_tokens"] for e in encoded[1:]),
-                                        sum(e["num_target_tokens"] for e in encoded[1:]))
+    assert batch_token_counts(rows) == (
+        sum(e["num_text_tokens"] for e in encoded[1:]),
+        sum(e["num_image_tokens"] for e in encoded[1:]),
+        sum(e["num_target_tokens"] for e in encoded[1:]),
+    )
 
 
 def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
@@ -253,8 +293,9 @@ def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
     rows = sample_rows(5)
     rows[1]["image"] = "corrupt_00001.png"
     rows[3]["target"] = "word " * 2000  # cannot fit max_length even without history
-    actor = EncodeRows({"model_path": str(model_dir), "max_length": 512}, str(prep / "images"),
-                       str(tmp_path / "rej"), "train")
+    actor = EncodeRows(
+        {"model_path": str(model_dir), "max_length": 512}, str(prep / "images"), str(tmp_path / "rej"), "train"
+    )
     out = actor(pa.Table.from_pylist(rows))
     assert [r["id"] for r in decode_table(out)] == ["syn_00000", "syn_00002", "syn_00004"]
     none = actor(pa.Table.from_pylist([rows[1]]))
@@ -272,13 +313,35 @@ def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
 def test_metrics_sink_and_redone_steps(tmp_path):
     a = MetricsSink(tmp_path, "att1", tensorboard=True)
     for s in (1, 2, 3):
-        a.write(StepStats(step=s, loss=1.0 / s, lr=1e-3, samples=8, text_tokens=800, image_tokens=80,
-                          target_tokens=40, step_time_s=2.0, data_wait_s=0.5).as_dict())
+        a.write(
+            StepStats(
+                step=s,
+                loss=1.0 / s,
+                lr=1e-3,
+                samples=8,
+                text_tokens=800,
+                image_tokens=80,
+                target_tokens=40,
+                step_time_s=2.0,
+                data_wait_s=0.5,
+            ).as_dict()
+        )
     a.close()
     b = MetricsSink(tmp_path, "att2", tensorboard=False)
     b.event("resume", from_step=2)
-    b.write(StepStats(step=3, loss=0.3, lr=1e-3, samples=8, text_tokens=1, image_tokens=1, target_tokens=1,
-                      step_time_s=1.0, data_wait_s=0.0).as_dict())
+    b.write(
+        StepStats(
+            step=3,
+            loss=0.3,
+            lr=1e-3,
+            samples=8,
+            text_tokens=1,
+            image_tokens=1,
+            target_tokens=1,
+            step_time_s=1.0,
+            data_wait_s=0.0,
+        ).as_dict()
+    )
     b.close()
     recs = read_metrics(tmp_path)
     assert redone_steps(recs) == [3]
@@ -333,12 +396,20 @@ def test_rm_data_from_published_reviews(sample_dir, tmp_path):
 def test_rm_data_rejects_inconsistent_reviews(tmp_path):
     from mmrole.train.rm_data import build_rm_data
 
-    rec = {"id": "X_comment_COCO_1_1", "system": "s", "image": "a.jpg", "role": "Ada", "script": "S",
-           "other_role": "a curious human",
-           "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "ref", "answer": "ans"}],
-           "rm_review": {"Fluency": {"review": "Good. [Scores]: (7, 8)", "score": [7, 8]},
-                         "Coherency": {"review": "Good. [Scores]: (7, 8)", "score": [9, 8]},
-                         "Tone Consistency": {"review": "", "score": None}}}
+    rec = {
+        "id": "X_comment_COCO_1_1",
+        "system": "s",
+        "image": "a.jpg",
+        "role": "Ada",
+        "script": "S",
+        "other_role": "a curious human",
+        "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "ref", "answer": "ans"}],
+        "rm_review": {
+            "Fluency": {"review": "Good. [Scores]: (7, 8)", "score": [7, 8]},
+            "Coherency": {"review": "Good. [Scores]: (7, 8)", "score": [9, 8]},
+            "Tone Consistency": {"review": "", "score": None},
+        },
+    }
     f = tmp_path / "eval" / "in-test_reviews" / "m" / "comment_test.json"
     f.parent.mkdir(parents=True)
     f.write_text(json.dumps([rec]))
@@ -392,9 +463,14 @@ def test_ray_commit_records_pruned_to_the_referenced_one(tmp_path):
     assert not list(tmp_path.glob("ray_commit-*"))
     for name in ("ray_commit-step_00000003-a", "ray_commit-step_00000012-c"):
         (tmp_path / name).mkdir()
-    (tmp_path / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(json.dumps(
-        {"checkpoint_results": [{"checkpoint_dir_name": "ray_commit-step_00000012-c"}],
-         "latest_checkpoint_result": {"checkpoint_dir_name": "ray_commit-step_00000012-c"}}))
+    (tmp_path / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(
+        json.dumps(
+            {
+                "checkpoint_results": [{"checkpoint_dir_name": "ray_commit-step_00000012-c"}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "ray_commit-step_00000012-c"},
+            }
+        )
+    )
     assert _prune_commit_records(tmp_path) == ["ray_commit-step_00000003-a"]
     assert [p.name for p in tmp_path.glob("ray_commit-*")] == ["ray_commit-step_00000012-c"]
     (tmp_path / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text("{not json")

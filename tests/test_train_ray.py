@@ -21,12 +21,29 @@ EVERY = 3
 
 
 def _overrides(tmp: Path, model: Path, prep: Path, run_name: str) -> list[str]:
-    return [f"run_name={run_name}", f"output_dir={tmp / 'runs'}", f"model.model_path={model}",
-            f"data.prepared={prep}", "data.max_rows=null", "data.local_shuffle_buffer=8", "data.encode_batch_size=6",
-            "train.epochs=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3",
-            "train.warmup_steps=1", "train.min_lr_ratio=0.3", "train.zero_stage=2", "tiny_model=null",
-            f"checkpoint.every_steps={EVERY}", "checkpoint.num_to_keep=2", "scaling.num_workers=2",
-            "scaling.max_failures=1", "debug.kill_at_steps=[5, 9]", "debug.kill_rank=1"]
+    return [
+        f"run_name={run_name}",
+        f"output_dir={tmp / 'runs'}",
+        f"model.model_path={model}",
+        f"data.prepared={prep}",
+        "data.max_rows=null",
+        "data.local_shuffle_buffer=8",
+        "data.encode_batch_size=6",
+        "train.epochs=1",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.lr=3e-3",
+        "train.warmup_steps=1",
+        "train.min_lr_ratio=0.3",
+        "train.zero_stage=2",
+        "tiny_model=null",
+        f"checkpoint.every_steps={EVERY}",
+        "checkpoint.num_to_keep=2",
+        "scaling.num_workers=2",
+        "scaling.max_failures=1",
+        "debug.kill_at_steps=[5, 9]",
+        "debug.kill_rank=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +134,9 @@ def test_final_checkpoint_loads_and_generates(two_runs):
     vlm = build_vlm(VLMConfig(model_path=str(final), device="cpu"))
     sample = next(s for s in iter_samples(two_runs["prep"], "train") if s.id != "syn_00005")
     image = load_image(two_runs["prep"] / "images", sample.image)
-    out = vlm.generate([sample, sample], [image, image],
-                       GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False))
+    out = vlm.generate(
+        [sample, sample], [image, image], GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    )
     assert len(out) == 2 and out[0] == out[1] and out[0].strip()
     trained = load_file(str(final / "model.safetensors"))
     base = load_file(str(two_runs["model"] / "model.safetensors"))
@@ -145,10 +163,18 @@ def test_resize_to_one_worker_zero3_resumes_from_weights(two_runs):
     tmp, src = two_runs["tmp"], two_runs["cfg"].run_dir
     dst = tmp / "runs" / "ft-z3"
     shutil.copytree(src / "checkpoints", dst / "checkpoints")
-    cfg = load_config(REPO / "configs" / "smoke_cpu.yaml",
-                      _overrides(tmp, two_runs["model"], two_runs["prep"], "ft-z3")
-                      + ["scaling.num_workers=1", "train.zero_stage=3", "train.epochs=2", "debug.kill_at_steps=[]",
-                         "checkpoint.every_steps=100", "data.cache_encoded=true"])
+    cfg = load_config(
+        REPO / "configs" / "smoke_cpu.yaml",
+        _overrides(tmp, two_runs["model"], two_runs["prep"], "ft-z3")
+        + [
+            "scaling.num_workers=1",
+            "train.zero_stage=3",
+            "train.epochs=2",
+            "debug.kill_at_steps=[]",
+            "checkpoint.every_steps=100",
+            "data.cache_encoded=true",
+        ],
+    )
     s = run_training(cfg, quiet=True)
     assert s.ok, s
     # Encoded once (materialized) and reused: the corrupt row is rejected once and the last epoch trains on the

@@ -11,16 +11,21 @@ import time
 def _validate(args) -> int:
     from .validate import validate
 
-    rep = validate(args.root, max_pixels=args.max_pixels, check_images=not args.skip_image_decode,
-                   template=args.template)
+    rep = validate(
+        args.root, max_pixels=args.max_pixels, check_images=not args.skip_image_decode, template=args.template
+    )
     if args.json:
         print(json.dumps(rep.to_json(), indent=2, ensure_ascii=False))
     else:
         c = rep.counts
         print(f"dataset: {rep.root}")
-        print(f"characters: {c['characters']}  {c['characters_by_group_kind']}  languages {c['characters_by_language']}")
-        print(f"images: {c['images_referenced']} referenced, {c['images_checked']} decoded, "
-              f"{c['images_missing_coco']} COCO missing")
+        print(
+            f"characters: {c['characters']}  {c['characters_by_group_kind']}  languages {c['characters_by_language']}"
+        )
+        print(
+            f"images: {c['images_referenced']} referenced, {c['images_checked']} decoded, "
+            f"{c['images_missing_coco']} COCO missing"
+        )
         print(f"dialogues: {c['dialogues_total']}  {c['dialogues']}")
         print(f"samples rendering yields: {c['samples_rendered']}  (not rendered: {c['samples_by_reason_rejected']})")
         print(f"test samples: {c['test_samples_total']}  {c['test_samples']}")
@@ -29,27 +34,37 @@ def _validate(args) -> int:
         print(f"{len(rep.errors)} errors, {len(rep.warnings)} warnings")
     ok = rep.ok(strict=args.strict)
     if not ok and not args.json:
-        print("dataset NOT usable" + (" (--strict: warnings count)" if args.strict and not rep.errors else ""),
-              file=sys.stderr)
+        print(
+            "dataset NOT usable" + (" (--strict: warnings count)" if args.strict and not rep.errors else ""),
+            file=sys.stderr,
+        )
     return 0 if ok else 1
 
 
 def _prepare(args) -> int:
     from .prepare import PrepareConfig, prepare
 
-    cfg = PrepareConfig(shard_rows=args.shard_rows, embed_images=args.embed_images,
-                        require_images=not args.allow_missing_images,
-                        hold_out_test_dialogues=not args.keep_test_dialogues, template=args.template)
+    cfg = PrepareConfig(
+        shard_rows=args.shard_rows,
+        embed_images=args.embed_images,
+        require_images=not args.allow_missing_images,
+        hold_out_test_dialogues=not args.keep_test_dialogues,
+        template=args.template,
+    )
     t0 = time.time()
     m = prepare(args.root, args.out, cfg, progress=lambda s: print(s, file=sys.stderr))
     dt = time.time() - t0
     for name, counts in m["counts"].items():
-        print(f"{name}: in {counts['in']}, out {counts['out']}, rejected {counts['rejected']} "
-              f"{counts['rejected_by_reason'] or ''}".rstrip())
+        print(
+            f"{name}: in {counts['in']}, out {counts['out']}, rejected {counts['rejected']} "
+            f"{counts['rejected_by_reason'] or ''}".rstrip()
+        )
     r = m["render"]
-    print(f"render: dialogues in {r['dialogues_in']}, rendered {r['dialogues_rendered']}, rejected "
-          f"{r['dialogues_rejected']}, held out for test {r['dialogues_held_out_for_test']}; "
-          f"{r['samples_rendered']} samples {r['rejected_by_reason'] or ''}".rstrip())
+    print(
+        f"render: dialogues in {r['dialogues_in']}, rendered {r['dialogues_rendered']}, rejected "
+        f"{r['dialogues_rejected']}, held out for test {r['dialogues_held_out_for_test']}; "
+        f"{r['samples_rendered']} samples {r['rejected_by_reason'] or ''}".rstrip()
+    )
     print(f"wrote {args.out} in {dt:.1f}s (manifest.json, rejects.jsonl)")
     return 0
 
@@ -80,10 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("out")
     pr.add_argument("--shard-rows", type=int, default=20_000)
     pr.add_argument("--embed-images", action="store_true", help="store image bytes in the shards")
-    pr.add_argument("--allow-missing-images", action="store_true",
-                    help="keep samples whose image file is absent (default: reject them)")
-    pr.add_argument("--keep-test-dialogues", action="store_true",
-                    help="do not hold the test split's dialogues out of training")
+    pr.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="keep samples whose image file is absent (default: reject them)",
+    )
+    pr.add_argument(
+        "--keep-test-dialogues", action="store_true", help="do not hold the test split's dialogues out of training"
+    )
     pr.add_argument("--template", default=None, help="role-play template YAML (default: packaged)")
     pr.set_defaults(func=_prepare)
 

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from PIL import Image, ImageDraw
 
 from .records import DIALOGUE_ID_INFIX, HYPOTHETICAL_SCRIPT, role_file_stem
 
-COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (235, 205, 40),
-          "purple": (140, 60, 180), "orange": (240, 140, 30)}
+COLORS = {
+    "red": (220, 40, 40),
+    "blue": (40, 80, 220),
+    "green": (40, 170, 60),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 _COLORS_ZH = {"red": "红色", "blue": "蓝色", "green": "绿色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
 _SHAPES_ZH = {"circle": "圆", "square": "方块", "triangle": "三角"}
@@ -37,42 +44,88 @@ class DemoCharacter:
 
 
 CHARACTERS = (
-    DemoCharacter("Captain Nova", "Starlight Voyagers", "in-distribution",
-                  "### Introduction\nCaptain Nova commands the starship Lumen.\n### Personality\nBold, warm, "
-                  "quick to laugh, fond of star charts.\n### Catchphrases\n- \"Full sails to the stars!\"",
-                  "Full sails to the stars!"),
-    DemoCharacter("Professor Quill", "Starlight Voyagers", "in-distribution",
-                  "### Introduction\nProfessor Quill is the ship's scientist.\n### Personality\nPrecise, "
-                  "curious, a little pedantic.\n### Catchphrases\n- \"Fascinating, let us measure it.\"",
-                  "Fascinating, let us measure it."),
-    DemoCharacter("Elena Varga", "the Age of Sail", "in-distribution",
-                  "### Introduction\nElena Varga was a navigator in the Age of Sail.\n### Personality\nCalm, "
-                  "observant, speaks in nautical terms.\n### Catchphrases\n- \"Mind the wind.\"",
-                  "Mind the wind."),
-    DemoCharacter("Maya Chen", HYPOTHETICAL_SCRIPT, "in-distribution",
-                  "### Introduction\nMaya Chen is a 29-year-old botanist from Vancouver.\n### Personality\n"
-                  "Gentle, patient, loves plants.\n### Catchphrases\n- \"Everything grows in time.\"",
-                  "Everything grows in time.",
-                  structured={"name": "Maya Chen", "gender": "Female", "age": "29", "origin": "Vancouver",
-                              "personality": "Gentle and patient", "experience": "A botanist."}),
-    DemoCharacter("林风", "江湖传说", "in-distribution",
-                  "### 简介\n林风是江湖传说中的剑客。\n### 性格\n豪爽、正直、爱喝茶。\n### 口头禅\n- “剑在心中。”",
-                  "剑在心中。", zh=True),
-    DemoCharacter("Rowan Hale", "Fogbound Mysteries", "out-of-distribution",
-                  "### Introduction\nRowan Hale is a detective in a foggy harbour town.\n### Personality\n"
-                  "Dry humour, sharp eyes.\n### Catchphrases\n- \"Every clue has a shadow.\"",
-                  "Every clue has a shadow."),
-    DemoCharacter("Sam Ortiz", HYPOTHETICAL_SCRIPT, "out-of-distribution",
-                  "### Introduction\nSam Ortiz is a 41-year-old baker from Seville.\n### Personality\n"
-                  "Cheerful and talkative.\n### Catchphrases\n- \"Fresh from the oven!\"",
-                  "Fresh from the oven!"),
+    DemoCharacter(
+        "Captain Nova",
+        "Starlight Voyagers",
+        "in-distribution",
+        "### Introduction\nCaptain Nova commands the starship Lumen.\n### Personality\nBold, warm, "
+        'quick to laugh, fond of star charts.\n### Catchphrases\n- "Full sails to the stars!"',
+        "Full sails to the stars!",
+    ),
+    DemoCharacter(
+        "Professor Quill",
+        "Starlight Voyagers",
+        "in-distribution",
+        "### Introduction\nProfessor Quill is the ship's scientist.\n### Personality\nPrecise, "
+        'curious, a little pedantic.\n### Catchphrases\n- "Fascinating, let us measure it."',
+        "Fascinating, let us measure it.",
+    ),
+    DemoCharacter(
+        "Elena Varga",
+        "the Age of Sail",
+        "in-distribution",
+        "### Introduction\nElena Varga was a navigator in the Age of Sail.\n### Personality\nCalm, "
+        'observant, speaks in nautical terms.\n### Catchphrases\n- "Mind the wind."',
+        "Mind the wind.",
+    ),
+    DemoCharacter(
+        "Maya Chen",
+        HYPOTHETICAL_SCRIPT,
+        "in-distribution",
+        "### Introduction\nMaya Chen is a 29-year-old botanist from Vancouver.\n### Personality\n"
+        'Gentle, patient, loves plants.\n### Catchphrases\n- "Everything grows in time."',
+        "Everything grows in time.",
+        structured={
+            "name": "Maya Chen",
+            "gender": "Female",
+            "age": "29",
+            "origin": "Vancouver",
+            "personality": "Gentle and patient",
+            "experience": "A botanist.",
+        },
+    ),
+    DemoCharacter(
+        "林风",
+        "江湖传说",
+        "in-distribution",
+        "### 简介\n林风是江湖传说中的剑客。\n### 性格\n豪爽、正直、爱喝茶。\n### 口头禅\n- “剑在心中。”",
+        "剑在心中。",
+        zh=True,
+    ),
+    DemoCharacter(
+        "Rowan Hale",
+        "Fogbound Mysteries",
+        "out-of-distribution",
+        "### Introduction\nRowan Hale is a detective in a foggy harbour town.\n### Personality\n"
+        'Dry humour, sharp eyes.\n### Catchphrases\n- "Every clue has a shadow."',
+        "Every clue has a shadow.",
+    ),
+    DemoCharacter(
+        "Sam Ortiz",
+        HYPOTHETICAL_SCRIPT,
+        "out-of-distribution",
+        "### Introduction\nSam Ortiz is a 41-year-old baker from Seville.\n### Personality\n"
+        'Cheerful and talkative.\n### Catchphrases\n- "Fresh from the oven!"',
+        "Fresh from the oven!",
+    ),
 )
 # Inter-role partners (both speakers are dataset characters).
-PARTNERS = {"Captain Nova": "Professor Quill", "Professor Quill": "Captain Nova", "Elena Varga": "Captain Nova",
-            "Maya Chen": "Elena Varga", "林风": "Professor Quill", "Rowan Hale": "Sam Ortiz", "Sam Ortiz": "Rowan Hale"}
-QUESTIONS = ("What do you see in this picture?", "What does this image make you think of?",
-             "Which shape catches your eye first?", "How would you describe these colours?",
-             "Does this remind you of anything from your life?")
+PARTNERS = {
+    "Captain Nova": "Professor Quill",
+    "Professor Quill": "Captain Nova",
+    "Elena Varga": "Captain Nova",
+    "Maya Chen": "Elena Varga",
+    "林风": "Professor Quill",
+    "Rowan Hale": "Sam Ortiz",
+    "Sam Ortiz": "Rowan Hale",
+}
+QUESTIONS = (
+    "What do you see in this picture?",
+    "What does this image make you think of?",
+    "Which shape catches your eye first?",
+    "How would you describe these colours?",
+    "Does this remind you of anything from your life?",
+)
 QUESTIONS_ZH = ("你在这张图里看到了什么？", "这张图让你想到什么？", "哪个形状最吸引你？")
 
 
@@ -111,8 +164,12 @@ def _answer(ch: DemoCharacter, items, rng: random.Random) -> str:
     return f"{opener} I see {_describe(items, False)}. {ch.catchphrase}"
 
 
-def build_demo(out: Union[str, Path], seed: int = 0, dialogues_per_type: int = 4,
-               rm_builder: Optional[Callable[[Path], dict]] = None) -> dict:
+def build_demo(
+    out: Union[str, Path],
+    seed: int = 0,
+    dialogues_per_type: int = 4,
+    rm_builder: Optional[Callable[[Path], dict]] = None,
+) -> dict:
     """Write the demo dataset under ``out`` (the ``MMRole_dataset`` root); returns counts."""
     out = Path(out)
     rng = random.Random(seed)
@@ -127,14 +184,16 @@ def build_demo(out: Union[str, Path], seed: int = 0, dialogues_per_type: int = 4
         for c in chars:
             roles.setdefault(c.script, []).append(c.name)
         (pdir / "roles.json").write_text(json.dumps(roles, ensure_ascii=False, indent=1), encoding="utf-8")
-        (pdir / "profiles.json").write_text(json.dumps({c.name: c.profile for c in chars}, ensure_ascii=False,
-                                                       indent=1), encoding="utf-8")
+        (pdir / "profiles.json").write_text(
+            json.dumps({c.name: c.profile for c in chars}, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
         for c in chars:
             sub = "meta_info_hypo" if c.script == HYPOTHETICAL_SCRIPT else "detailed_profiles"
             data = c.structured or {"introduction": c.profile.split("\n")[1], "catchphrases": [c.catchphrase]}
             (pdir / sub).mkdir(exist_ok=True)
-            (pdir / sub / f"{role_file_stem(c.name)}.json").write_text(json.dumps(data, ensure_ascii=False),
-                                                                        encoding="utf-8")
+            (pdir / sub / f"{role_file_stem(c.name)}.json").write_text(
+                json.dumps(data, ensure_ascii=False), encoding="utf-8"
+            )
     # Images
     images = out / "images"
     annotations = []
@@ -149,9 +208,14 @@ def build_demo(out: Union[str, Path], seed: int = 0, dialogues_per_type: int = 4
             rel = f"{folder}/{i:02d}.png"
             if rel not in drawn:
                 drawn[rel] = _draw(images / rel, rng)
-                annotations.append({"image": rel, "role_info": c.name if i == 1 else "",
-                                    "place_info": rng.choice(["The harbour", "A quiet garden", "The bridge"]),
-                                    "scene_info": "" if i == 1 else f"Shapes: {_describe(drawn[rel], False)}"})
+                annotations.append(
+                    {
+                        "image": rel,
+                        "role_info": c.name if i == 1 else "",
+                        "place_info": rng.choice(["The harbour", "A quiet garden", "The bridge"]),
+                        "scene_info": "" if i == 1 else f"Shapes: {_describe(drawn[rel], False)}",
+                    }
+                )
             script_imgs.setdefault(c.name, []).append(rel)
     counts["images"] = len(drawn)
     (images / "annotations.json").write_text(json.dumps(annotations, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -174,9 +238,11 @@ def build_demo(out: Union[str, Path], seed: int = 0, dialogues_per_type: int = 4
         else:
             partner = by_name[PARTNERS[c.name]]
             conv = []
-            for j in range(rng.randint(2, 3)):
-                conv += [{"role": c.name, "value": _answer(c, items, rng)},
-                         {"role": partner.name, "value": _answer(partner, items, rng)}]
+            for _j in range(rng.randint(2, 3)):
+                conv += [
+                    {"role": c.name, "value": _answer(c, items, rng)},
+                    {"role": partner.name, "value": _answer(partner, items, rng)},
+                ]
         rec["conversations"] = conv
         return rec
 
@@ -188,11 +254,21 @@ def build_demo(out: Union[str, Path], seed: int = 0, dialogues_per_type: int = 4
                 if c.name == "Captain Nova" and source == "COCO":
                     # Published quirks: an empty dialogue, and a comment nobody answered.
                     if dtype == "comment":
-                        recs.append({"id": f"Captain_Nova_comment_COCO_{len(recs)}", "image": coco[0],
-                                     "conversations": [{"from": "human", "value": QUESTIONS[0]}]})
+                        recs.append(
+                            {
+                                "id": f"Captain_Nova_comment_COCO_{len(recs)}",
+                                "image": coco[0],
+                                "conversations": [{"from": "human", "value": QUESTIONS[0]}],
+                            }
+                        )
                     else:
-                        recs.append({"id": f"Captain_Nova_{DIALOGUE_ID_INFIX[dtype]}_COCO_{len(recs)}",
-                                     "image": coco[1], "conversations": []})
+                        recs.append(
+                            {
+                                "id": f"Captain_Nova_{DIALOGUE_ID_INFIX[dtype]}_COCO_{len(recs)}",
+                                "image": coco[1],
+                                "conversations": [],
+                            }
+                        )
                 counts["dialogues"] += len(recs)
                 if c.group == "out-of-distribution":
                     ood[dtype] += recs
@@ -230,14 +306,28 @@ def _write_rendered_splits(out: Path, seed: int) -> dict:
         is_test = "_COCO_" in d.id and idx == 1
         if is_test:
             s = rng.choice(samples)
-            test.setdefault((s.group, d.type), []).append({
-                "id": s.id, "system": s.system, "image": s.image,
-                "conversations": [{"from": "user", "value": s.user_text}, {"from": "assistant", "value": s.target}],
-                "role": s.role, "script": s.script, "other_role": s.other_role})
+            test.setdefault((s.group, d.type), []).append(
+                {
+                    "id": s.id,
+                    "system": s.system,
+                    "image": s.image,
+                    "conversations": [{"from": "user", "value": s.user_text}, {"from": "assistant", "value": s.target}],
+                    "role": s.role,
+                    "script": s.script,
+                    "other_role": s.other_role,
+                }
+            )
         else:
-            train += [{"id": s.id, "conversations": [
-                {"from": "user", "value": f"Picture 1: <img>{s.image}</img>\n{s.user_text}"},
-                {"from": "assistant", "value": s.target}]} for s in samples]
+            train += [
+                {
+                    "id": s.id,
+                    "conversations": [
+                        {"from": "user", "value": f"Picture 1: <img>{s.image}</img>\n{s.user_text}"},
+                        {"from": "assistant", "value": s.target},
+                    ],
+                }
+                for s in samples
+            ]
     for (group, dtype), recs in test.items():
         f = out / "data" / "test" / group / f"{dtype}_test.json"
         f.parent.mkdir(parents=True, exist_ok=True)

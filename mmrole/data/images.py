@@ -44,8 +44,9 @@ def open_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAU
         raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def load_image(images_root: Union[str, Path], rel_path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-               data: Optional[bytes] = None) -> Image.Image:
+def load_image(
+    images_root: Union[str, Path], rel_path: str, max_pixels: int = DEFAULT_MAX_PIXELS, data: Optional[bytes] = None
+) -> Image.Image:
     """Load ``rel_path`` (relative to ``images_root``) as an RGB image, or decode ``data`` when given."""
     if data is not None:
         return open_image_bytes(data, rel_path, max_pixels)

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,8 +114,7 @@ class _ImageGate:
             return str(e), None
 
 
-def prepare(root: Union[str, Path], out: Union[str, Path], cfg: Optional[PrepareConfig] = None,
-            progress=None) -> dict:
+def prepare(root: Union[str, Path], out: Union[str, Path], cfg: Optional[PrepareConfig] = None, progress=None) -> dict:
     """Render ``root`` into Parquet under ``out``; returns the manifest (also written to out/manifest.json)."""
     cfg = cfg or PrepareConfig()
     ds = load_dataset(root)
@@ -139,8 +139,7 @@ def prepare(root: Union[str, Path], out: Union[str, Path], cfg: Optional[Prepare
     return manifest
 
 
-def _write_split(writer: SplitWriter, samples: Iterable[Sample], gate: _ImageGate, rejects: list,
-                 counts: dict) -> None:
+def _write_split(writer: SplitWriter, samples: Iterable[Sample], gate: _ImageGate, rejects: list, counts: dict) -> None:
     for s in samples:
         counts["in"] += 1
         err, data = gate.check(s.image)
@@ -207,7 +206,7 @@ def _prepare_into(ds: MMRoleDataset, out: Path, cfg: PrepareConfig, template, pr
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    for name, info in splits.items():
+    for info in splits.values():
         info["sha256"] = {rel: _sha256(out / rel) for rel in info["files"]}
     return {
         "format": FORMAT,
@@ -226,6 +225,8 @@ def _prepare_into(ds: MMRoleDataset, out: Path, cfg: PrepareConfig, template, pr
             "samples_rendered": stats.samples_out,
             "rejected_by_reason": stats.rejected_by_reason,
         },
-        "problems": {"errors": sum(p.level == "error" for p in ds.problems),
-                     "warnings": sum(p.level == "warning" for p in ds.problems)},
+        "problems": {
+            "errors": sum(p.level == "error" for p in ds.problems),
+            "warnings": sum(p.level == "warning" for p in ds.problems),
+        },
     }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,10 +23,21 @@ class PreparedDataError(ValueError):
 def sample_schema(embed_images: bool = False) -> pa.Schema:
     """The Parquet schema of prepared samples."""
     fields = [
-        ("id", pa.string()), ("system", pa.string()), ("user_text", pa.string()), ("image", pa.string()),
-        ("target", pa.string()), ("role", pa.string()), ("other_role", pa.string()), ("script", pa.string()),
-        ("dialogue_type", pa.string()), ("k", pa.int64()), ("group", pa.string()), ("prompt_head", pa.string()),
-        ("history_header", pa.string()), ("history_lines", pa.list_(pa.string())), ("history_footer", pa.string()),
+        ("id", pa.string()),
+        ("system", pa.string()),
+        ("user_text", pa.string()),
+        ("image", pa.string()),
+        ("target", pa.string()),
+        ("role", pa.string()),
+        ("other_role", pa.string()),
+        ("script", pa.string()),
+        ("dialogue_type", pa.string()),
+        ("k", pa.int64()),
+        ("group", pa.string()),
+        ("prompt_head", pa.string()),
+        ("history_header", pa.string()),
+        ("history_lines", pa.list_(pa.string())),
+        ("history_footer", pa.string()),
         ("prompt_tail", pa.string()),
     ]
     if embed_images:

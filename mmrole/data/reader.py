@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 from .records import (
     DEFAULT_HUMAN_NAME,
@@ -100,7 +101,7 @@ def image_path_from_tag(text: str) -> tuple[Optional[str], str]:
     path = m.group(1).strip()
     if "images/" in path:
         path = path.rsplit("images/", 1)[1]
-    return path, (text[: m.start()] + text[m.end():]).strip("\n")
+    return path, (text[: m.start()] + text[m.end() :]).strip("\n")
 
 
 @dataclass
@@ -126,7 +127,9 @@ class MMRoleDataset:
                     self.problems.append(Problem("error", str(pdir), "", "missing", "profiles folder missing"))
                 continue
             roles = read_json(pdir / "roles.json", self.problems, dict) if (pdir / "roles.json").exists() else None
-            profiles = read_json(pdir / "profiles.json", self.problems, dict) if (pdir / "profiles.json").exists() else None
+            profiles = (
+                read_json(pdir / "profiles.json", self.problems, dict) if (pdir / "profiles.json").exists() else None
+            )
             if roles is None or profiles is None:
                 missing = [n for n, v in (("roles.json", roles), ("profiles.json", profiles)) if v is None]
                 self.problems.append(Problem("error", str(pdir), "", "missing", f"missing or unreadable {missing}"))
@@ -135,8 +138,15 @@ class MMRoleDataset:
                 for name in names:
                     profile = profiles.get(name)
                     if not profile:
-                        self.problems.append(Problem("error", str(pdir / "profiles.json"), name, "no_profile",
-                                                     f"role {name!r} of {script!r} has no profile"))
+                        self.problems.append(
+                            Problem(
+                                "error",
+                                str(pdir / "profiles.json"),
+                                name,
+                                "no_profile",
+                                f"role {name!r} of {script!r} has no profile",
+                            )
+                        )
                         profile = ""
                     structured = None
                     stem = role_file_stem(name)
@@ -145,17 +155,37 @@ class MMRoleDataset:
                         if f.exists():
                             structured = read_json(f, self.problems, dict)
                     if name in self.characters:
-                        self.problems.append(Problem("warning", str(pdir / "roles.json"), name, "duplicate_role",
-                                                     "role listed more than once; first entry kept"))
+                        self.problems.append(
+                            Problem(
+                                "warning",
+                                str(pdir / "roles.json"),
+                                name,
+                                "duplicate_role",
+                                "role listed more than once; first entry kept",
+                            )
+                        )
                         continue
                     self.characters[name] = Character(
-                        name=name, script=script, group=group, kind=infer_kind(script),
-                        language=infer_language(name, profile), profile=profile, structured_profile=structured)
+                        name=name,
+                        script=script,
+                        group=group,
+                        kind=infer_kind(script),
+                        language=infer_language(name, profile),
+                        profile=profile,
+                        structured_profile=structured,
+                    )
                     self._stems[stem] = name
             for name in profiles:
                 if not any(name in v for v in roles.values()):
-                    self.problems.append(Problem("warning", str(pdir / "profiles.json"), name, "unlisted_role",
-                                                 "profile for a role not listed in roles.json"))
+                    self.problems.append(
+                        Problem(
+                            "warning",
+                            str(pdir / "profiles.json"),
+                            name,
+                            "unlisted_role",
+                            "profile for a role not listed in roles.json",
+                        )
+                    )
 
     def _load_annotations(self) -> None:
         f = self.images_root / "annotations.json"
@@ -167,8 +197,9 @@ class MMRoleDataset:
             if not isinstance(a, dict) or not a.get("image"):
                 self.problems.append(Problem("error", str(f), str(i), "bad_record", "annotation without 'image'"))
                 continue
-            self.annotations[a["image"]] = ImageRef(a["image"], _clean(a.get("role_info")),
-                                                    _clean(a.get("place_info")), _clean(a.get("scene_info")))
+            self.annotations[a["image"]] = ImageRef(
+                a["image"], _clean(a.get("role_info")), _clean(a.get("place_info")), _clean(a.get("scene_info"))
+            )
 
     # ---- dialogues ---------------------------------------------------------------------------
     def dialogue_files(self) -> list[tuple[Path, str, str, Optional[str]]]:
@@ -191,7 +222,9 @@ class MMRoleDataset:
             return self._stems.get(stem, stem.replace("_", " "))
         return None
 
-    def parse_dialogue(self, rec, file: Path, group: str, dtype: str, owner: Optional[str], index: int) -> Optional[Dialogue]:
+    def parse_dialogue(
+        self, rec, file: Path, group: str, dtype: str, owner: Optional[str], index: int
+    ) -> Optional[Dialogue]:
         """One raw dialogue record -> Dialogue, or None with a Problem recorded."""
         src = str(file)
         if not isinstance(rec, dict) or "id" not in rec:
@@ -205,7 +238,9 @@ class MMRoleDataset:
         path = rec["image"]
         ann = self.annotations.get(path)
         if any(k in rec for k in ("role_info", "place_info", "scene_info")):
-            image = ImageRef(path, _clean(rec.get("role_info")), _clean(rec.get("place_info")), _clean(rec.get("scene_info")))
+            image = ImageRef(
+                path, _clean(rec.get("role_info")), _clean(rec.get("place_info")), _clean(rec.get("scene_info"))
+            )
         else:
             image = ann or ImageRef(path)
         turns = []
@@ -226,8 +261,9 @@ class MMRoleDataset:
             elif speaker.lower() in _MODEL_ALIASES and owner:
                 speaker = owner
             turns.append(Turn(speaker, t["value"]))
-        return Dialogue(id=did, type=dtype, image=image, turns=tuple(turns), owner=owner or "", group=group,
-                        source_file=src)
+        return Dialogue(
+            id=did, type=dtype, image=image, turns=tuple(turns), owner=owner or "", group=group, source_file=src
+        )
 
     def iter_dialogues(self, files=None) -> Iterator[Dialogue]:
         """Stream every dialogue, file by file; records that cannot be parsed are reported as problems."""
@@ -272,8 +308,18 @@ class MMRoleDataset:
             if image is None:
                 self.problems.append(Problem("error", str(f), sid, "no_image", "user text has no <img> tag"))
                 continue
-            yield Sample(id=sid, system=str(rec.get("system") or system), user_text=text, image=image, target=answer, role="", other_role="",
-                         script="", dialogue_type=dialogue_type, k=0)
+            yield Sample(
+                id=sid,
+                system=str(rec.get("system") or system),
+                user_text=text,
+                image=image,
+                target=answer,
+                role="",
+                other_role="",
+                script="",
+                dialogue_type=dialogue_type,
+                k=0,
+            )
 
 
 def read_test_file(f: Path, group: str, dtype: str, problems: Optional[list] = None) -> Iterator[Sample]:
@@ -291,9 +337,19 @@ def read_test_file(f: Path, group: str, dtype: str, problems: Optional[list] = N
             convs = rec["conversations"]
             user, target = convs[0]["value"], convs[1]["value"]
             k = int(sid.rsplit("_", 1)[1])
-            sample = Sample(id=sid, system=rec.get("system", ""), user_text=user, image=rec["image"], target=target,
-                            role=rec["role"], other_role=rec.get("other_role") or DEFAULT_HUMAN_NAME,
-                            script=rec.get("script", ""), dialogue_type=dtype, k=k, group=group)
+            sample = Sample(
+                id=sid,
+                system=rec.get("system", ""),
+                user_text=user,
+                image=rec["image"],
+                target=target,
+                role=rec["role"],
+                other_role=rec.get("other_role") or DEFAULT_HUMAN_NAME,
+                script=rec.get("script", ""),
+                dialogue_type=dtype,
+                k=k,
+                group=group,
+            )
         except (KeyError, IndexError, TypeError, ValueError) as e:
             msg = f"malformed test record ({type(e).__name__}: {e})"
             if problems is None:
@@ -316,5 +372,12 @@ def load_dataset(root: Union[str, Path]) -> MMRoleDataset:
     return ds
 
 
-__all__ = ["MMRoleDataset", "Problem", "DatasetError", "load_dataset", "read_test_file", "image_path_from_tag",
-           "HYPOTHETICAL_SCRIPT"]
+__all__ = [
+    "MMRoleDataset",
+    "Problem",
+    "DatasetError",
+    "load_dataset",
+    "read_test_file",
+    "image_path_from_tag",
+    "HYPOTHETICAL_SCRIPT",
+]

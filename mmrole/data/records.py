@@ -135,7 +135,7 @@ class Sample:
         if keep_last is None:
             lines = self.history_lines
         else:
-            lines = self.history_lines[len(self.history_lines) - keep_last:] if keep_last > 0 else []
+            lines = self.history_lines[len(self.history_lines) - keep_last :] if keep_last > 0 else []
         if not lines:
             return self.prompt_head + self.prompt_tail
         return self.prompt_head + self.history_header + "\n".join(lines) + self.history_footer + self.prompt_tail
@@ -144,7 +144,7 @@ class Sample:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Sample":
+    def from_row(cls, row: dict[str, Any]) -> Sample:
         kw = {f: row[f] for f in cls.__dataclass_fields__ if f in row}
         lines = kw.get("history_lines")  # a list, or a numpy array when the row comes from Ray Data
         kw["history_lines"] = [] if lines is None else list(lines)

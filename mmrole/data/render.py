@@ -9,8 +9,9 @@ Sample ids are ``<dialogue id>_<k>``, the same as the published test split.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional
+from typing import Optional
 
 from .records import (
     HUMAN_SPEAKER,
@@ -87,8 +88,11 @@ def render_question(
     sections = [t.opening[key].format(**names), t.profile.format(name=role.name, profile=role.profile)]
     if other is not None:
         sections.append(t.profile.format(name=other.name, profile=other.profile))
-    info = [t.image_info[f].format(value=_finish(getattr(image, f), f, t)) for f in ("role_info", "place_info", "scene_info")
-            if getattr(image, f)]
+    info = [
+        t.image_info[f].format(value=_finish(getattr(image, f), f, t))
+        for f in ("role_info", "place_info", "scene_info")
+        if getattr(image, f)
+    ]
     if info:
         sections.append("\n".join([t.image_info["header"], *info]))
     head = sep.join(sections) + sep

@@ -46,7 +46,7 @@ class RoleplayTemplate:
     source: str = "<builtin>"
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<dict>") -> "RoleplayTemplate":
+    def from_dict(cls, d: dict, source: str = "<dict>") -> RoleplayTemplate:
         for key, sub in _REQUIRED.items():
             if key not in d:
                 raise TemplateError(f"{source}: missing key {key!r}")
@@ -72,11 +72,30 @@ class RoleplayTemplate:
         return t
 
     def _check_placeholders(self) -> None:
-        allowed = {"role", "script", "other", "other_definite", "other_script", "language", "name",
-                   "profile", "value", "speaker", "text", "last_words"}
-        texts = [self.system, self.profile, self.history_header, self.history_line,
-                 self.instruction_respond, self.instruction_start, *self.opening.values(),
-                 *(v for v in self.image_info.values() if isinstance(v, str))]
+        allowed = {
+            "role",
+            "script",
+            "other",
+            "other_definite",
+            "other_script",
+            "language",
+            "name",
+            "profile",
+            "value",
+            "speaker",
+            "text",
+            "last_words",
+        }
+        texts = [
+            self.system,
+            self.profile,
+            self.history_header,
+            self.history_line,
+            self.instruction_respond,
+            self.instruction_start,
+            *self.opening.values(),
+            *(v for v in self.image_info.values() if isinstance(v, str)),
+        ]
         for text in texts:
             for _, field_name, _, _ in string.Formatter().parse(text):
                 if field_name is not None and field_name not in allowed:

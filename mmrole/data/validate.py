@@ -32,16 +32,25 @@ class ValidationReport:
         return not self.errors and (not strict or not self.warnings)
 
     def to_json(self) -> dict:
-        return {"root": self.root, "counts": self.counts, "errors": len(self.errors), "warnings": len(self.warnings),
-                "problems": [p.__dict__ for p in self.problems]}
+        return {
+            "root": self.root,
+            "counts": self.counts,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "problems": [p.__dict__ for p in self.problems],
+        }
 
 
 def _is_coco(rel: str) -> bool:
     return rel.startswith("COCO/")
 
 
-def validate(root: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS, check_images: bool = True,
-             template: Optional[str] = None) -> ValidationReport:
+def validate(
+    root: Union[str, Path],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    check_images: bool = True,
+    template: Optional[str] = None,
+) -> ValidationReport:
     """Check layout, JSON, images and speakers; count characters, images, dialogues, samples and tests."""
     ds = load_dataset(root)
     rep = ValidationReport(root=str(Path(root).resolve()))
@@ -54,8 +63,9 @@ def validate(root: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS, check
         images.setdefault(d.image.path, []).append(d.id)
         for sp in d.speakers:
             if sp != HUMAN_SPEAKER and sp not in ds.characters:
-                ds.problems.append(Problem("error", d.source_file, d.id, "unknown_speaker",
-                                           f"speaker {sp!r} has no profile"))
+                ds.problems.append(
+                    Problem("error", d.source_file, d.id, "unknown_speaker", f"speaker {sp!r} has no profile")
+                )
         for _ in expand_dialogue(d, ds.characters, t, stats):
             pass
     for r in stats.rejects:
@@ -89,9 +99,15 @@ def validate(root: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS, check
             except ImageError as e:
                 ds.problems.append(Problem("error", str(path), where, "bad_image", str(e)))
     if missing_coco:
-        ds.problems.append(Problem("warning", str(ds.images_root / "COCO"), "", "missing_coco",
-                                   f"{missing_coco} COCO images are not present (download MS-COCO train2017 "
-                                   "into images/COCO/train2017/)"))
+        ds.problems.append(
+            Problem(
+                "warning",
+                str(ds.images_root / "COCO"),
+                "",
+                "missing_coco",
+                f"{missing_coco} COCO images are not present (download MS-COCO train2017 into images/COCO/train2017/)",
+            )
+        )
     chars = Counter(f"{c.group}/{c.kind}" for c in ds.characters.values())
     rep.counts = {
         "characters": len(ds.characters),

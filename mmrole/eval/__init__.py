@@ -4,11 +4,29 @@ Nothing here imports Ray or torch at import time; the VLM judge imports :mod:`mm
 """
 
 from .aggregate import GroupStat, MetricStat, ScoreRow, position_bias, rows_from_results, rows_from_reviews, summarize
-from .contract import (Judge, JudgeRequest, JudgeResult, build_judge_sample, expand_requests, result_from_reply,
-                       rm_training_sample)
-from .formats import (AnswerRecord, EvalDataError, LoadStats, ReviewEntry, ReviewRecord, answer_record_dict,
-                      load_answers_file, load_reviews_file, read_results_csv, write_answers_file, write_results_csv,
-                      write_reviews_file)
+from .contract import (
+    Judge,
+    JudgeRequest,
+    JudgeResult,
+    build_judge_sample,
+    expand_requests,
+    result_from_reply,
+    rm_training_sample,
+)
+from .formats import (
+    AnswerRecord,
+    EvalDataError,
+    LoadStats,
+    ReviewEntry,
+    ReviewRecord,
+    answer_record_dict,
+    load_answers_file,
+    load_reviews_file,
+    read_results_csv,
+    write_answers_file,
+    write_results_csv,
+    write_reviews_file,
+)
 from .judges import JudgeConfigError, OpenAIJudge, OpenAIJudgeConfig, VLMJudge
 from .metrics import DIMENSIONS, METRICS
 from .parse import ScoreParseError, parse_scores, try_parse_scores

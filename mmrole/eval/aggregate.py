@@ -9,8 +9,9 @@ score) are excluded from every mean and counted per metric and per reason.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Optional
 
 from .contract import JudgeResult, Key
 from .formats import AnswerRecord, ReviewRecord
@@ -42,8 +43,7 @@ class MetricStat:
     ci: Optional[tuple[float, float]] = None
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "n": self.n, "n_failed": self.n_failed,
-                "ci": list(self.ci) if self.ci else None}
+        return {"mean": self.mean, "n": self.n, "n_failed": self.n_failed, "ci": list(self.ci) if self.ci else None}
 
 
 @dataclass
@@ -70,12 +70,20 @@ class GroupStat:
         return {m: s.mean for m, s in self.metrics.items()}
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "set": self.set_name, "dialogue_type": self.dialogue_type, "role": self.role,
-                "n_samples": self.n_samples, "metrics": {m: s.to_dict() for m, s in self.metrics.items()},
-                "dimensions": self.dimensions,
-                "dimension_ci": {d: (list(c) if c else None) for d, c in self.dimension_ci.items()},
-                "overall": self.overall, "overall_ci": list(self.overall_ci) if self.overall_ci else None,
-                "n_failed": self.n_failed, "failures": dict(self.failures)}
+        return {
+            "model": self.model,
+            "set": self.set_name,
+            "dialogue_type": self.dialogue_type,
+            "role": self.role,
+            "n_samples": self.n_samples,
+            "metrics": {m: s.to_dict() for m, s in self.metrics.items()},
+            "dimensions": self.dimensions,
+            "dimension_ci": {d: (list(c) if c else None) for d, c in self.dimension_ci.items()},
+            "overall": self.overall,
+            "overall_ci": list(self.overall_ci) if self.overall_ci else None,
+            "n_failed": self.n_failed,
+            "failures": dict(self.failures),
+        }
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -92,8 +100,9 @@ def rows_from_reviews(records: Iterable[ReviewRecord], model: str, metrics: Sequ
     return out
 
 
-def rows_from_results(answers: Iterable[AnswerRecord], results: Mapping[Key, JudgeResult], model: str,
-                      metrics: Sequence[str] = METRICS) -> list[ScoreRow]:
+def rows_from_results(
+    answers: Iterable[AnswerRecord], results: Mapping[Key, JudgeResult], model: str, metrics: Sequence[str] = METRICS
+) -> list[ScoreRow]:
     """Score rows of a scoring run; a (sample, metric) without a result is a failure 'no result'."""
     out = []
     for a in answers:
@@ -102,8 +111,18 @@ def rows_from_results(answers: Iterable[AnswerRecord], results: Mapping[Key, Jud
             if r is None:
                 out.append(ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, None, "no result"))
             else:
-                out.append(ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, r.ratio,
-                                    None if r.ok else (r.error or "failed")))
+                out.append(
+                    ScoreRow(
+                        model,
+                        a.set_name,
+                        a.dialogue_type,
+                        a.id,
+                        a.role,
+                        m,
+                        r.ratio,
+                        None if r.ok else (r.error or "failed"),
+                    )
+                )
     return out
 
 
@@ -149,8 +168,14 @@ def _ci(values, confidence: float) -> Optional[tuple[float, float]]:
     return float(lo), float(hi)
 
 
-def summarize(rows: Sequence[ScoreRow], by: Sequence[str] = ("model",), metrics: Sequence[str] = METRICS,
-              bootstrap: int = 0, seed: int = 0, confidence: float = 0.95) -> list[GroupStat]:
+def summarize(
+    rows: Sequence[ScoreRow],
+    by: Sequence[str] = ("model",),
+    metrics: Sequence[str] = METRICS,
+    bootstrap: int = 0,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[GroupStat]:
     """Group rows by ``by`` (fields of :class:`ScoreRow`: model, set_name, dialogue_type, role) and compute
     metric, dimension and overall means; ``bootstrap`` > 0 adds percentile CIs (seeded, per group)."""
     bad = [b for b in by if b not in GROUP_FIELDS]
@@ -188,8 +213,9 @@ def summarize(rows: Sequence[ScoreRow], by: Sequence[str] = ("model",), metrics:
             strata: dict[tuple, list] = {}
             for skey, vals in samples.items():
                 strata.setdefault(skey[:3], []).append([np.nan if vals.get(m) is None else vals[m] for m in metrics])
-            boots = _bootstrap([np.asarray(v, dtype=float) for v in strata.values()], len(metrics), bootstrap,
-                               seed + gi)
+            boots = _bootstrap(
+                [np.asarray(v, dtype=float) for v in strata.values()], len(metrics), bootstrap, seed + gi
+            )
             for j, m in enumerate(metrics):
                 stat.metrics[m].ci = _ci(boots[:, j], confidence)
             for d, ms in dims.items():
@@ -216,10 +242,12 @@ class BiasStat:
         return dict(self.__dict__)
 
 
-def position_bias(original: Mapping[Key, JudgeResult], swapped: Mapping[Key, JudgeResult],
-                  metrics: Sequence[str] = METRICS) -> dict[str, BiasStat]:
+def position_bias(
+    original: Mapping[Key, JudgeResult], swapped: Mapping[Key, JudgeResult], metrics: Sequence[str] = METRICS
+) -> dict[str, BiasStat]:
     """Compare the A/B scores of the normal run with the run where the answers were shown swapped (both stored
     un-swapped). Only keys scored in both runs count. Returns one entry per metric plus ``all``."""
+
     def stat(keys: list[Key]) -> BiasStat:
         if not keys:
             return BiasStat(0, None, None, None, None, None)
@@ -231,8 +259,9 @@ def position_bias(original: Mapping[Key, JudgeResult], swapped: Mapping[Key, Jud
 
         flips = sum(sign(original[k]) != sign(swapped[k]) for k in keys)
         mo, ms = sum(o) / len(o), sum(s) / len(s)
-        return BiasStat(len(keys), mo, ms, mo - ms, sum(abs(a - b) for a, b in zip(o, s)) / len(keys),
-                        flips / len(keys))
+        return BiasStat(
+            len(keys), mo, ms, mo - ms, sum(abs(a - b) for a, b in zip(o, s)) / len(keys), flips / len(keys)
+        )
 
     both = [k for k, r in original.items() if r.ok and k in swapped and swapped[k].ok and k[1] in metrics]
     out = {m: stat([k for k in both if k[1] == m]) for m in metrics}

@@ -12,8 +12,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluation: judge scoring and reports")
     sub = p.add_subparsers(dest="eval_command", required=True)
 
-    r = sub.add_parser("report", help="per-model tables, CSV/JSON and plots over an eval/ folder",
-                       description="Aggregate <set>_reviews/<model>/<type>_test.json files under DIR.")
+    r = sub.add_parser(
+        "report",
+        help="per-model tables, CSV/JSON and plots over an eval/ folder",
+        description="Aggregate <set>_reviews/<model>/<type>_test.json files under DIR.",
+    )
     r.add_argument("dir", help="folder laid out like the published eval/ (any number of models)")
     r.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
     r.add_argument("--out", help="write summary CSVs, per-file results CSVs, report.json/.md and PNG plots here")
@@ -24,9 +27,12 @@ def register(subparsers) -> None:
     r.add_argument("--strict", action="store_true", help="fail on the first bad record instead of rejecting it")
     r.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("score", help="score one model's answers with an OpenAI-compatible judge (no Ray)",
-                       description="Judge <set>_answers/<model>/*.json under DIR, resumably; writes "
-                                   "<set>_reviews and <set>_results for the model when every score is in.")
+    s = sub.add_parser(
+        "score",
+        help="score one model's answers with an OpenAI-compatible judge (no Ray)",
+        description="Judge <set>_answers/<model>/*.json under DIR, resumably; writes "
+        "<set>_reviews and <set>_results for the model when every score is in.",
+    )
     s.add_argument("dir", help="eval folder holding <set>_answers/<model>/<type>_test.json")
     s.add_argument("--model", required=True, help="model folder name under <set>_answers/")
     s.add_argument("--judge-config", help="YAML with OpenAIJudgeConfig fields (flags below override it)")
@@ -40,8 +46,11 @@ def register(subparsers) -> None:
     s.add_argument("--metrics", help="comma-separated subset of the 8 metrics")
     s.add_argument("--batch-size", type=int, default=64, help="requests per store append")
     s.add_argument("--retry-failed", action="store_true", help="re-score keys whose stored result is a failure")
-    s.add_argument("--swap", action="store_true", help="position-bias run: show the answers swapped, store "
-                                                       "separately and compare with the normal run")
+    s.add_argument(
+        "--swap",
+        action="store_true",
+        help="position-bias run: show the answers swapped, store separately and compare with the normal run",
+    )
     s.add_argument("--out", help="where to write judge_results/ and the reviews/results (default: DIR)")
     s.set_defaults(func=cmd_score)
 
@@ -63,8 +72,9 @@ def cmd_report(args) -> int:
     if args.out:
         plots = not args.no_plots
         if plots and importlib.util.find_spec("matplotlib") is None:
-            print("warning: matplotlib is not installed (pip install 'mmrole[plots]'); writing no plots",
-                  file=sys.stderr)
+            print(
+                "warning: matplotlib is not installed (pip install 'mmrole[plots]'); writing no plots", file=sys.stderr
+            )
             plots = False
         paths = write_report(rep, args.out, plots=plots)
         print(f"wrote {len(paths)} files under {args.out}", file=sys.stderr)
@@ -81,9 +91,14 @@ def _judge_config(args):
         d = yaml.safe_load(Path(args.judge_config).read_text(encoding="utf-8")) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{args.judge_config}: expected a mapping of OpenAIJudgeConfig fields")
-    for flag, key in (("judge_model", "model"), ("base_url", "base_url"), ("api_key_env", "api_key_env"),
-                      ("images_root", "images_root"), ("judge_template", "template_path"),
-                      ("max_concurrency", "max_concurrency")):
+    for flag, key in (
+        ("judge_model", "model"),
+        ("base_url", "base_url"),
+        ("api_key_env", "api_key_env"),
+        ("images_root", "images_root"),
+        ("judge_template", "template_path"),
+        ("max_concurrency", "max_concurrency"),
+    ):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
     if args.no_api_key:
@@ -117,8 +132,7 @@ def cmd_score(args) -> int:
     requests = expand_requests(answers, metrics, swapped=args.swap)
 
     def progress(s):
-        print(f"\r{s.n_already_done + s.n_scored}/{s.n_requests} scored, {s.n_failed} failed", end="",
-              file=sys.stderr)
+        print(f"\r{s.n_already_done + s.n_scored}/{s.n_requests} scored, {s.n_failed} failed", end="", file=sys.stderr)
 
     try:
         summary = score_requests(requests, judge, store, args.batch_size, args.retry_failed, progress)

@@ -9,8 +9,9 @@ un-swapped (``score_a`` = the model under test), so the two runs can be compared
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 from mmrole.data.records import Sample
 
@@ -55,7 +56,7 @@ class JudgeRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JudgeRequest":
+    def from_dict(cls, d: dict) -> JudgeRequest:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -90,7 +91,7 @@ class JudgeResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JudgeResult":
+    def from_dict(cls, d: dict) -> JudgeResult:
         missing = [k for k in ("sample_id", "metric", "ok") if k not in d]
         if missing:
             raise KeyError(f"result lacks {missing}")
@@ -111,22 +112,37 @@ class Judge(Protocol):
     def score_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]: ...
 
 
-def expand_requests(answers: Iterable[AnswerRecord], metrics: Optional[Sequence[str]] = None,
-                    swapped: bool = False) -> list[JudgeRequest]:
+def expand_requests(
+    answers: Iterable[AnswerRecord], metrics: Optional[Sequence[str]] = None, swapped: bool = False
+) -> list[JudgeRequest]:
     """One request per (answer, metric), in answer order then METRICS order. Sample ids must be unique."""
     metrics = check_metrics(metrics)
     out: list[JudgeRequest] = []
     seen: dict[str, str] = {}
     for a in answers:
         if a.id in seen:
-            raise ValueError(f"duplicate sample id {a.id!r} (in {seen[a.id] or '?'} and {a.source or '?'}): "
-                             "(sample_id, metric) keys would collide")
+            raise ValueError(
+                f"duplicate sample id {a.id!r} (in {seen[a.id] or '?'} and {a.source or '?'}): "
+                "(sample_id, metric) keys would collide"
+            )
         seen[a.id] = a.source
         for m in metrics:
-            out.append(JudgeRequest(sample_id=a.id, metric=m, question=a.question, answer=a.answer,
-                                    reference=a.reference, image=a.image, role=a.role, other_role=a.other_role,
-                                    script=a.script, set_name=a.set_name, dialogue_type=a.dialogue_type,
-                                    swapped=swapped))
+            out.append(
+                JudgeRequest(
+                    sample_id=a.id,
+                    metric=m,
+                    question=a.question,
+                    answer=a.answer,
+                    reference=a.reference,
+                    image=a.image,
+                    role=a.role,
+                    other_role=a.other_role,
+                    script=a.script,
+                    set_name=a.set_name,
+                    dialogue_type=a.dialogue_type,
+                    swapped=swapped,
+                )
+            )
     return out
 
 
@@ -134,12 +150,28 @@ def build_judge_sample(request: JudgeRequest, template: Optional[JudgeTemplate] 
     """The judge call as a :class:`Sample` (user_text = judge prompt), for any VLM or for RM training data."""
     template = template or load_judge_template()
     shown_a, shown_b = request.presented()
-    prompt = template.render(question=request.question, answer_a=shown_a, answer_b=shown_b, metric=request.metric,
-                             role=request.role, other_role=request.other_role, script=request.script)
-    return Sample(id=f"{request.sample_id}::{request.metric}" + ("::swapped" if request.swapped else ""),
-                  system=template.system, user_text=prompt, image=request.image, target="", role=request.role,
-                  other_role=request.other_role, script=request.script, dialogue_type="judge", k=0,
-                  group=_SET_TO_GROUP.get(request.set_name, "in-distribution"))
+    prompt = template.render(
+        question=request.question,
+        answer_a=shown_a,
+        answer_b=shown_b,
+        metric=request.metric,
+        role=request.role,
+        other_role=request.other_role,
+        script=request.script,
+    )
+    return Sample(
+        id=f"{request.sample_id}::{request.metric}" + ("::swapped" if request.swapped else ""),
+        system=template.system,
+        user_text=prompt,
+        image=request.image,
+        target="",
+        role=request.role,
+        other_role=request.other_role,
+        script=request.script,
+        dialogue_type="judge",
+        k=0,
+        group=_SET_TO_GROUP.get(request.set_name, "in-distribution"),
+    )
 
 
 def rm_training_sample(request: JudgeRequest, result: JudgeResult, template: Optional[JudgeTemplate] = None) -> Sample:
@@ -151,24 +183,45 @@ def rm_training_sample(request: JudgeRequest, result: JudgeResult, template: Opt
     return s
 
 
-def result_from_reply(request: JudgeRequest, reply: str, *, attempts: int = 1, judge: str = "",
-                      elapsed_s: float = 0.0) -> JudgeResult:
+def result_from_reply(
+    request: JudgeRequest, reply: str, *, attempts: int = 1, judge: str = "", elapsed_s: float = 0.0
+) -> JudgeResult:
     """Parse a reply into a result, un-swapping the pair for swapped requests; unparsable -> failure."""
     pair, reason = try_parse_scores(reply, require_positive_b=False)
     if pair is None:
-        return failure(request, reason or "unparsable", review=reply, attempts=attempts, judge=judge,
-                       elapsed_s=elapsed_s)
+        return failure(
+            request, reason or "unparsable", review=reply, attempts=attempts, judge=judge, elapsed_s=elapsed_s
+        )
     a, b = pair
     if request.swapped:  # the judge saw the reference as A
         a, b = b, a
     if b == 0:
-        return failure(request, B_ZERO_ERROR, review=reply,
-                       attempts=attempts, judge=judge, elapsed_s=elapsed_s)
-    return JudgeResult(sample_id=request.sample_id, metric=request.metric, ok=True, score_a=a, score_b=b,
-                       review=reply, attempts=attempts, swapped=request.swapped, judge=judge, elapsed_s=elapsed_s)
+        return failure(request, B_ZERO_ERROR, review=reply, attempts=attempts, judge=judge, elapsed_s=elapsed_s)
+    return JudgeResult(
+        sample_id=request.sample_id,
+        metric=request.metric,
+        ok=True,
+        score_a=a,
+        score_b=b,
+        review=reply,
+        attempts=attempts,
+        swapped=request.swapped,
+        judge=judge,
+        elapsed_s=elapsed_s,
+    )
 
 
-def failure(request: JudgeRequest, error: str, *, review: str = "", attempts: int = 0, judge: str = "",
-            elapsed_s: float = 0.0) -> JudgeResult:
-    return JudgeResult(sample_id=request.sample_id, metric=request.metric, ok=False, review=review or "",
-                       error=error, attempts=attempts, swapped=request.swapped, judge=judge, elapsed_s=elapsed_s)
+def failure(
+    request: JudgeRequest, error: str, *, review: str = "", attempts: int = 0, judge: str = "", elapsed_s: float = 0.0
+) -> JudgeResult:
+    return JudgeResult(
+        sample_id=request.sample_id,
+        metric=request.metric,
+        ok=False,
+        review=review or "",
+        error=error,
+        attempts=attempts,
+        swapped=request.swapped,
+        judge=judge,
+        elapsed_s=elapsed_s,
+    )

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from .metrics import METRICS
 from .parse import ScoreParseError, check_pair
@@ -48,12 +49,22 @@ class LoadStats:
     def summary(self) -> str:
         s = f"{self.path}: {self.n_in} in, {self.n_out} out, {len(self.rejected)} rejected"
         if self.rejected:
-            s += " (" + "; ".join(f"{i}: {r}" for i, r in self.rejected[:5]) + (" ..." if len(self.rejected) > 5 else "") + ")"
+            s += (
+                " ("
+                + "; ".join(f"{i}: {r}" for i, r in self.rejected[:5])
+                + (" ..." if len(self.rejected) > 5 else "")
+                + ")"
+            )
         return s
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "n_in": self.n_in, "n_out": self.n_out,
-                "rejected": [{"id": i, "reason": r} for i, r in self.rejected], "warnings": list(self.warnings)}
+        return {
+            "path": self.path,
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "rejected": [{"id": i, "reason": r} for i, r in self.rejected],
+            "warnings": list(self.warnings),
+        }
 
 
 @dataclass
@@ -124,8 +135,9 @@ def _str_field(rec: dict, name: str, required: bool = True) -> str:
     return v
 
 
-def parse_answer_record(rec: Any, *, set_name: str = "", dialogue_type: str = "", source: str = "",
-                        require_answer: bool = True) -> AnswerRecord:
+def parse_answer_record(
+    rec: Any, *, set_name: str = "", dialogue_type: str = "", source: str = "", require_answer: bool = True
+) -> AnswerRecord:
     """One published answers/reviews record -> :class:`AnswerRecord`; raises KeyError with the reason."""
     if not isinstance(rec, dict):
         raise KeyError(f"record is {type(rec).__name__}, expected an object")
@@ -146,11 +158,21 @@ def parse_answer_record(rec: Any, *, set_name: str = "", dialogue_type: str = ""
         raise KeyError("conversations[1].answer (the model's answer) is missing")
     if answer is not None and not isinstance(answer, str):
         raise KeyError(f"conversations[1].answer is {type(answer).__name__}, expected a string")
-    return AnswerRecord(id=rid, question=question, reference=reference, answer=answer or "",
-                        image=_str_field(rec, "image"), role=_str_field(rec, "role"),
-                        other_role=_str_field(rec, "other_role", False), script=_str_field(rec, "script", False),
-                        system=_str_field(rec, "system", False), set_name=set_name, dialogue_type=dialogue_type,
-                        source=source, raw=rec)
+    return AnswerRecord(
+        id=rid,
+        question=question,
+        reference=reference,
+        answer=answer or "",
+        image=_str_field(rec, "image"),
+        role=_str_field(rec, "role"),
+        other_role=_str_field(rec, "other_role", False),
+        script=_str_field(rec, "script", False),
+        system=_str_field(rec, "system", False),
+        set_name=set_name,
+        dialogue_type=dialogue_type,
+        source=source,
+        raw=rec,
+    )
 
 
 def _rid(rec: Any, index: int) -> str:
@@ -158,8 +180,9 @@ def _rid(rec: Any, index: int) -> str:
     return rid if isinstance(rid, str) and rid else f"#{index}"
 
 
-def load_answers_file(path: PathLike, *, set_name: str = "", dialogue_type: str = "",
-                      strict: bool = False) -> tuple[list[AnswerRecord], LoadStats]:
+def load_answers_file(
+    path: PathLike, *, set_name: str = "", dialogue_type: str = "", strict: bool = False
+) -> tuple[list[AnswerRecord], LoadStats]:
     """Read a published-format answers file (``conversations[1].answer`` = the answer under test)."""
     path = Path(path)
     stats = LoadStats(str(path))
@@ -197,8 +220,14 @@ def parse_review_entry(v: Any) -> ReviewEntry:
         return ReviewEntry(review=review, score=None, error=e.reason)
 
 
-def load_reviews_file(path: PathLike, *, set_name: str = "", dialogue_type: str = "", strict: bool = False,
-                      metrics: Sequence[str] = METRICS) -> tuple[list[ReviewRecord], LoadStats]:
+def load_reviews_file(
+    path: PathLike,
+    *,
+    set_name: str = "",
+    dialogue_type: str = "",
+    strict: bool = False,
+    metrics: Sequence[str] = METRICS,
+) -> tuple[list[ReviewRecord], LoadStats]:
     """Read a published-format reviews file. A metric that is absent or has an unusable score is kept as a
     failure entry (excluded from means, counted); a record without ``rm_review`` is rejected."""
     path = Path(path)
@@ -211,8 +240,9 @@ def load_reviews_file(path: PathLike, *, set_name: str = "", dialogue_type: str 
         rid = _rid(rec, i)
         try:
             # Reviews of ground-truth-only runs may lack 'answer'; the score is what matters here.
-            a = parse_answer_record(rec, set_name=set_name, dialogue_type=dialogue_type, source=str(path),
-                                    require_answer=False)
+            a = parse_answer_record(
+                rec, set_name=set_name, dialogue_type=dialogue_type, source=str(path), require_answer=False
+            )
         except KeyError as e:
             stats.reject(rid, e.args[0], strict)
             continue
@@ -282,8 +312,12 @@ def review_entry_dict(result) -> dict:
     return {"review": result.review, "score": None, "error": result.error, "attempts": result.attempts}
 
 
-def write_reviews_file(path: PathLike, answers: Sequence[AnswerRecord], results: Mapping[tuple[str, str], Any],
-                       metrics: Sequence[str] = METRICS) -> int:
+def write_reviews_file(
+    path: PathLike,
+    answers: Sequence[AnswerRecord],
+    results: Mapping[tuple[str, str], Any],
+    metrics: Sequence[str] = METRICS,
+) -> int:
     """Write a reviews file: each answers record as read, plus ``rm_review``. Every (id, metric) must have a
     result (a missing one means the scoring run is incomplete: an error, not a silent gap)."""
     out = []
@@ -291,11 +325,22 @@ def write_reviews_file(path: PathLike, answers: Sequence[AnswerRecord], results:
     if missing:
         raise EvalDataError(f"{path}: {len(missing)} (id, metric) result(s) missing, e.g. {missing[:3]}")
     for a in answers:
-        rec = dict(a.raw) if a.raw else {
-            "id": a.id, "system": a.system, "image": a.image,
-            "conversations": [{"from": "user", "value": a.question},
-                              {"from": "assistant", "value": a.reference, "answer": a.answer}],
-            "role": a.role, "script": a.script, "other_role": a.other_role}
+        rec = (
+            dict(a.raw)
+            if a.raw
+            else {
+                "id": a.id,
+                "system": a.system,
+                "image": a.image,
+                "conversations": [
+                    {"from": "user", "value": a.question},
+                    {"from": "assistant", "value": a.reference, "answer": a.answer},
+                ],
+                "role": a.role,
+                "script": a.script,
+                "other_role": a.other_role,
+            }
+        )
         rec["rm_review"] = {m: review_entry_dict(results[(a.id, m)]) for m in metrics}
         out.append(rec)
     _dump_json(path, out)
@@ -305,6 +350,7 @@ def write_reviews_file(path: PathLike, answers: Sequence[AnswerRecord], results:
 def format_results_csv(count: int, means: Mapping[str, Optional[float]], metrics: Sequence[str] = METRICS) -> str:
     """The published per-file CSV: header ``count,<metrics>`` and one row; floats as Python repr (what pandas
     writes), CRLF line ends. A metric without any valid score is written empty."""
+
     def fmt(v):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
@@ -313,8 +359,9 @@ def format_results_csv(count: int, means: Mapping[str, Optional[float]], metrics
     return header + RESULTS_CSV_NEWLINE + row + RESULTS_CSV_NEWLINE
 
 
-def write_results_csv(path: PathLike, count: int, means: Mapping[str, Optional[float]],
-                      metrics: Sequence[str] = METRICS) -> None:
+def write_results_csv(
+    path: PathLike, count: int, means: Mapping[str, Optional[float]], metrics: Sequence[str] = METRICS
+) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w", encoding="utf-8", newline="") as f:

@@ -6,10 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import yaml
-
+from mmrole.config import ConfigError, load_config_file
 from mmrole.models.config import GenerationParams, VLMConfig
-from mmrole.train.config import ConfigError, apply_overrides, build_dataclass
 
 from .judges import OpenAIJudgeConfig
 
@@ -94,18 +92,7 @@ class ScoreJobConfig:
 
 def load_job_config(cls, path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None):
     """Build ``cls`` from a YAML file and dotted ``key=value`` overrides (types checked, unknown keys refused)."""
-    d: dict = {}
-    source = "<overrides>"
-    if path:
-        source = str(path)
-        try:
-            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config ({e})") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    apply_overrides(d, list(overrides or []))
-    return build_dataclass(cls, d, source)
+    return load_config_file(cls, path, overrides)
 
 
 def config_to_dict(cfg) -> dict:

@@ -15,8 +15,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from .contract import B_ZERO_ERROR, JudgeRequest, JudgeResult, build_judge_sample, failure, result_from_reply
 from .template import JudgeTemplate, load_judge_template
@@ -80,9 +81,18 @@ class VLMJudge:
     seed ``params.seed + attempt`` so each re-ask differs.
     """
 
-    def __init__(self, vlm: Any, params: Any = None, max_retries: int = 2, *, template: Optional[JudgeTemplate] = None,
-                 images_root: Optional[str] = None, retry_temperature: float = 0.7, name: str = "vlm",
-                 image_loader: Optional[Callable[[JudgeRequest], Any]] = None):
+    def __init__(
+        self,
+        vlm: Any,
+        params: Any = None,
+        max_retries: int = 2,
+        *,
+        template: Optional[JudgeTemplate] = None,
+        images_root: Optional[str] = None,
+        retry_temperature: float = 0.7,
+        name: str = "vlm",
+        image_loader: Optional[Callable[[JudgeRequest], Any]] = None,
+    ):
         if params is None:
             from mmrole.models import GenerationParams  # lazy: keeps torch out of plain eval imports
 
@@ -164,8 +174,9 @@ class VLMJudge:
             for j, text in zip(todo, out):
                 i = idx[j]
                 if isinstance(text, Exception):  # e.g. prompt too long for the model: not worth re-asking
-                    results[i] = failure(requests[i], f"generate: {type(text).__name__}: {text}",
-                                         attempts=attempt + 1, judge=self.name)
+                    results[i] = failure(
+                        requests[i], f"generate: {type(text).__name__}: {text}", attempts=attempt + 1, judge=self.name
+                    )
                     continue
                 res = result_from_reply(requests[i], text, attempts=attempt + 1, judge=self.name)
                 results[i] = res
@@ -210,7 +221,7 @@ class OpenAIJudgeConfig:
     name: Optional[str] = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "OpenAIJudgeConfig":
+    def from_dict(cls, d: dict) -> OpenAIJudgeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -249,10 +260,22 @@ def _reply_text(body: Any) -> str:
     return content
 
 
-async def post_with_retries(client, url: str, payload: dict, *, tries: int, backoff_initial_s: float,
-                            backoff_max_s: float, retry_after_max_s: float, rng: random.Random,
-                            retryable: Callable[[int], bool], fatal_status: Sequence[int],
-                            parse: Callable[[Any], Any], fail_with: type, on_attempt: Callable[[], None] = lambda: None):
+async def post_with_retries(
+    client,
+    url: str,
+    payload: dict,
+    *,
+    tries: int,
+    backoff_initial_s: float,
+    backoff_max_s: float,
+    retry_after_max_s: float,
+    rng: random.Random,
+    retryable: Callable[[int], bool],
+    fatal_status: Sequence[int],
+    parse: Callable[[Any], Any],
+    fail_with: type,
+    on_attempt: Callable[[], None] = lambda: None,
+):
     """POST ``payload`` to ``url`` (an ``httpx.AsyncClient``) and return ``parse(response)`` of the first 200.
 
     Timeouts, connection errors, malformed 200 bodies and ``retryable(status)`` answers are retried up to ``tries``
@@ -263,7 +286,7 @@ async def post_with_retries(client, url: str, payload: dict, *, tries: int, back
 
     last = ""
     for attempt in range(tries):
-        delay = min(backoff_max_s, backoff_initial_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
+        delay = min(backoff_max_s, backoff_initial_s * 2**attempt) * (0.5 + 0.5 * rng.random())
         on_attempt()
         try:
             r = await client.post(url, json=payload)
@@ -304,8 +327,10 @@ class OpenAIJudge:
         self.name = config.name or f"openai:{config.model}"
         self.api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         if self.api_key is None and config.require_api_key:
-            raise JudgeConfigError(f"OpenAIJudge: environment variable {config.api_key_env!r} (the API key) is not set; "
-                                   "set it, or use require_api_key=False for a server without auth")
+            raise JudgeConfigError(
+                f"OpenAIJudge: environment variable {config.api_key_env!r} (the API key) is not set; "
+                "set it, or use require_api_key=False for a server without auth"
+            )
         if config.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.url = config.base_url.rstrip("/") + "/chat/completions"
@@ -318,13 +343,19 @@ class OpenAIJudge:
         image_part: dict = {"type": "image_url", "image_url": {"url": data_url}}
         if self.config.image_detail:
             image_part["image_url"]["detail"] = self.config.image_detail
-        return [{"role": "system", "content": sample.system},
-                {"role": "user", "content": [image_part, {"type": "text", "text": sample.user_text}]}]
+        return [
+            {"role": "system", "content": sample.system},
+            {"role": "user", "content": [image_part, {"type": "text", "text": sample.user_text}]},
+        ]
 
     def _payload(self, messages: list[dict], attempt: int) -> dict:
         c = self.config
-        body = {"model": c.model, "messages": messages, "max_tokens": c.max_tokens,
-                "temperature": c.temperature if attempt == 0 else c.retry_temperature}
+        body = {
+            "model": c.model,
+            "messages": messages,
+            "max_tokens": c.max_tokens,
+            "temperature": c.temperature if attempt == 0 else c.retry_temperature,
+        }
         if c.seed is not None:
             body["seed"] = c.seed + attempt
         body.update(c.extra_body)
@@ -337,10 +368,20 @@ class OpenAIJudge:
             self.http_attempts += 1
 
         return await post_with_retries(
-            client, self.url, payload, tries=c.max_http_retries + 1, backoff_initial_s=c.backoff_initial_s,
-            backoff_max_s=c.backoff_max_s, retry_after_max_s=c.retry_after_max_s, rng=self._rng,
-            retryable=lambda status: status in self.RETRY_STATUS or status >= 500, fatal_status=self.FATAL_STATUS,
-            parse=lambda r: _reply_text(r.json()), fail_with=_RequestFailed, on_attempt=count)
+            client,
+            self.url,
+            payload,
+            tries=c.max_http_retries + 1,
+            backoff_initial_s=c.backoff_initial_s,
+            backoff_max_s=c.backoff_max_s,
+            retry_after_max_s=c.retry_after_max_s,
+            rng=self._rng,
+            retryable=lambda status: status in self.RETRY_STATUS or status >= 500,
+            fatal_status=self.FATAL_STATUS,
+            parse=lambda r: _reply_text(r.json()),
+            fail_with=_RequestFailed,
+            on_attempt=count,
+        )
 
     async def _score_one(self, client, sem: asyncio.Semaphore, request: JudgeRequest, urls: dict) -> JudgeResult:
         t0 = time.perf_counter()
@@ -358,10 +399,17 @@ class OpenAIJudge:
                 async with sem:
                     text = await self._post(client, self._payload(messages, attempt))
             except _RequestFailed as e:
-                return failure(request, str(e), review=text, attempts=attempt + 1, judge=self.name,
-                               elapsed_s=time.perf_counter() - t0)
-            res = result_from_reply(request, text, attempts=attempt + 1, judge=self.name,
-                                    elapsed_s=time.perf_counter() - t0)
+                return failure(
+                    request,
+                    str(e),
+                    review=text,
+                    attempts=attempt + 1,
+                    judge=self.name,
+                    elapsed_s=time.perf_counter() - t0,
+                )
+            res = result_from_reply(
+                request, text, attempts=attempt + 1, judge=self.name, elapsed_s=time.perf_counter() - t0
+            )
             if res.ok or res.error == B_ZERO_ERROR:
                 return res
         assert res is not None

@@ -21,16 +21,26 @@ _LABEL = r"(?:(?:model|assistant|response)\s*)?{x}(?:['’]s)?(?:\s*score)?\s*[:
 _SEP = r"\s*(?:[,，;；]|\band\b|\bvs\.?)?\s*"
 _PAIR = re.compile(
     r"[\s:：=\-*_]*[(\[（【]?\s*"
-    + "(?:" + _LABEL.format(x="a") + ")?" + _NUM + _DENOM
+    + "(?:"
+    + _LABEL.format(x="a")
+    + ")?"
+    + _NUM
+    + _DENOM
     + _SEP
-    + "(?:" + _LABEL.format(x="b") + ")?" + _NUM + _DENOM,
+    + "(?:"
+    + _LABEL.format(x="b")
+    + ")?"
+    + _NUM
+    + _DENOM,
     re.IGNORECASE,
 )
 # The contract's bracketed marker is tried first, then the bare word (e.g. "**Scores:** 8, 9").
 _MARKERS = (re.compile(r"\[\s*scores?\s*\]", re.IGNORECASE), re.compile(r"\bscores?\b", re.IGNORECASE))
 _NAMED = {
-    x: re.compile(r"\b(?:model|assistant)\s*" + x + r"\b(?:['’]s)?(?:\s*score)?\s*[:=：\-]\s*\**\s*" + _NUM + _DENOM,
-                  re.IGNORECASE)
+    x: re.compile(
+        r"\b(?:model|assistant)\s*" + x + r"\b(?:['’]s)?(?:\s*score)?\s*[:=：\-]\s*\**\s*" + _NUM + _DENOM,
+        re.IGNORECASE,
+    )
     for x in ("a", "b")
 }
 _BARE_LAST_LINE = re.compile(r"^[(\[（]?\s*" + _NUM + _DENOM + r"\s*[,，]\s*" + _NUM + _DENOM + r"\s*[)\]）]?\.?$")

@@ -1,18 +1,19 @@
 """Single-process building blocks of a scoring run; the Ray jobs are thin wrappers around them.
 
-    answers, stats = load_answers_dir(eval_dir, model)          # <set>_answers/<model>/<type>_test.json
-    requests = expand_requests(answers)                          # one per (sample, metric)
-    summary = score_requests(requests, judge, store)             # resumable: skips what the store has
-    write_model_outputs(eval_dir, model, answers, store.load())  # <set>_reviews/..., <set>_results/...
+answers, stats = load_answers_dir(eval_dir, model)          # <set>_answers/<model>/<type>_test.json
+requests = expand_requests(answers)                          # one per (sample, metric)
+summary = score_requests(requests, judge, store)             # resumable: skips what the store has
+write_model_outputs(eval_dir, model, answers, store.load())  # <set>_reviews/..., <set>_results/...
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 from .aggregate import rows_from_results, summarize
 from .contract import Judge, JudgeRequest, JudgeResult, Key
@@ -22,8 +23,9 @@ from .report import discover
 from .store import ResultsStore
 
 
-def load_answers_dir(eval_dir: Union[str, Path], model: str, strict: bool = False
-                     ) -> tuple[list[AnswerRecord], list[LoadStats]]:
+def load_answers_dir(
+    eval_dir: Union[str, Path], model: str, strict: bool = False
+) -> tuple[list[AnswerRecord], list[LoadStats]]:
     """All ``<set>_answers/<model>/<type>_test.json`` of one model, in set/type/file order."""
     files = [f for f in discover(eval_dir, "answers", "json") if f.model == model]
     if not files:
@@ -56,9 +58,14 @@ class ScoringSummary:
         return {**self.__dict__, "requests_per_s": self.requests_per_s}
 
 
-def score_requests(requests: Sequence[JudgeRequest], judge: Judge, store: ResultsStore, batch_size: int = 32,
-                   retry_failed: bool = False, progress: Optional[Callable[[ScoringSummary], None]] = None
-                   ) -> ScoringSummary:
+def score_requests(
+    requests: Sequence[JudgeRequest],
+    judge: Judge,
+    store: ResultsStore,
+    batch_size: int = 32,
+    retry_failed: bool = False,
+    progress: Optional[Callable[[ScoringSummary], None]] = None,
+) -> ScoringSummary:
     """Score what the store does not have yet, batch by batch, appending each batch's results before the next
     (a crash loses at most one batch). Checks that the judge answered every request of a batch exactly once."""
     if batch_size < 1:
@@ -68,11 +75,13 @@ def score_requests(requests: Sequence[JudgeRequest], judge: Judge, store: Result
     summary = ScoringSummary(n_requests=len(requests), n_already_done=len(requests) - len(todo))
     reasons: Counter = Counter()
     for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+        batch = todo[start : start + batch_size]
         results = judge.score_batch(batch)
         if [r.key for r in results] != [q.key for q in batch]:
-            raise RuntimeError(f"judge {getattr(judge, 'name', judge)!r} returned results that do not match the "
-                               f"batch's (sample_id, metric) keys one to one")
+            raise RuntimeError(
+                f"judge {getattr(judge, 'name', judge)!r} returned results that do not match the "
+                f"batch's (sample_id, metric) keys one to one"
+            )
         store.append(results)
         summary.n_batches += 1
         summary.n_scored += len(results)
@@ -90,8 +99,13 @@ def score_requests(requests: Sequence[JudgeRequest], judge: Judge, store: Result
     return summary
 
 
-def write_model_outputs(out_dir: Union[str, Path], model: str, answers: Sequence[AnswerRecord],
-                        results: Mapping[Key, JudgeResult], metrics: Sequence[str] = METRICS) -> list[Path]:
+def write_model_outputs(
+    out_dir: Union[str, Path],
+    model: str,
+    answers: Sequence[AnswerRecord],
+    results: Mapping[Key, JudgeResult],
+    metrics: Sequence[str] = METRICS,
+) -> list[Path]:
     """Write ``<set>_reviews/<model>/<type>_test.json`` and ``<set>_results/<model>/<type>_test.csv`` for every
     (set, type) of ``answers`` (published formats). Raises if any (id, metric) lacks a result."""
     groups: dict[tuple[str, str], list[AnswerRecord]] = {}

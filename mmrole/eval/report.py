@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from .aggregate import ALL, GroupStat, ScoreRow, rows_from_reviews, summarize
 from .formats import EvalDataError, LoadStats, load_reviews_file, write_results_csv
@@ -16,9 +17,16 @@ from .metrics import DIALOGUE_TYPES, DIMENSIONS, METRICS, SETS
 _SET_DIR = re.compile(r"^(?P<set>.+)_(?P<kind>answers|reviews|results)$")
 _TYPE_FILE = re.compile(r"^(?P<type>.+)_test\.(?P<ext>json|csv)$")
 # Short column names for the Markdown table (the CSV/JSON keep the exact metric names).
-SHORT = {"Instruction Adherence": "IA", "Fluency": "Flu", "Coherency": "Coh", "Image-Text Relevance": "ITR",
-         "Response Accuracy": "RA", "Personality Consistency": "PC", "Knowledge Consistency": "KC",
-         "Tone Consistency": "TC"}
+SHORT = {
+    "Instruction Adherence": "IA",
+    "Fluency": "Flu",
+    "Coherency": "Coh",
+    "Image-Text Relevance": "ITR",
+    "Response Accuracy": "RA",
+    "Personality Consistency": "PC",
+    "Knowledge Consistency": "KC",
+    "Tone Consistency": "TC",
+}
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,14 @@ class FileResult:
     source: str = ""
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "set": self.set_name, "dialogue_type": self.dialogue_type, "count": self.count,
-                "source": self.source, **{k: v for k, v in self.stat.to_dict().items()
-                                          if k not in ("model", "set", "dialogue_type", "role")}}
+        return {
+            "model": self.model,
+            "set": self.set_name,
+            "dialogue_type": self.dialogue_type,
+            "count": self.count,
+            "source": self.source,
+            **{k: v for k, v in self.stat.to_dict().items() if k not in ("model", "set", "dialogue_type", "role")},
+        }
 
 
 @dataclass
@@ -91,18 +104,30 @@ class EvalReport:
         return sorted({g.set_name for g in self.by_set}, key=lambda s: _order(s, SETS))
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "models": self.models, "metrics": list(METRICS),
-                "dimensions": {d: list(ms) for d, ms in DIMENSIONS.items()},
-                "bootstrap": self.bootstrap, "seed": self.seed,
-                "overall": [g.to_dict() for g in self.overall], "by_set": [g.to_dict() for g in self.by_set],
-                "by_dialogue_type": [g.to_dict() for g in self.by_type],
-                "by_character": [g.to_dict() for g in self.by_character],
-                "files": [f.to_dict() for f in self.files],
-                "loading": [s.to_dict() for s in self.load_stats]}
+        return {
+            "source": self.source,
+            "models": self.models,
+            "metrics": list(METRICS),
+            "dimensions": {d: list(ms) for d, ms in DIMENSIONS.items()},
+            "bootstrap": self.bootstrap,
+            "seed": self.seed,
+            "overall": [g.to_dict() for g in self.overall],
+            "by_set": [g.to_dict() for g in self.by_set],
+            "by_dialogue_type": [g.to_dict() for g in self.by_type],
+            "by_character": [g.to_dict() for g in self.by_character],
+            "files": [f.to_dict() for f in self.files],
+            "loading": [s.to_dict() for s in self.load_stats],
+        }
 
 
-def report_from_rows(rows: Sequence[ScoreRow], file_counts: Optional[dict] = None, bootstrap: int = 1000,
-                     seed: int = 0, load_stats: Optional[list[LoadStats]] = None, source: str = "") -> EvalReport:
+def report_from_rows(
+    rows: Sequence[ScoreRow],
+    file_counts: Optional[dict] = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    load_stats: Optional[list[LoadStats]] = None,
+    source: str = "",
+) -> EvalReport:
     """Build a report from score rows (from reviews files or from a scoring run's results)."""
     files = []
     for g in summarize(rows, by=("model", "set_name", "dialogue_type")):
@@ -110,16 +135,26 @@ def report_from_rows(rows: Sequence[ScoreRow], file_counts: Optional[dict] = Non
         files.append(FileResult(g.model, g.set_name, g.dialogue_type, count, g))
     models = list(dict.fromkeys(r.model for r in rows))
     return EvalReport(
-        models=models, files=files,
+        models=models,
+        files=files,
         overall=summarize(rows, by=("model",), bootstrap=bootstrap, seed=seed),
         by_set=summarize(rows, by=("model", "set_name"), bootstrap=bootstrap, seed=seed),
         by_type=summarize(rows, by=("model", "dialogue_type"), bootstrap=bootstrap, seed=seed),
         by_character=summarize(rows, by=("model", "role")),  # too few samples per role for useful CIs
-        load_stats=list(load_stats or []), bootstrap=bootstrap, seed=seed, source=source)
+        load_stats=list(load_stats or []),
+        bootstrap=bootstrap,
+        seed=seed,
+        source=source,
+    )
 
 
-def build_report(eval_dir: Union[str, Path], bootstrap: int = 1000, seed: int = 0, strict: bool = False,
-                 models: Optional[Sequence[str]] = None) -> EvalReport:
+def build_report(
+    eval_dir: Union[str, Path],
+    bootstrap: int = 1000,
+    seed: int = 0,
+    strict: bool = False,
+    models: Optional[Sequence[str]] = None,
+) -> EvalReport:
     """Read every ``<set>_reviews/<model>/<type>_test.json`` under ``eval_dir`` and aggregate."""
     found = discover(eval_dir, "reviews", "json")
     if models:
@@ -139,8 +174,13 @@ def build_report(eval_dir: Union[str, Path], bootstrap: int = 1000, seed: int = 
         rows.extend(rows_from_reviews(recs, f.model))
     rep = report_from_rows(rows, counts, bootstrap, seed, stats, str(eval_dir))
     for fr in rep.files:
-        fr.source = str(next(f.path for f in found if (f.model, f.set_name, f.dialogue_type) ==
-                             (fr.model, fr.set_name, fr.dialogue_type)))
+        fr.source = str(
+            next(
+                f.path
+                for f in found
+                if (f.model, f.set_name, f.dialogue_type) == (fr.model, fr.set_name, fr.dialogue_type)
+            )
+        )
     return rep
 
 
@@ -160,19 +200,29 @@ def render_markdown(report: EvalReport) -> str:
     lines = []
     head = ["Model", "N"] + [SHORT[m] for m in METRICS] + ["Overall", "95% CI", "Failed"]
     for set_name in [ALL] + report.sets():
-        lines += [f"### {'All test sets' if set_name == ALL else set_name}", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            f"### {'All test sets' if set_name == ALL else set_name}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for g in report.table(set_name):
-            cells = [g.model, str(g.n_samples)] + [_f(g.metrics[m].mean) for m in METRICS] + \
-                    [_f(g.overall), _ci_s(g.overall_ci), str(g.n_failed)]
+            cells = (
+                [g.model, str(g.n_samples)]
+                + [_f(g.metrics[m].mean) for m in METRICS]
+                + [_f(g.overall), _ci_s(g.overall_ci), str(g.n_failed)]
+            )
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### Dimensions (all test sets)", "",
-              "| Model | " + " | ".join(DIMENSIONS) + " |", "|---|" + "---|" * len(DIMENSIONS)]
+    lines += [
+        "### Dimensions (all test sets)",
+        "",
+        "| Model | " + " | ".join(DIMENSIONS) + " |",
+        "|---|" + "---|" * len(DIMENSIONS),
+    ]
     for g in report.overall:
         lines.append("| " + " | ".join([g.model] + [_f(g.dimensions.get(d)) for d in DIMENSIONS]) + " |")
-    lines += ["", "### By dialogue type (all test sets)", "",
-              "| Model | Type | N | Overall |", "|---|---|---|---|"]
+    lines += ["", "### By dialogue type (all test sets)", "", "| Model | Type | N | Overall |", "|---|---|---|---|"]
     for g in report.by_type:
         lines.append(f"| {g.model} | {g.dialogue_type} | {g.n_samples} | {_f(g.overall)} |")
     lines.append("")
@@ -190,8 +240,13 @@ def render_markdown(report: EvalReport) -> str:
 
 
 def _stat_row(g: GroupStat) -> dict:
-    row = {"model": g.model, "set": g.set_name, "dialogue_type": g.dialogue_type, "role": g.role,
-           "n_samples": g.n_samples}
+    row = {
+        "model": g.model,
+        "set": g.set_name,
+        "dialogue_type": g.dialogue_type,
+        "role": g.role,
+        "n_samples": g.n_samples,
+    }
     row.update({m: g.metrics[m].mean for m in METRICS})
     row.update({d: g.dimensions.get(d) for d in DIMENSIONS})
     lo, hi = g.overall_ci or (None, None)

@@ -12,8 +12,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from .contract import JudgeRequest, JudgeResult, failure
 from .judges import _image_bytes, image_data_url, post_with_retries
@@ -58,10 +59,20 @@ class ServeJudge:
 
     def _payload(self, group: list[JudgeRequest], data_url: str) -> dict:
         r = group[0]
-        body = {"sample_id": r.sample_id, "question": r.question, "answer": r.answer, "reference": r.reference,
-                "image": data_url, "metrics": [g.metric for g in group], "role": r.role,
-                "other_role": r.other_role, "script": r.script, "swapped": r.swapped, "set_name": r.set_name,
-                "dialogue_type": r.dialogue_type}
+        body = {
+            "sample_id": r.sample_id,
+            "question": r.question,
+            "answer": r.answer,
+            "reference": r.reference,
+            "image": data_url,
+            "metrics": [g.metric for g in group],
+            "role": r.role,
+            "other_role": r.other_role,
+            "script": r.script,
+            "swapped": r.swapped,
+            "set_name": r.set_name,
+            "dialogue_type": r.dialogue_type,
+        }
         if self.config.max_retries is not None:
             body["max_retries"] = self.config.max_retries
         return body
@@ -73,10 +84,20 @@ class ServeJudge:
             self.http_calls += 1
 
         return await post_with_retries(
-            client, self.url, payload, tries=c.max_http_retries + 1, backoff_initial_s=c.backoff_initial_s,
-            backoff_max_s=c.backoff_max_s, retry_after_max_s=c.backoff_max_s, rng=self._rng,
-            retryable=lambda status: status in self.RETRY_STATUS, fatal_status=self.FATAL_STATUS,
-            parse=lambda r: r.json(), fail_with=_GroupFailed, on_attempt=count)
+            client,
+            self.url,
+            payload,
+            tries=c.max_http_retries + 1,
+            backoff_initial_s=c.backoff_initial_s,
+            backoff_max_s=c.backoff_max_s,
+            retry_after_max_s=c.backoff_max_s,
+            rng=self._rng,
+            retryable=lambda status: status in self.RETRY_STATUS,
+            fatal_status=self.FATAL_STATUS,
+            parse=lambda r: r.json(),
+            fail_with=_GroupFailed,
+            on_attempt=count,
+        )
 
     async def _score_group(self, client, sem, group: list[JudgeRequest]) -> list[JudgeResult]:
         from mmrole.serving import result_from_item
@@ -96,8 +117,11 @@ class ServeJudge:
         out = []
         for r in group:
             it = items.get(r.metric)
-            out.append(result_from_item(r.sample_id, it, self.name, elapsed) if it is not None
-                       else failure(r, "server returned no result for this metric", judge=self.name))
+            out.append(
+                result_from_item(r.sample_id, it, self.name, elapsed)
+                if it is not None
+                else failure(r, "server returned no result for this metric", judge=self.name)
+            )
         return out
 
     async def ascore_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
@@ -106,8 +130,18 @@ class ServeJudge:
         c = self.config
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            key = (r.sample_id, r.swapped, r.question, r.answer, r.reference, r.image, r.role, r.other_role,
-                   r.script, id(r.image_bytes) if r.image_bytes is not None else None)
+            key = (
+                r.sample_id,
+                r.swapped,
+                r.question,
+                r.answer,
+                r.reference,
+                r.image,
+                r.role,
+                r.other_role,
+                r.script,
+                id(r.image_bytes) if r.image_bytes is not None else None,
+            )
             idx = groups.setdefault(key, [])
             if any(requests[j].metric == r.metric for j in idx):  # duplicate metric: send it separately
                 idx = groups.setdefault(key + (i,), [])
@@ -119,8 +153,9 @@ class ServeJudge:
         results: list[Optional[JudgeResult]] = [None] * len(requests)
         async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
             idx_lists = list(groups.values())
-            outs = await asyncio.gather(*(self._score_group(client, sem, [requests[i] for i in idx])
-                                          for idx in idx_lists))
+            outs = await asyncio.gather(
+                *(self._score_group(client, sem, [requests[i] for i in idx]) for idx in idx_lists)
+            )
         for idx, res in zip(idx_lists, outs):
             for i, r in zip(idx, res):
                 results[i] = r

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 from .contract import JudgeRequest, JudgeResult, Key
 
@@ -40,10 +41,17 @@ class StoreAudit:
         return not self.missing and not self.unexpected
 
     def to_dict(self) -> dict:
-        return {"n_lines": self.n_lines, "n_keys": self.n_keys, "n_ok": self.n_ok, "n_failed": self.n_failed,
-                "missing": [list(k) for k in self.missing], "unexpected": [list(k) for k in self.unexpected],
-                "repeated": {f"{k[0]}|{k[1]}": v for k, v in self.repeated.items()},
-                "truncated_tail": self.truncated_tail, "complete": self.complete}
+        return {
+            "n_lines": self.n_lines,
+            "n_keys": self.n_keys,
+            "n_ok": self.n_ok,
+            "n_failed": self.n_failed,
+            "missing": [list(k) for k in self.missing],
+            "unexpected": [list(k) for k in self.unexpected],
+            "repeated": {f"{k[0]}|{k[1]}": v for k, v in self.repeated.items()},
+            "truncated_tail": self.truncated_tail,
+            "complete": self.complete,
+        }
 
 
 def _dedup(results: Iterable[JudgeResult]) -> dict[Key, JudgeResult]:
@@ -108,11 +116,16 @@ class ResultsStore:
         res = _dedup(lines)
         expected = list(dict.fromkeys(expected))
         exp = set(expected)
-        return StoreAudit(n_lines=len(lines), n_keys=len(res), n_ok=sum(r.ok for r in res.values()),
-                          n_failed=sum(not r.ok for r in res.values()),
-                          missing=[k for k in expected if k not in res],
-                          unexpected=[k for k in res if k not in exp],
-                          repeated={k: c for k, c in counts.items() if c > 1}, truncated_tail=truncated)
+        return StoreAudit(
+            n_lines=len(lines),
+            n_keys=len(res),
+            n_ok=sum(r.ok for r in res.values()),
+            n_failed=sum(not r.ok for r in res.values()),
+            missing=[k for k in expected if k not in res],
+            unexpected=[k for k in res if k not in exp],
+            repeated={k: c for k, c in counts.items() if c > 1},
+            truncated_tail=truncated,
+        )
 
     # -- writing
     def _repair_tail(self) -> int:
@@ -166,7 +179,9 @@ def load_results(paths: Iterable[Union[str, Path]]) -> dict[Key, JudgeResult]:
     return _dedup(lines)
 
 
-def store_for(out_dir: Union[str, Path], model: str, swapped: bool = False, judge: Optional[str] = None) -> ResultsStore:
+def store_for(
+    out_dir: Union[str, Path], model: str, swapped: bool = False, judge: Optional[str] = None
+) -> ResultsStore:
     """Conventional store location: ``<out_dir>/judge_results/<model>[.<judge>][.swapped].jsonl``."""
     name = model + (f".{judge}" if judge else "") + (".swapped" if swapped else "") + ".jsonl"
     return ResultsStore(Path(out_dir) / "judge_results" / name)

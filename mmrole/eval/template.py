@@ -34,7 +34,7 @@ class JudgeTemplate:
     source: str = "<dict>"
 
     @classmethod
-    def from_dict(cls, d, source: str = "<dict>") -> "JudgeTemplate":
+    def from_dict(cls, d, source: str = "<dict>") -> JudgeTemplate:
         if not isinstance(d, dict):
             raise JudgeTemplateError(f"{source}: expected a mapping at the top level")
         for key in ("system", "prompt", "metrics"):
@@ -46,27 +46,51 @@ class JudgeTemplate:
         missing = [m for m in METRICS if not str(metrics.get(m) or "").strip()]
         unknown = [m for m in metrics if m not in METRICS]
         if missing or unknown:
-            raise JudgeTemplateError(f"{source}: metrics missing {missing}, unknown {unknown}; expected {list(METRICS)}")
+            raise JudgeTemplateError(
+                f"{source}: metrics missing {missing}, unknown {unknown}; expected {list(METRICS)}"
+            )
         used = set()
         for _, name, _, _ in string.Formatter().parse(str(d["prompt"])):
             if name is not None:
                 if name not in PROMPT_FIELDS:
-                    raise JudgeTemplateError(f"{source}: unknown placeholder {{{name}}} in prompt; allowed {PROMPT_FIELDS}")
+                    raise JudgeTemplateError(
+                        f"{source}: unknown placeholder {{{name}}} in prompt; allowed {PROMPT_FIELDS}"
+                    )
                 used.add(name)
         absent = [f for f in REQUIRED_FIELDS if f not in used]
         if absent:
             raise JudgeTemplateError(f"{source}: prompt lacks placeholder(s) {absent}")
-        return cls(system=str(d["system"]), prompt=str(d["prompt"]),
-                   metrics={m: str(metrics[m]).strip() for m in METRICS}, source=source)
+        return cls(
+            system=str(d["system"]),
+            prompt=str(d["prompt"]),
+            metrics={m: str(metrics[m]).strip() for m in METRICS},
+            source=source,
+        )
 
-    def render(self, *, question: str, answer_a: str, answer_b: str, metric: str, role: str = "",
-               other_role: str = "", script: str = "") -> str:
+    def render(
+        self,
+        *,
+        question: str,
+        answer_a: str,
+        answer_b: str,
+        metric: str,
+        role: str = "",
+        other_role: str = "",
+        script: str = "",
+    ) -> str:
         """The judge prompt for one (sample, metric)."""
         if metric not in self.metrics:
             raise KeyError(f"{self.source}: no description for metric {metric!r}")
-        return self.prompt.format(question=question, answer_a=answer_a, answer_b=answer_b, metric=metric,
-                                  metric_description=self.metrics[metric], role=role or "the character",
-                                  other_role=other_role or "the other party", script=script)
+        return self.prompt.format(
+            question=question,
+            answer_a=answer_a,
+            answer_b=answer_b,
+            metric=metric,
+            metric_description=self.metrics[metric],
+            role=role or "the character",
+            other_role=other_role or "the other party",
+            script=script,
+        )
 
 
 def load_judge_template(path: Optional[Union[str, Path]] = None) -> JudgeTemplate:

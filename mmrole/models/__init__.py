@@ -7,15 +7,33 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "VLMConfig": "config", "LoRASettings": "config", "GenerationParams": "config", "FAMILIES": "config",
-    "NATIVE_FAMILIES": "config", "DEFAULT_LORA_TARGETS": "config",
-    "SampleEncoder": "encoding", "SampleTooLong": "encoding", "SampleRejected": "encoding", "Rejected": "encoding",
-    "EncodeStats": "encoding", "IGNORE_INDEX": "encoding", "build_encoder": "encoding", "plan_packs": "encoding",
-    "VLM": "vlm", "build_vlm": "vlm", "merge_lora": "vlm", "apply_lora": "vlm", "freeze_parts": "vlm",
-    "resolve_device": "vlm", "resolve_dtype": "vlm",
-    "build_processor": "processor", "save_processor": "processor", "resolve_family": "processor",
+    "VLMConfig": "config",
+    "LoRASettings": "config",
+    "GenerationParams": "config",
+    "FAMILIES": "config",
+    "NATIVE_FAMILIES": "config",
+    "DEFAULT_LORA_TARGETS": "config",
+    "SampleEncoder": "encoding",
+    "SampleTooLong": "encoding",
+    "SampleRejected": "encoding",
+    "Rejected": "encoding",
+    "EncodeStats": "encoding",
+    "IGNORE_INDEX": "encoding",
+    "build_encoder": "encoding",
+    "plan_packs": "encoding",
+    "VLM": "vlm",
+    "build_vlm": "vlm",
+    "merge_lora": "vlm",
+    "apply_lora": "vlm",
+    "freeze_parts": "vlm",
+    "resolve_device": "vlm",
+    "resolve_dtype": "vlm",
+    "build_processor": "processor",
+    "save_processor": "processor",
+    "resolve_family": "processor",
     "resolve_model_paths": "processor",
-    "make_tiny_vlm": "tiny", "tiny_image": "tiny",
+    "make_tiny_vlm": "tiny",
+    "tiny_image": "tiny",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -37,8 +55,16 @@ def __dir__():
 if TYPE_CHECKING:  # static analysers see the real names
     # ruff: noqa: F401
     from .config import DEFAULT_LORA_TARGETS, FAMILIES, NATIVE_FAMILIES, GenerationParams, LoRASettings, VLMConfig
-    from .encoding import (IGNORE_INDEX, EncodeStats, Rejected, SampleEncoder, SampleRejected, SampleTooLong,
-                           build_encoder, plan_packs)
+    from .encoding import (
+        IGNORE_INDEX,
+        EncodeStats,
+        Rejected,
+        SampleEncoder,
+        SampleRejected,
+        SampleTooLong,
+        build_encoder,
+        plan_packs,
+    )
     from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
     from .tiny import make_tiny_vlm, tiny_image
     from .vlm import VLM, apply_lora, build_vlm, freeze_parts, merge_lora, resolve_device, resolve_dtype

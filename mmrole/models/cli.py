@@ -47,8 +47,13 @@ def _merge(args: argparse.Namespace) -> int:
     from .config import VLMConfig
     from .vlm import merge_lora
 
-    cfg = VLMConfig(model_path=args.base, family=args.family, dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
+    cfg = VLMConfig(
+        model_path=args.base,
+        family=args.family,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(merge_lora(cfg, args.adapter, args.out))
     return 0
 
@@ -57,13 +62,24 @@ def _info(args: argparse.Namespace) -> int:
     from .config import VLMConfig
     from .vlm import build_vlm
 
-    vlm = build_vlm(VLMConfig(model_path=args.path, family=args.family, device="cpu",
-                              trust_remote_code=args.trust_remote_code))
+    vlm = build_vlm(
+        VLMConfig(model_path=args.path, family=args.family, device="cpu", trust_remote_code=args.trust_remote_code)
+    )
     ip = getattr(vlm.processor, "image_processor", None)
     size = getattr(ip, "size", None)
-    print(json.dumps({
-        "family": vlm.family, "class": type(vlm.model).__name__, "parameters": vlm.num_parameters(),
-        "vocab": len(vlm.tokenizer), "processor": type(vlm.processor).__name__,
-        "image_size": dict(size) if size is not None else None, "end_token_ids": vlm.encoder.end_token_ids,
-    }, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                "family": vlm.family,
+                "class": type(vlm.model).__name__,
+                "parameters": vlm.num_parameters(),
+                "vocab": len(vlm.tokenizer),
+                "processor": type(vlm.processor).__name__,
+                "image_size": dict(size) if size is not None else None,
+                "end_token_ids": vlm.encoder.end_token_ids,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
+
+from mmrole.config import build_dataclass
 
 # Families handled natively (our own encoder, processor built without a video processor).
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -37,16 +39,11 @@ def family_from_model_type(model_type: str) -> str:
     return MODEL_TYPE_TO_FAMILY.get(model_type, "generic")
 
 
-def _from_dict(cls, d: Optional[dict]):
-    if d is None:
-        return None
-    if isinstance(d, cls):
+def _from_dict(cls, d: Optional[dict], prefix: str):
+    """``cls`` built by the one config system (types coerced, unknown keys refused); None stays None."""
+    if d is None or isinstance(d, cls):
         return d
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
+    return build_dataclass(cls, dict(d), "", prefix)
 
 
 @dataclass
@@ -62,8 +59,8 @@ class LoRASettings:
     bias: str = "none"
 
     @classmethod
-    def from_dict(cls, d: Optional[dict]) -> Optional["LoRASettings"]:
-        return _from_dict(cls, d)
+    def from_dict(cls, d: Optional[dict]) -> Optional[LoRASettings]:
+        return _from_dict(cls, d, "lora")
 
 
 @dataclass
@@ -102,9 +99,9 @@ class VLMConfig:
             raise ValueError("VLMConfig.max_length must be positive")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VLMConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
         """Build from a YAML mapping; unknown keys are an error (typos should not pass silently)."""
-        return _from_dict(cls, dict(d))
+        return _from_dict(cls, dict(d), "model")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,5 +120,5 @@ class GenerationParams:
     stop: Optional[list[str]] = None  # extra stop strings; the reply is cut before the first one
 
     @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "GenerationParams":
-        return _from_dict(cls, d or {})
+    def from_dict(cls, d: Optional[dict]) -> GenerationParams:
+        return _from_dict(cls, d or {}, "generation")

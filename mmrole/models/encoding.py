@@ -6,8 +6,9 @@ Per-sample outputs are plain numpy arrays and Python scalars, so they travel bet
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,8 +24,15 @@ META_KEYS = ("id", "num_text_tokens", "num_image_tokens", "history_kept", "histo
 TOKEN_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 # Qwen's control tokens: sample text containing them would be read as structure (an injected turn, or an image
 # placeholder with no image features behind it), so such samples are refused.
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                  "<|video_pad|>", "<|endoftext|>")
+CONTROL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
 
 
 class SampleRejected(ValueError):
@@ -41,8 +49,9 @@ class SampleTooLong(SampleRejected):
 
     def __init__(self, sample_id: str, length: int, max_length: int, history_lines: int):
         dropped = f"with all {history_lines} history line(s) dropped" if history_lines else "(no history to drop)"
-        super().__init__(sample_id, f"too long: {length} tokens {dropped} > max_length {max_length} "
-                                    f"(the target is never cut)")
+        super().__init__(
+            sample_id, f"too long: {length} tokens {dropped} > max_length {max_length} (the target is never cut)"
+        )
         self.length = length
         self.max_length = max_length
 
@@ -87,8 +96,9 @@ class SampleEncoder:
         self.family = family
         self.max_length = int(max_length)
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.chat_template = chat_template or getattr(processor, "chat_template", None) \
-            or getattr(self.tokenizer, "chat_template", None)
+        self.chat_template = (
+            chat_template or getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        )
         if not self.chat_template:
             raise ValueError(f"the processor of this {family} model has no chat template; pass chat_template=")
         self.native = family in NATIVE_FAMILIES
@@ -103,8 +113,9 @@ class SampleEncoder:
             self.merge_size = int(ip.merge_size)
             self.image_token = getattr(processor, "image_token", "<|image_pad|>")
             self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
-            self.video_token_id = int(self.tokenizer.convert_tokens_to_ids(getattr(processor, "video_token",
-                                                                                    "<|video_pad|>")))
+            self.video_token_id = int(
+                self.tokenizer.convert_tokens_to_ids(getattr(processor, "video_token", "<|video_pad|>"))
+            )
 
     # ---- chat formatting -------------------------------------------------------------------------------------
     @staticmethod
@@ -120,16 +131,18 @@ class SampleEncoder:
         return msgs
 
     def render(self, msgs: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _find_end_marker(self) -> str:
         # Render a probe conversation and read what the template writes after the assistant content: that is the
         # end-of-turn marker ("<|im_end|>" for Qwen). It is supervised, so the model learns to stop.
         probe = "PROBE-REPLY-7731"
-        text = self.render([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                            {"role": "assistant", "content": probe}])
-        tail = text[text.rfind(probe) + len(probe):]
+        text = self.render(
+            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": probe}]
+        )
+        tail = text[text.rfind(probe) + len(probe) :]
         marker = tail.rstrip()
         if not marker:  # template closes turns with nothing: fall back to the tokenizer's eos
             marker = self.tokenizer.eos_token or ""
@@ -152,9 +165,9 @@ class SampleEncoder:
         idx = full.rfind(target)
         if idx < 0:  # the template rewrote the reply (e.g. stripped it); we cannot align labels safely
             raise SampleRejected(sample.id, "the chat template does not reproduce the target text verbatim")
-        tail = full[idx + len(target):]
+        tail = full[idx + len(target) :]
         marker = tail.rstrip()
-        trailer = tail[len(marker):]
+        trailer = tail[len(marker) :]
         if not marker:
             marker = self._end_marker
         return _Rendered(full[:idx], target + marker, trailer)
@@ -235,9 +248,11 @@ class SampleEncoder:
         except Exception as e:  # name the sample: processor errors alone do not say which row failed
             raise SampleRejected(sample.id, f"image processing failed ({type(e).__name__}: {e})") from e
         grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
-        return {"pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
-                "image_grid_thw": grid,
-                "num_image_tokens": int(grid.prod(axis=1).sum()) // (self.merge_size ** 2)}
+        return {
+            "pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+            "image_grid_thw": grid,
+            "num_image_tokens": int(grid.prod(axis=1).sum()) // (self.merge_size**2),
+        }
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         raw = getattr(self.tokenizer, "_tokenizer", None) if self.native else None
@@ -253,19 +268,26 @@ class SampleEncoder:
             # the image is processed once per sample, not once per history-shortening attempt.
             pieces = parts.prompt.split(self.image_token)
             if len(pieces) != (2 if vision else 1):
-                raise SampleRejected(sample.id, f"expected {1 if vision else 0} image placeholder(s) in the prompt, "
-                                                f"found {len(pieces) - 1}")
+                raise SampleRejected(
+                    sample.id,
+                    f"expected {1 if vision else 0} image placeholder(s) in the prompt, found {len(pieces) - 1}",
+                )
             ids = self._token_ids([pieces[0], pieces[-1] if vision else "", parts.reply, parts.trailer])
             n_img = vision["num_image_tokens"] if vision else 0
             prompt_ids = ids[0] + ([self.image_token_id] * n_img + ids[1] if vision else [])
             extra_seq: dict[str, np.ndarray] = {}
-            extra_img = ({"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
-                         if vision else {})
+            extra_img = (
+                {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]} if vision else {}
+            )
         else:
             # Generic processors expand their own image placeholders; the reply and trailer carry no images.
             try:
-                out = self.processor(text=[parts.prompt], images=[image] if image is not None else None,
-                                     return_tensors="np", add_special_tokens=False)
+                out = self.processor(
+                    text=[parts.prompt],
+                    images=[image] if image is not None else None,
+                    return_tensors="np",
+                    add_special_tokens=False,
+                )
             except Exception as e:
                 raise SampleRejected(sample.id, f"processor failed ({type(e).__name__}: {e})") from e
             prompt_ids = [int(x) for x in np.asarray(out["input_ids"])[0]]
@@ -288,7 +310,7 @@ class SampleEncoder:
         enc: dict[str, Any] = {"input_ids": input_ids}
         if parts.reply:
             labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
-            labels[len(prompt_ids):len(prompt_ids) + len(reply_ids)] = reply_ids
+            labels[len(prompt_ids) : len(prompt_ids) + len(reply_ids)] = reply_ids
             enc["labels"] = labels
         if self.native:
             # Token types (0 text, 1 image, 2 video) drive the 3-D M-RoPE positions; transformers 5 requires them
@@ -306,8 +328,9 @@ class SampleEncoder:
         return enc
 
     # ---- batching --------------------------------------------------------------------------------------------
-    def pad_batch(self, encoded: Sequence[dict], padding_side: str = "right",
-                  pad_to_multiple_of: Optional[int] = None) -> dict:
+    def pad_batch(
+        self, encoded: Sequence[dict], padding_side: str = "right", pad_to_multiple_of: Optional[int] = None
+    ) -> dict:
         """Pad per-token arrays to the longest sample in the batch (dynamic padding) and concatenate the vision
         inputs; returns torch tensors ready for ``model(**batch)``. Right padding for training, left for
         generation."""
@@ -322,8 +345,15 @@ class SampleEncoder:
         if pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         first = encoded[0]
-        seq_keys = [k for k, v in first.items() if k not in META_KEYS and k != "pixel_values"
-                    and isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == lengths[0]]
+        seq_keys = [
+            k
+            for k, v in first.items()
+            if k not in META_KEYS
+            and k != "pixel_values"
+            and isinstance(v, np.ndarray)
+            and v.ndim == 1
+            and len(v) == lengths[0]
+        ]
         if "labels" in seq_keys and not all("labels" in e for e in encoded):
             raise ValueError("pad_batch: some samples have labels and some do not")
         batch: dict[str, Any] = {}
@@ -333,16 +363,16 @@ class SampleEncoder:
             for i, e in enumerate(encoded):
                 v = np.asarray(e[k])
                 if padding_side == "right":
-                    out[i, :len(v)] = v
+                    out[i, : len(v)] = v
                 else:
-                    out[i, width - len(v):] = v
+                    out[i, width - len(v) :] = v
             batch[k] = torch.from_numpy(out)
         mask = np.zeros((len(encoded), width), dtype=np.int64)
         for i, n in enumerate(lengths):
             if padding_side == "right":
                 mask[i, :n] = 1
             else:
-                mask[i, width - n:] = 1
+                mask[i, width - n :] = 1
         batch["attention_mask"] = torch.from_numpy(mask)
         # Vision inputs are concatenated in batch order (text-only samples contribute none); the model consumes
         # them in the order of the image placeholders, which is the same order.
@@ -353,8 +383,9 @@ class SampleEncoder:
             batch[k] = torch.from_numpy(np.ascontiguousarray(cat))
         return batch
 
-    def collate(self, samples: Sequence[Sample], images: Sequence[Any], with_target: bool = True,
-                padding_side: str = "right") -> tuple[Optional[dict], list[Rejected]]:
+    def collate(
+        self, samples: Sequence[Sample], images: Sequence[Any], with_target: bool = True, padding_side: str = "right"
+    ) -> tuple[Optional[dict], list[Rejected]]:
         """Encode and pad; samples that cannot be encoded are returned in ``rejected`` (id + reason) and left out
         of the batch. The batch is ``None`` if every sample was rejected."""
         if len(samples) != len(images):

@@ -44,8 +44,15 @@ def no_video_processor_class(family: str) -> type:
             return base.check_argument_for_proper_class(self, argument_name, argument)
 
         # Keep the base class name so that saved processor_class metadata stays loadable by AutoProcessor.
-        cls = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
-                                             "__module__": __name__, "__qualname__": f"NoVideo{base.__name__}"})
+        cls = type(
+            base.__name__,
+            (base,),
+            {
+                "check_argument_for_proper_class": check_argument_for_proper_class,
+                "__module__": __name__,
+                "__qualname__": f"NoVideo{base.__name__}",
+            },
+        )
         _NO_VIDEO_CLASSES[family] = cls
     return _NO_VIDEO_CLASSES[family]
 
@@ -120,8 +127,13 @@ def _image_processor(model_path: str, min_pixels: Optional[int], max_pixels: Opt
     return ip
 
 
-def build_processor(model_path: str, family: str = "auto", min_pixels: Optional[int] = None,
-                    max_pixels: Optional[int] = None, trust_remote_code: bool = False):
+def build_processor(
+    model_path: str,
+    family: str = "auto",
+    min_pixels: Optional[int] = None,
+    max_pixels: Optional[int] = None,
+    trust_remote_code: bool = False,
+):
     """A processor for ``model_path`` (works without torchvision for the Qwen families).
 
     ``min_pixels``/``max_pixels`` override the image budget (image tokens = pixels / (patch*merge)^2).

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -28,8 +29,7 @@ from transformers.cache_utils import DynamicLayer
 ATTN_NAME = "mmrole_shared_prefix"
 
 # The cache whose prefix the attention function reads. Set only while a shared-prefix generate call runs.
-_ACTIVE: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("mmrole_shared_prefix_cache",
-                                                                              default=None)
+_ACTIVE: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("mmrole_shared_prefix_cache", default=None)
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -43,17 +43,26 @@ class SharedPrefixLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, group_sizes: Sequence[int],
-                 prefix_mask: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        group_sizes: Sequence[int],
+        prefix_mask: Optional[torch.Tensor] = None,
+    ):
         super().__init__()
         if prefix_keys.shape[0] != len(group_sizes) or min(group_sizes, default=0) < 1:
             raise ValueError(f"SharedPrefixLayer: {prefix_keys.shape[0]} prefixes for group sizes {list(group_sizes)}")
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.prefix_mask = prefix_mask  # [groups, P] bool, None = no padding
         # The same mask as an additive bias [groups, 1, 1, P], made once: every layer's decoding step uses it.
-        self.prefix_bias = None if prefix_mask is None else torch.zeros(
-            prefix_mask.shape, dtype=prefix_keys.dtype, device=prefix_keys.device).masked_fill_(
-            ~prefix_mask, float("-inf"))[:, None, None, :]
+        self.prefix_bias = (
+            None
+            if prefix_mask is None
+            else torch.zeros(prefix_mask.shape, dtype=prefix_keys.dtype, device=prefix_keys.device).masked_fill_(
+                ~prefix_mask, float("-inf")
+            )[:, None, None, :]
+        )
         self.prefix_length = prefix_keys.shape[-2]
         self.group_sizes = [int(n) for n in group_sizes]
         rows = sum(self.group_sizes)
@@ -76,8 +85,10 @@ class SharedPrefixLayer(DynamicLayer):
             n = self.group_sizes[0]
             return self.prefix_keys.expand(n, -1, -1, -1), self.prefix_values.expand(n, -1, -1, -1)
         sizes = torch.tensor(self.group_sizes, device=self.device)
-        return (self.prefix_keys.repeat_interleave(sizes, dim=0, output_size=int(sizes.sum())),
-                self.prefix_values.repeat_interleave(sizes, dim=0, output_size=int(sizes.sum())))
+        return (
+            self.prefix_keys.repeat_interleave(sizes, dim=0, output_size=int(sizes.sum())),
+            self.prefix_values.repeat_interleave(sizes, dim=0, output_size=int(sizes.sum())),
+        )
 
     def reset(self) -> None:
         raise NotImplementedError("SharedPrefixLayer: a shared-prefix cache is used for one generate call")
@@ -108,20 +119,23 @@ def shared_prefix_cache(prefix_caches: Sequence, group_sizes: Sequence[int]):
         layers = [c.layers[i] for c in prefix_caches]
         for layer in layers:
             if type(layer) is not DynamicLayer or layer.keys.shape[0] != 1:
-                raise ValueError(f"shared_prefix_cache: layer {i} is a {type(layer).__name__} of batch "
-                                 f"{getattr(layer.keys, 'shape', ['?'])[0]}, not a batch-1 full-attention DynamicLayer")
+                raise ValueError(
+                    f"shared_prefix_cache: layer {i} is a {type(layer).__name__} of batch "
+                    f"{getattr(layer.keys, 'shape', ['?'])[0]}, not a batch-1 full-attention DynamicLayer"
+                )
         if len(layers) == 1:
             keys, values, mask = layers[0].keys, layers[0].values, None
         else:
             k0 = layers[0].keys
             keys = k0.new_zeros((len(layers), k0.shape[1], longest, k0.shape[-1]))
-            values = layers[0].values.new_zeros((len(layers), layers[0].values.shape[1], longest,
-                                                 layers[0].values.shape[-1]))
+            values = layers[0].values.new_zeros(
+                (len(layers), layers[0].values.shape[1], longest, layers[0].values.shape[-1])
+            )
             mask = torch.zeros((len(layers), longest), dtype=torch.bool, device=k0.device)
             for g, (layer, n) in enumerate(zip(layers, lengths)):
-                keys[g, :, longest - n:] = layer.keys[0]
-                values[g, :, longest - n:] = layer.values[0]
-                mask[g, longest - n:] = True
+                keys[g, :, longest - n :] = layer.keys[0]
+                values[g, :, longest - n :] = layer.values[0]
+                mask[g, longest - n :] = True
         out.layers[i] = SharedPrefixLayer(keys, values, group_sizes, mask)
     return out
 
@@ -132,8 +146,9 @@ def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.T
     return torch.exp(lse1 - lse)[..., None] * o1.float() + torch.exp(lse2 - lse)[..., None] * o2.float()
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention returning (output, log-sum-exp) for ``[batch, heads, q, D]`` inputs with as many key as
     query heads. ``mask``: a bool keep-mask or an additive float mask, broadcastable to the scores.
 
@@ -142,8 +157,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if _fused_lse(q):
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype),
-                              scale=scale)
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if mask is not None:
@@ -157,9 +171,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
-                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function (``[B, H, q, D]`` in, ``[B, q, H, D]`` out) for the decoder layers of a
     shared-prefix generate call; ``key``/``value`` are the rows' own keys/values from :class:`SharedPrefixLayer`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -168,19 +189,28 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     layer_idx = getattr(module, "layer_idx", None)
     layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
     if not isinstance(layer, SharedPrefixLayer):  # e.g. a vision block: plain sdpa
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rows, heads, q_len, dim = query.shape
     if q_len > 1 and not _fused_lse(query):
         # The rows' own prompt tokens (once per call) where no fused kernel returns the log-sum-exp (CUDA): sdpa
         # over the prefixes expanded to the rows, the memory of one ordinary batched prefill. Decoding below
         # never expands them.
         pk, pv = layer.expanded_prefix()
-        return sdpa_attention_forward(module, query, torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2),
-                                      attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            torch.cat([pk, key], dim=-2),
+            torch.cat([pv, value], dim=-2),
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            **kwargs,
+        )
     kv_heads = layer.prefix_keys.shape[1]
     groups = heads // kv_heads
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     # The query heads of one KV head are adjacent: fold them with the query positions, [rows, kv, groups*q, D].
     q = query.reshape(rows, kv_heads, groups * q_len, dim)
     o1, lse1 = _attend_prefixes(q, layer, scale)
@@ -189,8 +219,11 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if attention_mask is not None:
         own_mask = attention_mask[..., -own_len:]  # [rows, 1, q, S]
         if own_mask.shape[-2] > 1 and groups > 1:
-            own_mask = own_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(
-                own_mask.shape[0], own_mask.shape[1], groups * q_len, own_len)
+            own_mask = (
+                own_mask.unsqueeze(2)
+                .expand(-1, -1, groups, -1, -1)
+                .reshape(own_mask.shape[0], own_mask.shape[1], groups * q_len, own_len)
+            )
     elif q_len > 1:  # no mask = plain causal: the last q_len of the S own positions
         causal = torch.ones(q_len, own_len, dtype=torch.bool, device=query.device).tril(own_len - q_len)
         own_mask = causal.repeat(groups, 1)[None, None]
@@ -226,8 +259,8 @@ def _attend_prefixes(q: torch.Tensor, layer: SharedPrefixLayer, scale: float) ->
         return o, lse
     outs, lses, start = [], [], 0
     for g, n in enumerate(sizes):
-        qf = q[start:start + n].transpose(0, 1).reshape(1, kv_heads, n * m, dim)
-        o, lse = _attend(qf, pk[g:g + 1], pv[g:g + 1], scale, None if pm is None else pm[g:g + 1])
+        qf = q[start : start + n].transpose(0, 1).reshape(1, kv_heads, n * m, dim)
+        o, lse = _attend(qf, pk[g : g + 1], pv[g : g + 1], scale, None if pm is None else pm[g : g + 1])
         outs.append(o.reshape(kv_heads, n, m, dim).transpose(0, 1))
         lses.append(lse.reshape(kv_heads, n, m).transpose(0, 1))
         start += n

@@ -15,9 +15,19 @@ from typing import Optional
 from .config import NATIVE_FAMILIES
 
 # Qwen chat markers and vision placeholders; the order fixes their ids (0..N-1) in the tiny vocabulary.
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+]
 FAMILY_EXTRA_SPECIALS = {"qwen3_vl": ["<think>", "</think>"]}
 
 # The Qwen2-VL / Qwen2.5-VL instruct chat template (as shipped with the checkpoints).
@@ -70,11 +80,16 @@ def train_tiny_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 512, seed
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(seed), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 additional_special_tokens=specials[1:])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:]
+    )
     hf.padding_side = "left"  # Qwen checkpoints ship left padding for generation; we pad ourselves anyway
     hf.chat_template = QWEN_CHAT_TEMPLATE
     return hf
@@ -84,10 +99,18 @@ def _image_processor(family: str):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family == "qwen3_vl":  # Qwen3-VL: 16-px patches, mean/std 0.5
-        return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2,
-                                        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
-                                    temporal_patch_size=2)
+        return Qwen2VLImageProcessorPil(
+            min_pixels=64 * 64,
+            max_pixels=128 * 128,
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+    return Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
 
 
 def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
@@ -95,12 +118,24 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     heads, kv = 4, 2
     head_dim = hidden // heads
-    common_text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                       max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
-                       eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    mm = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    common_text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    mm = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     # M-RoPE splits the rotary half-dim into (temporal, height, width) sections that must sum to head_dim / 2.
     half = head_dim // 2
     t_sec = half // 4
@@ -109,37 +144,82 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        text = dict(common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope,
-                                                  "rope_theta": 10000.0})
-        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        text = dict(
+            common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
+        )
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **mm)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
-        text = dict(common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope,
-                                                  "rope_theta": 10000.0})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[1], in_channels=3)
+        text = dict(
+            common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            in_channels=3,
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **mm)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
         # Qwen3-VL: explicit head_dim, interleaved M-RoPE, learned vision position grid (a square number of
         # positions, interpolated to the image grid) and DeepStack features taken from vision layer 0.
-        text = dict(common_text, head_dim=head_dim,
-                    rope_parameters={"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True,
-                                     "rope_theta": 10000.0})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
-                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0], in_channels=3)
+        text = dict(
+            common_text,
+            head_dim=head_dim,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": mrope,
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+            },
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+            in_channels=3,
+        )
         return Qwen3VLConfig(text_config=text, vision_config=vision, **mm)
     raise ValueError(f"make_tiny_vlm: unknown family {family!r}; choose one of {NATIVE_FAMILIES}")
 
 
-def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64,
-                  layers: int = 2, vocab_size: int = 512, overwrite: bool = True) -> Path:
+def make_tiny_vlm(
+    out_dir: str | Path,
+    family: str = "qwen2_5_vl",
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab_size: int = 512,
+    overwrite: bool = True,
+) -> Path:
     """Write a random-weight ``family`` model (~200-300k parameters) with a locally trained tokenizer to
     ``out_dir``; returns the directory. Deterministic for a given seed."""
     import torch
@@ -165,8 +245,9 @@ def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0
     gc.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     gc.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
-    proc = no_video_processor_class(family)(image_processor=_image_processor(family), tokenizer=tok,
-                                            video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)
+    proc = no_video_processor_class(family)(
+        image_processor=_image_processor(family), tokenizer=tok, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE
+    )
     save_processor(proc, out)
     return out
 

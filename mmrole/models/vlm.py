@@ -5,24 +5,38 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from mmrole.data.records import Sample
 
-from .config import (DEFAULT_LORA_TARGETS, NATIVE_FAMILIES, PROJECTOR_NAMES, VISION_TOWER_NAMES, GenerationParams,
-                     LoRASettings, VLMConfig)
+from .config import (
+    DEFAULT_LORA_TARGETS,
+    NATIVE_FAMILIES,
+    PROJECTOR_NAMES,
+    VISION_TOWER_NAMES,
+    GenerationParams,
+    LoRASettings,
+    VLMConfig,
+)
 from .encoding import Rejected, SampleEncoder
 from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
 from .shared_prefix import shared_prefix_cache, shared_prefix_decoding
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -64,8 +78,9 @@ def freeze_parts(model, freeze_vision: bool = False, freeze_projector: bool = Fa
     if freeze_vision:
         towers = _named_submodules(model, VISION_TOWER_NAMES)
         if not towers:
-            raise ValueError(f"freeze_vision: no vision tower named one of {VISION_TOWER_NAMES} in "
-                             f"{type(model).__name__}")
+            raise ValueError(
+                f"freeze_vision: no vision tower named one of {VISION_TOWER_NAMES} in {type(model).__name__}"
+            )
         for _, tower in towers:
             for p in tower.parameters():
                 if id(p) not in proj_params and p.requires_grad:
@@ -73,8 +88,7 @@ def freeze_parts(model, freeze_vision: bool = False, freeze_projector: bool = Fa
                     frozen["vision"] += p.numel()
     if freeze_projector:
         if not projectors:
-            raise ValueError(f"freeze_projector: no projector named one of {PROJECTOR_NAMES} in "
-                             f"{type(model).__name__}")
+            raise ValueError(f"freeze_projector: no projector named one of {PROJECTOR_NAMES} in {type(model).__name__}")
         for _, m in projectors:
             for p in m.parameters():
                 if p.requires_grad:
@@ -90,8 +104,14 @@ def apply_lora(model, lora: LoRASettings, family: str):
     if lora.adapter_path:
         return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
     targets = lora.target_modules if lora.target_modules is not None else DEFAULT_LORA_TARGETS[family]
-    lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias=lora.bias, modules_to_save=lora.modules_to_save)
+    lcfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+    )
     peft_model = get_peft_model(model, lcfg)
     n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
     if n_lora == 0:  # peft raises for no match in most versions; keep a clear message either way
@@ -108,9 +128,13 @@ def _quantization_config(kind: str, compute_dtype: torch.dtype):
 
     if kind == "4bit":
         # QLoRA recipe: NF4 weights, double quantization, matmuls in the compute dtype.
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"])
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"],
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"])
 
 
@@ -138,8 +162,9 @@ class VLM:
         """See :meth:`SampleEncoder.encode`; raises :class:`SampleTooLong` naming the sample."""
         return self.encoder.encode(sample, image, with_target=with_target, reserve=reserve)
 
-    def pad_batch(self, encoded: list[dict], padding_side: str = "right",
-                  pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+    def pad_batch(
+        self, encoded: list[dict], padding_side: str = "right", pad_to_multiple_of: Optional[int] = None
+    ) -> dict[str, torch.Tensor]:
         """Dynamic padding (right for training, left for generation); concatenates vision inputs."""
         return self.encoder.pad_batch(encoded, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of)
 
@@ -174,9 +199,15 @@ class VLM:
         def cat(k: str) -> torch.Tensor:
             return torch.as_tensor(np.concatenate([np.asarray(e[k]) for e in encoded], axis=0))
 
-        return {"input_ids": cat("input_ids")[None], "labels": cat("labels")[None],
-                "mm_token_type_ids": cat("mm_token_type_ids")[None], "position_ids": position_ids,
-                "pixel_values": cat("pixel_values"), "image_grid_thw": cat("image_grid_thw"), "use_cache": False}
+        return {
+            "input_ids": cat("input_ids")[None],
+            "labels": cat("labels")[None],
+            "mm_token_type_ids": cat("mm_token_type_ids")[None],
+            "position_ids": position_ids,
+            "pixel_values": cat("pixel_values"),
+            "image_grid_thw": cat("image_grid_thw"),
+            "use_cache": False,
+        }
 
     def to_device(self, batch: dict) -> dict:
         """Move a padded batch to the model's device (pixel values in the model's dtype)."""
@@ -196,13 +227,14 @@ class VLM:
     def _eos_ids(self) -> list[int]:
         ids = list(self.encoder.end_token_ids)
         gc_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for t in ([gc_eos] if isinstance(gc_eos, int) else (gc_eos or [])):
+        for t in [gc_eos] if isinstance(gc_eos, int) else (gc_eos or []):
             if t not in ids:
                 ids.append(int(t))
         return ids
 
-    def generate(self, samples: Sequence[Sample], images: Sequence[Any],
-                 params: Optional[GenerationParams] = None) -> list[str]:
+    def generate(
+        self, samples: Sequence[Sample], images: Sequence[Any], params: Optional[GenerationParams] = None
+    ) -> list[str]:
         """Reply text for each sample (prompt = system + image + user text), decoded in one left-padded batch.
 
         Raises :class:`SampleTooLong` (naming the sample) when a prompt plus ``max_new_tokens`` does not fit in
@@ -214,8 +246,9 @@ class VLM:
                 raise e
         return self.generate_encoded(encoded, params)
 
-    def encode_prompts(self, samples: Sequence[Sample], images: Sequence[Any],
-                       params: Optional[GenerationParams] = None) -> list:
+    def encode_prompts(
+        self, samples: Sequence[Sample], images: Sequence[Any], params: Optional[GenerationParams] = None
+    ) -> list:
         """Generation prompts (``encode(..., with_target=False)``), one per sample; a sample that cannot be encoded
         (:class:`SampleTooLong`, an unusable image) gets its ``ValueError`` in its place, so it fails alone."""
         params = params or GenerationParams()
@@ -273,8 +306,9 @@ class VLM:
         parts. Models with sliding-window attention layers are not grouped (their caches are not shared)."""
         n = len(encoded)
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
-        full_attention = (not getattr(text_cfg, "use_sliding_window", False)
-                          and all(t == "full_attention" for t in (getattr(text_cfg, "layer_types", None) or [])))
+        full_attention = not getattr(text_cfg, "use_sliding_window", False) and all(
+            t == "full_attention" for t in (getattr(text_cfg, "layer_types", None) or [])
+        )
         if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and full_attention and n > 1):
             return [], list(range(n))
         import hashlib
@@ -300,14 +334,15 @@ class VLM:
 
         def prefill_cost(prefix: int, rows: int = 0, width: int = 0) -> float:
             """A prefix prefilled once, then ``rows`` own parts padded to ``width`` tokens."""
-            return (prefix + pair_cost * prefix * prefix / 2
-                    + rows * width * (1 + pair_cost * (prefix + width / 2)))
+            return prefix + pair_cost * prefix * prefix / 2 + rows * width * (1 + pair_cost * (prefix + width / 2))
 
         lengths = [len(ids[i]) for i in order]
         vision_end = [self._last_vision_index(encoded[i]) + 1 for i in order]
         # lcp[k]: common prefix of sorted rows k-1 and k (0 across different vision inputs).
-        lcp = [0] + [common(ids[order[k - 1]], ids[order[k]]) if vision_keys[order[k - 1]] == vision_keys[order[k]]
-                     else 0 for k in range(1, n)]
+        lcp = [0] + [
+            common(ids[order[k - 1]], ids[order[k]]) if vision_keys[order[k - 1]] == vision_keys[order[k]] else 0
+            for k in range(1, n)
+        ]
         best = [0.0] * (n + 1)  # best[j]: cheapest cut of sorted rows [0, j)
         cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last piece, its prefix; 0 = single row)
         for j in range(1, n + 1):
@@ -354,8 +389,10 @@ class VLM:
         for rows, prefix_len in groups:
             first = rows[0]
             n = len(first["input_ids"])
-            prefix = {k: (v[:prefix_len] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v)
-                      for k, v in first.items()}
+            prefix = {
+                k: (v[:prefix_len] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v)
+                for k, v in first.items()
+            }
             prefix_batch = self.to_device(self.pad_batch([prefix]))
             prefix_batch.pop("labels", None)
             out = self.model(**prefix_batch, use_cache=True, logits_to_keep=1)
@@ -375,14 +412,14 @@ class VLM:
         row = 0
         for rows, p in groups:
             block = slice(row, row + len(rows))  # the group's rows share its prefix, right-aligned at longest_prefix
-            ids[block, longest_prefix - p:longest_prefix] = np.asarray(rows[0]["input_ids"])[:p]
-            mask[block, longest_prefix - p:longest_prefix] = 1
+            ids[block, longest_prefix - p : longest_prefix] = np.asarray(rows[0]["input_ids"])[:p]
+            mask[block, longest_prefix - p : longest_prefix] = 1
             if types is not None:
-                types[block, longest_prefix - p:longest_prefix] = np.asarray(rows[0]["mm_token_type_ids"])[:p]
+                types[block, longest_prefix - p : longest_prefix] = np.asarray(rows[0]["mm_token_type_ids"])[:p]
             for r in rows:
                 own = np.asarray(r["input_ids"])[p:]
-                ids[row, total - len(own):] = own
-                mask[row, total - len(own):] = 1
+                ids[row, total - len(own) :] = own
+                mask[row, total - len(own) :] = 1
                 row += 1
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if types is not None:
@@ -393,15 +430,19 @@ class VLM:
 
     @staticmethod
     def _new_tokens(out: torch.Tensor, batch: dict) -> list[list[int]]:
-        return out[:, batch["input_ids"].shape[1]:].tolist()
+        return out[:, batch["input_ids"].shape[1] :].tolist()
 
     def _run_generate(self, call, params: GenerationParams) -> list[str]:
         """Run ``call(generate kwargs) -> new token ids`` in eval mode (seeded when asked) and decode the
         replies: cut at the first end token and at any stop string."""
         eos = self._eos_ids()
-        kw: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
-                                  do_sample=params.do_sample, eos_token_id=eos,
-                                  pad_token_id=self.encoder.pad_token_id)
+        kw: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens,
+            do_sample=params.do_sample,
+            eos_token_id=eos,
+            pad_token_id=self.encoder.pad_token_id,
+        )
         if params.do_sample:
             kw.update(temperature=params.temperature, top_p=params.top_p)
         else:  # unset sampling knobs so generation_config defaults (e.g. a checkpoint's top_k) do not warn
@@ -510,6 +551,5 @@ def merge_lora(base_cfg: VLMConfig, adapter_dir: str | Path, out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     proc_src = str(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() else cfg.model_path
-    save_processor(build_processor(proc_src, vlm.family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code),
-                   out)
+    save_processor(build_processor(proc_src, vlm.family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code), out)
     return out

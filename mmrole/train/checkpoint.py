@@ -20,9 +20,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE.json"
@@ -182,8 +183,9 @@ def commit(tmp: str | Path, step: int, extra: Optional[dict] = None) -> Path:
     return final
 
 
-def rotation_plan(entries: Iterable[CheckpointEntry], num_to_keep: int,
-                  protect: Iterable[str | Path] = ()) -> list[Path]:
+def rotation_plan(
+    entries: Iterable[CheckpointEntry], num_to_keep: int, protect: Iterable[str | Path] = ()
+) -> list[Path]:
     """Directories to delete: committed checkpoints beyond the newest ``num_to_keep``, and partial leftovers.
 
     Invariants (tested): the newest complete checkpoint is never deleted (so a run never drops to zero
@@ -245,9 +247,21 @@ def plan_resume(run_dir: str | Path, world_size: int, zero_stage: int) -> Resume
     st = read_state(e.path)
     same = st.get("world_size") == world_size and st.get("zero_stage") == zero_stage
     mode = "exact" if same or (zero_stage == 0 and st.get("zero_stage") == 0) else "weights"
-    reason = "" if mode == "exact" else (f"saved with world_size={st.get('world_size')} zero_stage="
-                                         f"{st.get('zero_stage')}, now {world_size}/{zero_stage}: optimizer "
-                                         "state is partitioned per rank, restarting Adam moments")
-    return ResumePlan(e.path, step=int(st["step"]), epoch=int(st.get("epoch", 0)),
-                      epoch_rows=int(st.get("epoch_rows", 0)), samples_seen=int(st.get("samples_seen", 0)),
-                      mode=mode, reason=reason)
+    reason = (
+        ""
+        if mode == "exact"
+        else (
+            f"saved with world_size={st.get('world_size')} zero_stage="
+            f"{st.get('zero_stage')}, now {world_size}/{zero_stage}: optimizer "
+            "state is partitioned per rank, restarting Adam moments"
+        )
+    )
+    return ResumePlan(
+        e.path,
+        step=int(st["step"]),
+        epoch=int(st.get("epoch", 0)),
+        epoch_rows=int(st.get("epoch_rows", 0)),
+        samples_seen=int(st.get("samples_seen", 0)),
+        mode=mode,
+        reason=reason,
+    )

@@ -13,7 +13,8 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     ap = argparse.ArgumentParser(
         prog=f"train_{'agent' if kind == 'agent' else 'reward_model'}",
         description=f"Train the {'role-playing agent' if kind == 'agent' else 'reward model'} with Ray Train + "
-                    "DeepSpeed. Extra arguments are dotted overrides, e.g. train.lr=2e-5 run_name=x.")
+        "DeepSpeed. Extra arguments are dotted overrides, e.g. train.lr=2e-5 run_name=x.",
+    )
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
@@ -24,8 +25,9 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if cfg.kind != kind:
-        print(f"config error: {args.config} is a kind={cfg.kind!r} config; this job trains kind={kind!r}",
-              file=sys.stderr)
+        print(
+            f"config error: {args.config} is a kind={cfg.kind!r} config; this job trains kind={kind!r}", file=sys.stderr
+        )
         return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")

@@ -1,21 +1,16 @@
-"""Typed training-job configs: dataclasses loaded from YAML, with ``key=value`` dotted overrides.
-
-Every value is checked against its field's type when the config is built, so a typo in a key or a wrong type
-fails at startup with the file and the dotted key, not hours into a run. No torch, Ray or DeepSpeed here.
-"""
+"""Typed training-job configs (built by the one config system, :mod:`mmrole.config`). No torch, Ray or DeepSpeed."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional
 
 import yaml
 
+from mmrole.config import ConfigError, build_dataclass, load_config_file
 from mmrole.models.config import VLMConfig
 
 KINDS = ("agent", "reward_model")
@@ -23,10 +18,6 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_SPLIT = {"agent": "train", "reward_model": "rm_train"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the dotted key."""
 
 
 @dataclass
@@ -137,7 +128,7 @@ class TrainJobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<dict>") -> "TrainJobConfig":
+    def from_dict(cls, d: dict, source: str = "<dict>") -> TrainJobConfig:
         return build_dataclass(cls, d, source, "")
 
 
@@ -150,8 +141,11 @@ def validate(c: TrainJobConfig) -> None:
             raise ConfigError(f"{key}: {msg}")
 
     need(c.kind in KINDS, "kind", f"must be one of {KINDS}, got {c.kind!r}")
-    need(bool(_RUN_NAME.match(c.run_name or "")), "run_name",
-         f"{c.run_name!r} must be a plain name (letters, digits, . _ -), it names the run directory")
+    need(
+        bool(_RUN_NAME.match(c.run_name or "")),
+        "run_name",
+        f"{c.run_name!r} must be a plain name (letters, digits, . _ -), it names the run directory",
+    )
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -168,180 +162,43 @@ def validate(c: TrainJobConfig) -> None:
     need(not (t.offload_optimizer and t.zero_stage == 0), "train.offload_optimizer", "needs zero_stage >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
-    need(c.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep",
-         "must be >= 1 (a run always keeps its newest complete checkpoint)")
+    need(
+        c.checkpoint.num_to_keep >= 1,
+        "checkpoint.num_to_keep",
+        "must be >= 1 (a run always keeps its newest complete checkpoint)",
+    )
     need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-    need(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "scaling.min_workers",
-         "must be in [1, num_workers] or null")
+    need(
+        s.min_workers is None or 1 <= s.min_workers <= s.num_workers,
+        "scaling.min_workers",
+        "must be in [1, num_workers] or null",
+    )
     need(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     need(s.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = unlimited)")
-    need(len(c.data.encode_concurrency) in (1, 2) and all(n >= 1 for n in c.data.encode_concurrency)
-         and c.data.encode_concurrency[0] <= c.data.encode_concurrency[-1],
-         "data.encode_concurrency", "must be [n] or [min, max] with 1 <= min <= max")
+    need(
+        len(c.data.encode_concurrency) in (1, 2)
+        and all(n >= 1 for n in c.data.encode_concurrency)
+        and c.data.encode_concurrency[0] <= c.data.encode_concurrency[-1],
+        "data.encode_concurrency",
+        "must be [n] or [min, max] with 1 <= min <= max",
+    )
     need(c.data.encode_num_cpus > 0, "data.encode_num_cpus", "must be > 0")
     need(c.data.encode_batch_size >= 1, "data.encode_batch_size", "must be >= 1")
     need(c.data.local_shuffle_buffer >= 0, "data.local_shuffle_buffer", "must be >= 0")
     need(bool(c.data.prepared), "data.prepared", "is required (the output folder of `mmrole data prepare`)")
     need(bool(c.model.model_path), "model.model_path", "is required")
-    need(c.tiny_model is None or c.tiny_model in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), "tiny_model",
-         "must be qwen2_vl, qwen2_5_vl, qwen3_vl or null")
+    need(
+        c.tiny_model is None or c.tiny_model in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        "tiny_model",
+        "must be qwen2_vl, qwen2_5_vl, qwen3_vl or null",
+    )
 
 
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """``value`` converted to the annotated type ``tp`` (str from the command line, YAML scalars, lists)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return build_dataclass(tp, value, "", where)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (elem,) = typing.get_args(tp)[:1] or (Any,)
-        return [coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if value is None or isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def build_dataclass(cls, d: dict, source: str = "", prefix: str = ""):
-    """``cls(**d)`` with every field coerced to its type; unknown keys are an error naming ``prefix.key``."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    where = (source + ": ") if source else ""
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in unknown)
-        raise ConfigError(f"{where}unknown key(s) {keys}; {cls.__name__} has {sorted(names)}")
-    kw = {}
-    for k, v in d.items():
-        kw[k] = coerce(v, hints[k], f"{where}{prefix}{'.' if prefix else ''}{k}")
-    missing = [n for n, f in names.items() if n not in kw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in missing)
-        raise ConfigError(f"{where}missing required key(s) {keys}")
-    try:
-        return cls(**kw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}{e}") from None
-    except (TypeError, ValueError) as e:  # e.g. VLMConfig's own checks
-        raise ConfigError(f"{where}{prefix or cls.__name__}: {e}") from None
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=2e-5)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {item!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Set each ``dotted.key=value`` in the raw mapping (types are checked when the config is built)."""
-    for item in overrides:
-        path, value = parse_override(item)
-        node = d
-        for p in path[:-1]:
-            if node.get(p) is None:  # e.g. model.lora.r=16 when lora is null
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a mapping")
-        node[path[-1]] = value
-    return d
-
-
-def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None,
-                defaults: Optional[dict] = None) -> TrainJobConfig:
+def load_config(
+    path: Optional[str | Path], overrides: Optional[list[str]] = None, defaults: Optional[dict] = None
+) -> TrainJobConfig:
     """Read a YAML config (or start from ``defaults``), apply ``key=value`` overrides, build and validate."""
-    d: dict = dict(defaults or {})
-    source = "<overrides>"
-    if path:
-        p = Path(path)
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config ({e})") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-        d.update(loaded)
-    apply_overrides(d, list(overrides or []))
-    return TrainJobConfig.from_dict(d, source)
+    return load_config_file(TrainJobConfig, path, overrides, defaults)
 
 
 # ----------------------------------------------------------------------------------------------- geometry

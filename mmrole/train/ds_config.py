@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .config import BatchGeometry, TrainSettings
 
@@ -22,8 +22,12 @@ def zero_section(stage: int, offload_optimizer: bool, device_type: str) -> dict:
     z: dict = {"stage": stage}
     if stage >= 1:
         # overlap_comm only pays off with CUDA streams; on CPU/gloo it just adds buffers.
-        z.update(contiguous_gradients=True, overlap_comm=device_type == "cuda",
-                 reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
+        z.update(
+            contiguous_gradients=True,
+            overlap_comm=device_type == "cuda",
+            reduce_bucket_size=BUCKET,
+            allgather_bucket_size=BUCKET,
+        )
     if stage == 3:
         # Needed to write a consolidated Hugging Face model from partitioned parameters at checkpoint time.
         z["stage3_gather_16bit_weights_on_model_save"] = True
@@ -48,13 +52,15 @@ def build_deepspeed_config(t: TrainSettings, geo: BatchGeometry, device_type: st
         "zero_optimization": zero_section(t.zero_stage, t.offload_optimizer, device_type),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 10 ** 9,  # progress comes from our own metrics, not DeepSpeed's logger
+        "steps_per_print": 10**9,  # progress comes from our own metrics, not DeepSpeed's logger
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # client torch AdamW under ZeRO
     }
     if t.offload_optimizer:
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
-                                                        "weight_decay": t.weight_decay}}
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay},
+        }
     return cfg
 
 

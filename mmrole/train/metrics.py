@@ -29,12 +29,18 @@ class StepStats:
     def as_dict(self) -> dict[str, Any]:
         t = max(self.step_time_s, 1e-9)
         d = {
-            "step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
-            "samples": self.samples, "samples_per_s": self.samples / t,
-            "text_tokens_per_s": self.text_tokens / t, "image_tokens_per_s": self.image_tokens / t,
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "lr": self.lr,
+            "samples": self.samples,
+            "samples_per_s": self.samples / t,
+            "text_tokens_per_s": self.text_tokens / t,
+            "image_tokens_per_s": self.image_tokens / t,
             "tokens_per_s": (self.text_tokens + self.image_tokens) / t,
             "target_tokens": self.target_tokens,
-            "step_time_s": self.step_time_s, "data_wait_s": self.data_wait_s,
+            "step_time_s": self.step_time_s,
+            "data_wait_s": self.data_wait_s,
             "data_wait_frac": min(1.0, self.data_wait_s / t),
         }
         if self.grad_norm is not None:
@@ -45,9 +51,11 @@ class StepStats:
 def progress_line(d: dict, total_steps: int) -> str:
     """One human-readable line per logged step."""
     gn = f" gnorm {d['grad_norm']:.3f}" if d.get("grad_norm") is not None else ""
-    return (f"step {d['step']}/{total_steps} ep {d['epoch']} loss {d['loss']:.4f} lr {d['lr']:.3e}{gn} | "
-            f"{d['samples_per_s']:.2f} samples/s {d['text_tokens_per_s']:.0f}+{d['image_tokens_per_s']:.0f} "
-            f"text+image tok/s | data wait {100 * d['data_wait_frac']:.0f}% | {d['step_time_s']:.2f}s/step")
+    return (
+        f"step {d['step']}/{total_steps} ep {d['epoch']} loss {d['loss']:.4f} lr {d['lr']:.3e}{gn} | "
+        f"{d['samples_per_s']:.2f} samples/s {d['text_tokens_per_s']:.0f}+{d['image_tokens_per_s']:.0f} "
+        f"text+image tok/s | data wait {100 * d['data_wait_frac']:.0f}% | {d['step_time_s']:.2f}s/step"
+    )
 
 
 class MetricsSink:

@@ -25,9 +25,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 _LAYOUT = re.compile(r"(?P<set>[^/]+)_reviews/(?P<model>[^/]+)/(?P<type>[^/]+)_test\.json$")
 
@@ -53,9 +54,16 @@ class RMBuildStats:
         return c
 
     def to_dict(self) -> dict:
-        return {"files": self.files, "records_in": self.records_in, "in": self.pairs_in, "out": self.out,
-                "out_train": self.out_train, "out_test": self.out_test, "rejected": len(self.rejected),
-                "rejected_by_reason": self.by_reason()}
+        return {
+            "files": self.files,
+            "records_in": self.records_in,
+            "in": self.pairs_in,
+            "out": self.out,
+            "out_train": self.out_train,
+            "out_test": self.out_test,
+            "rejected": len(self.rejected),
+            "rejected_by_reason": self.by_reason(),
+        }
 
 
 def find_review_files(root: str | Path) -> list[Path]:
@@ -78,19 +86,25 @@ def in_test_split(sample_id: str, test_fraction: float, seed: int = 0) -> bool:
     """Deterministic split by sample id (stable across runs, machines and Python hash seeds)."""
     if test_fraction <= 0:
         return False
-    h = hashlib.sha256(f"{seed}:{sample_id}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < test_fraction
+    h = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < test_fraction
 
 
 def rm_record(rid: str, image: str, prompt: str, review: str, system: str = "") -> dict:
     """One record in the published RM_data format (plus ``system``)."""
-    return {"id": rid, "system": system, "conversations": [
-        {"from": "user", "value": f"Picture 1: <img>{image}</img>\n{prompt}"},
-        {"from": "assistant", "value": review}]}
+    return {
+        "id": rid,
+        "system": system,
+        "conversations": [
+            {"from": "user", "value": f"Picture 1: <img>{image}</img>\n{prompt}"},
+            {"from": "assistant", "value": review},
+        ],
+    }
 
 
-def records_from_reviews(path: str | Path, template=None, metrics: Optional[Sequence[str]] = None,
-                         stats: Optional[RMBuildStats] = None) -> Iterable[tuple[str, dict]]:
+def records_from_reviews(
+    path: str | Path, template=None, metrics: Optional[Sequence[str]] = None, stats: Optional[RMBuildStats] = None
+) -> Iterable[tuple[str, dict]]:
     """(sample id, RM record) for every usable (record, metric) of one review file."""
     from mmrole.eval.contract import JudgeRequest, build_judge_sample
     from mmrole.eval.formats import load_reviews_file
@@ -120,20 +134,40 @@ def records_from_reviews(path: str | Path, template=None, metrics: Optional[Sequ
                 continue
             parsed, why = try_parse_scores(entry.review)
             if parsed is None or tuple(parsed) != tuple(entry.score):
-                stats.rejected.append({**rej, "reason": f"score_mismatch: review text gives {parsed or why}, "
-                                                        f"record says {list(entry.score)}"})
+                stats.rejected.append(
+                    {
+                        **rej,
+                        "reason": f"score_mismatch: review text gives {parsed or why}, record says {list(entry.score)}",
+                    }
+                )
                 continue
-            req = JudgeRequest(sample_id=a.id, metric=metric, question=a.question, answer=a.answer,
-                               reference=a.reference, image=a.image, role=a.role, other_role=a.other_role,
-                               script=a.script, set_name=a.set_name, dialogue_type=a.dialogue_type)
+            req = JudgeRequest(
+                sample_id=a.id,
+                metric=metric,
+                question=a.question,
+                answer=a.answer,
+                reference=a.reference,
+                image=a.image,
+                role=a.role,
+                other_role=a.other_role,
+                script=a.script,
+                set_name=a.set_name,
+                dialogue_type=a.dialogue_type,
+            )
             s = build_judge_sample(req, template)
             rm_id = f"{model}/{s.id}" if model else s.id
             yield a.id, rm_record(rm_id, a.image, s.user_text, entry.review.strip(), s.system)
 
 
-def build_rm_data(review_paths: Sequence[str | Path], out_root: str | Path, test_fraction: float = 0.1,
-                  seed: int = 0, template=None, metrics: Optional[Sequence[str]] = None,
-                  shuffle: bool = True) -> RMBuildStats:
+def build_rm_data(
+    review_paths: Sequence[str | Path],
+    out_root: str | Path,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    template=None,
+    metrics: Optional[Sequence[str]] = None,
+    shuffle: bool = True,
+) -> RMBuildStats:
     """Write ``out_root/RM_data/train/rm_train.json`` (and ``test/rm_test.json`` when ``test_fraction > 0``)
     plus ``out_root/RM_data/rejects.jsonl`` and ``build_report.json``; returns the counts."""
     stats = RMBuildStats()
@@ -142,8 +176,14 @@ def build_rm_data(review_paths: Sequence[str | Path], out_root: str | Path, test
     for path in review_paths:
         for sid, rec in records_from_reviews(path, template, metrics, stats):
             if rec["id"] in seen:
-                stats.rejected.append({"file": str(path), "id": rec["id"], "metric": "",
-                                       "reason": "duplicate: same model, sample and metric seen before"})
+                stats.rejected.append(
+                    {
+                        "file": str(path),
+                        "id": rec["id"],
+                        "metric": "",
+                        "reason": "duplicate: same model, sample and metric seen before",
+                    }
+                )
                 continue
             seen.add(rec["id"])
             (test if in_test_split(sid, test_fraction, seed) else train).append(rec)
@@ -171,8 +211,9 @@ def _dump(path: Path, data: list) -> None:
 # ----------------------------------------------------------------------------------------------- demo data
 
 
-def synthetic_reviews(dataset_root: str | Path, out_eval_dir: str | Path, seed: int = 0,
-                      model: str = "demo-model") -> list[Path]:
+def synthetic_reviews(
+    dataset_root: str | Path, out_eval_dir: str | Path, seed: int = 0, model: str = "demo-model"
+) -> list[Path]:
     """Review files for a dataset's test split with made-up answers and scores (demo/CI only: real reward-model
     data comes from a real judge). The answer is the reference with its words shuffled; the review names the
     metric and ends with ``[Scores]: (A, B)``."""
@@ -182,7 +223,7 @@ def synthetic_reviews(dataset_root: str | Path, out_eval_dir: str | Path, seed: 
     rng = random.Random(seed)
     written = []
     for f in sorted((root / "data" / "test").glob("*/*_test.json")):
-        group, dtype = f.parent.name, f.name[:-len("_test.json")]
+        group, dtype = f.parent.name, f.name[: -len("_test.json")]
         set_name = "in-test" if group == "in-distribution" else "out-test"
         recs = json.loads(f.read_text(encoding="utf-8"))
         out = []
@@ -196,8 +237,10 @@ def synthetic_reviews(dataset_root: str | Path, out_eval_dir: str | Path, seed: 
             for m in METRICS:
                 a, b = rng.randint(3, 9), rng.randint(6, 10)
                 better = "Model A" if a > b else "Model B" if b > a else "Neither model"
-                reviews[m] = {"review": f"On {m.lower()}, {better} does better in this exchange. "
-                                        f"[Scores]: ({a}, {b})", "score": [float(a), float(b)]}
+                reviews[m] = {
+                    "review": f"On {m.lower()}, {better} does better in this exchange. [Scores]: ({a}, {b})",
+                    "score": [float(a), float(b)],
+                }
             r["rm_review"] = reviews
             out.append(r)
         p = Path(out_eval_dir) / f"{set_name}_reviews" / model / f"{dtype}_test.json"

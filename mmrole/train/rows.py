@@ -12,7 +12,8 @@ stored as a flattened Arrow list column plus a ``<key>__shape`` column, with a f
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

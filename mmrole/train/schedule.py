@@ -38,9 +38,13 @@ class LRSchedule:
         return self.multiplier(step)
 
 
-def make_schedule(total_steps: int, kind: str = "cosine", warmup_ratio: float = 0.0,
-                  warmup_steps: Optional[int] = None, min_lr_ratio: float = 0.0) -> LRSchedule:
+def make_schedule(
+    total_steps: int,
+    kind: str = "cosine",
+    warmup_ratio: float = 0.0,
+    warmup_steps: Optional[int] = None,
+    min_lr_ratio: float = 0.0,
+) -> LRSchedule:
     """Warmup given in steps wins over the ratio; warmup never exceeds the run."""
     w = warmup_steps if warmup_steps is not None else int(math.ceil(warmup_ratio * total_steps))
-    return LRSchedule(total_steps=total_steps, warmup_steps=min(w, total_steps), kind=kind,
-                      min_lr_ratio=min_lr_ratio)
+    return LRSchedule(total_steps=total_steps, warmup_steps=min(w, total_steps), kind=kind, min_lr_ratio=min_lr_ratio)
