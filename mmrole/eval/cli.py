@@ -54,6 +54,16 @@ def register(subparsers) -> None:
     s.add_argument("--out", help="where to write judge_results/ and the reviews/results (default: DIR)")
     s.set_defaults(func=cmd_score)
 
+    t = sub.add_parser(
+        "import-template",
+        help="convert the original MMRole judging script (eval/RM_review.py) into a judge template YAML",
+        description="Read RM_review.py as data (parsed, never executed) and write the judge template it amounts "
+        "to; with it the judge requests equal the original's byte for byte. --judge-template also takes the script.",
+    )
+    t.add_argument("script", help="path to RM_review.py (from a checkout of the MMRole repository)")
+    t.add_argument("-o", "--out", required=True, help="template YAML to write")
+    t.set_defaults(func=cmd_import_template)
+
 
 def cmd_report(args) -> int:
     from .formats import EvalDataError
@@ -154,3 +164,23 @@ def cmd_score(args) -> int:
             print(f"wrote {p}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return rc
+
+
+def cmd_import_template(args) -> int:
+    from .original_judge import convert_original_script
+    from .template import JudgeTemplate, JudgeTemplateError, dump_judge_template, load_judge_template
+
+    try:
+        text = Path(args.script).read_text(encoding="utf-8")
+        template = JudgeTemplate.from_dict(convert_original_script(text, args.script), args.script)
+    except (OSError, JudgeTemplateError) as e:
+        print(f"mmrole eval import-template: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_judge_template(template), encoding="utf-8")
+    if load_judge_template(out).to_dict() != template.to_dict():  # the YAML must load back to the same wording
+        print(f"mmrole eval import-template: {out} does not load back identically", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (from {args.script})", file=sys.stderr)
+    return 0

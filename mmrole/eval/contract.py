@@ -161,7 +161,9 @@ def build_judge_sample(request: JudgeRequest, template: Optional[JudgeTemplate] 
     )
     return Sample(
         id=f"{request.sample_id}::{request.metric}" + ("::swapped" if request.swapped else ""),
-        system=template.system,
+        system=template.render_system(
+            role=request.role, other_role=request.other_role, script=request.script, metric=request.metric
+        ),
         user_text=prompt,
         image=request.image,
         target="",

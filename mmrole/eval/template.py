@@ -1,4 +1,11 @@
-"""The judge prompt template (YAML), so the wording can be replaced without touching code."""
+"""The judge prompt template (YAML), so the wording can be replaced without touching code.
+
+A template has a ``system`` message, a ``prompt`` and one description per metric, all format strings over the
+placeholders below, plus an optional ``roles`` section saying how a character is named in judge text (with its
+script, or as a hypothetical character; how the curious human partner is named). ``load_judge_template`` also
+accepts the original MMRole judging script (``eval/RM_review.py``), converted at load by
+:mod:`mmrole.eval.original_judge`, so requests can equal the original's byte for byte.
+"""
 
 from __future__ import annotations
 
@@ -15,22 +22,91 @@ from .metrics import METRICS
 
 JUDGE_TEMPLATE_ENV = "MMROLE_JUDGE_TEMPLATE"
 PACKAGED_TEMPLATE = "judge.yaml"
-PROMPT_FIELDS = ("question", "answer_a", "answer_b", "metric", "metric_description", "role", "other_role", "script")
+# Placeholders that depend on the sample's characters only; usable in the system message and metric descriptions.
+ROLE_FIELDS = ("role", "other_role", "script", "role_with_script", "other_role_with_script", "other_role_referent")
+DESCRIPTION_FIELDS = ("metric", *ROLE_FIELDS)
+SYSTEM_FIELDS = DESCRIPTION_FIELDS
+PROMPT_FIELDS = ("question", "answer_a", "answer_b", "metric_description", *DESCRIPTION_FIELDS)
 # A judge prompt without these cannot do its job.
 REQUIRED_FIELDS = ("question", "answer_a", "answer_b", "metric_description")
+NAME_FIELDS = ("name", "script")  # placeholders of the `roles` patterns
 
 
 class JudgeTemplateError(ValueError):
     """A judge template that is unreadable, misses keys or uses unknown placeholders."""
 
 
+def placeholders(text: str, allowed: tuple, where: str) -> set:
+    """The placeholder names of format string ``text``; raises naming ``where`` and the first bad placeholder."""
+    used = set()
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:  # a lone "{" or "}"
+        raise JudgeTemplateError(f"{where}: malformed format string ({e}); write literal braces as {{{{ }}}}") from e
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in allowed:
+            raise JudgeTemplateError(f"{where}: unknown placeholder {{{name}}}; allowed {list(allowed)}")
+        if spec or conversion:
+            raise JudgeTemplateError(f"{where}: placeholder {{{name}}} may not have a format spec or conversion")
+        used.add(name)
+    return used
+
+
+@dataclass(frozen=True)
+class RoleWording:
+    """How characters are named in judge text. ``hypothetical_script`` and ``human`` are data values (the
+    ``script`` of invented characters, the ``other_role`` of a human partner); the patterns use {name}, {script}."""
+
+    with_script: str = "{name} from {script}"
+    hypothetical: str = "{name}, an invented character,"
+    hypothetical_script: str = "Hypothetical Characters"
+    human: str = "a curious human"
+    human_referent: str = "the human"  # how a description refers to the human partner
+
+    @classmethod
+    def from_dict(cls, d, source: str) -> RoleWording:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise JudgeTemplateError(f"{source}: 'roles' must be a mapping")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise JudgeTemplateError(f"{source}: roles: unknown key(s) {unknown}; known {sorted(known)}")
+        out = cls(**{k: str(v) for k, v in d.items()})
+        for key in ("with_script", "hypothetical"):
+            used = placeholders(getattr(out, key), NAME_FIELDS, f"{source}: roles.{key}")
+            if "name" not in used:
+                raise JudgeTemplateError(f"{source}: roles.{key} lacks placeholder {{name}}")
+        return out
+
+    def named(self, name: str, script: str) -> str:
+        pattern = self.hypothetical if script == self.hypothetical_script else self.with_script
+        return pattern.format(name=name, script=script)
+
+    def fields(self, role: str, other_role: str, script: str) -> dict:
+        """The role placeholders of one sample (the human partner is never given a script)."""
+        human = other_role == self.human
+        return {
+            "role": role,
+            "other_role": other_role,
+            "script": script,
+            "role_with_script": self.named(role, script),
+            "other_role_with_script": other_role if human else self.named(other_role, script),
+            "other_role_referent": self.human_referent if human else other_role,
+        }
+
+
 @dataclass(frozen=True)
 class JudgeTemplate:
-    """The wording of a judge call: system message, prompt and one description per metric."""
+    """The wording of a judge call: system message, prompt, one description per metric, how roles are named."""
 
     system: str
     prompt: str
     metrics: dict = field(default_factory=dict)
+    roles: RoleWording = field(default_factory=RoleWording)
     source: str = "<dict>"
 
     @classmethod
@@ -40,6 +116,9 @@ class JudgeTemplate:
         for key in ("system", "prompt", "metrics"):
             if key not in d:
                 raise JudgeTemplateError(f"{source}: missing key {key!r}")
+        unknown_keys = sorted(set(d) - {"system", "prompt", "metrics", "roles"})
+        if unknown_keys:
+            raise JudgeTemplateError(f"{source}: unknown key(s) {unknown_keys}")
         metrics = d["metrics"]
         if not isinstance(metrics, dict):
             raise JudgeTemplateError(f"{source}: 'metrics' must map metric name -> description")
@@ -49,23 +128,36 @@ class JudgeTemplate:
             raise JudgeTemplateError(
                 f"{source}: metrics missing {missing}, unknown {unknown}; expected {list(METRICS)}"
             )
-        used = set()
-        for _, name, _, _ in string.Formatter().parse(str(d["prompt"])):
-            if name is not None:
-                if name not in PROMPT_FIELDS:
-                    raise JudgeTemplateError(
-                        f"{source}: unknown placeholder {{{name}}} in prompt; allowed {PROMPT_FIELDS}"
-                    )
-                used.add(name)
+        used = placeholders(str(d["prompt"]), PROMPT_FIELDS, f"{source}: prompt")
         absent = [f for f in REQUIRED_FIELDS if f not in used]
         if absent:
             raise JudgeTemplateError(f"{source}: prompt lacks placeholder(s) {absent}")
+        placeholders(str(d["system"]), SYSTEM_FIELDS, f"{source}: system")
+        for m in METRICS:
+            placeholders(str(metrics[m]), DESCRIPTION_FIELDS, f"{source}: metrics.{m}")
         return cls(
             system=str(d["system"]),
             prompt=str(d["prompt"]),
+            # Surrounding whitespace of a YAML folded block is noise; an exact (imported) template has none.
             metrics={m: str(metrics[m]).strip() for m in METRICS},
+            roles=RoleWording.from_dict(d.get("roles"), source),
             source=source,
         )
+
+    def to_dict(self) -> dict:
+        return {
+            "system": self.system,
+            "prompt": self.prompt,
+            "metrics": dict(self.metrics),
+            "roles": {k: getattr(self.roles, k) for k in RoleWording.__dataclass_fields__},
+        }
+
+    def _role_fields(self, role: str, other_role: str, script: str) -> dict:
+        return self.roles.fields(role or "the character", other_role or "the other party", script)
+
+    def render_system(self, *, role: str = "", other_role: str = "", script: str = "", metric: str = "") -> str:
+        """The system message of one (sample, metric)."""
+        return self.system.format(metric=metric, **self._role_fields(role, other_role, script))
 
     def render(
         self,
@@ -81,27 +173,52 @@ class JudgeTemplate:
         """The judge prompt for one (sample, metric)."""
         if metric not in self.metrics:
             raise KeyError(f"{self.source}: no description for metric {metric!r}")
+        names = self._role_fields(role, other_role, script)
         return self.prompt.format(
             question=question,
             answer_a=answer_a,
             answer_b=answer_b,
             metric=metric,
-            metric_description=self.metrics[metric],
-            role=role or "the character",
-            other_role=other_role or "the other party",
-            script=script,
+            metric_description=self.metrics[metric].format(metric=metric, **names),
+            **names,
         )
 
 
+def _read_template(p: Path) -> JudgeTemplate:
+    from .original_judge import convert_original_script, looks_like_python
+
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JudgeTemplateError(f"{p}: cannot read judge template ({e})") from e
+    if p.suffix == ".py" or looks_like_python(text):
+        return JudgeTemplate.from_dict(convert_original_script(text, str(p)), str(p))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise JudgeTemplateError(f"{p}: cannot read judge template ({e})") from e
+    return JudgeTemplate.from_dict(data, str(p))
+
+
 def load_judge_template(path: Optional[Union[str, Path]] = None) -> JudgeTemplate:
-    """Load ``path``, else $MMROLE_JUDGE_TEMPLATE, else the packaged ``mmrole/templates/judge.yaml``."""
+    """Load ``path`` (a template YAML, or the original MMRole ``RM_review.py``), else $MMROLE_JUDGE_TEMPLATE, else
+    the packaged ``mmrole/templates/judge.yaml``."""
     path = path or os.environ.get(JUDGE_TEMPLATE_ENV)
     if path:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise JudgeTemplateError(f"{p}: cannot read judge template ({e})") from e
-        return JudgeTemplate.from_dict(data, str(p))
+        return _read_template(Path(path))
     text = resources.files("mmrole.templates").joinpath(PACKAGED_TEMPLATE).read_text(encoding="utf-8")
     return JudgeTemplate.from_dict(yaml.safe_load(text), f"mmrole/templates/{PACKAGED_TEMPLATE}")
+
+
+def dump_judge_template(template: JudgeTemplate) -> str:
+    """YAML text of ``template`` that loads back to the same template (literal blocks for multi-line text)."""
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper, s):
+        style = "|" if "\n" in s and not s.endswith((" ", "\n")) and " \n" not in s else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump(template.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 20)
