@@ -52,7 +52,11 @@ def test_every_published_review_parses_to_its_stored_score():
         ("[分数] ignored. [Scores]：（7，8）", (7, 8)),  # full-width punctuation
         ("Scores: 5 vs 6", (5, 6)),
         ("[Scores]: (9, 9)\n\nFormat: [Scores]: (score of Model A, score of Model B)", (9, 9)),  # echoed format
-        ("[Scores]: (3, 4) earlier draft ... [Scores]: (7, 9)", (7, 9)),  # the last pair wins
+        ("[Scores]: (7, 9) draft ... [Scores]: (7.0, 9)", (7, 9)),  # several markers, the same pair
+        ("（8，9）", (8, 9)),  # full-width, on the last line
+        ("比较如下。[Scores]：（8，9）。", (8, 9)),  # Chinese punctuation around the pair
+        ("[Scores]: (8.5, 9.25) as explained above.", (8.5, 9.25)),
+        ("[Scores]: (10/10, 7/10)", (10, 7)),
         ("[Scores]: (7, 9) even though the scores 3 and 4 came up", (7, 9)),  # bracketed marker beats the word
         ("[Scores]: (0, 5)", (0, 5)),  # A = 0 is a legal (terrible) score
     ],
@@ -71,6 +75,14 @@ def test_accepted_forms(text, expected):
         ("[Scores]: (score of Model A, score of Model B)", "no score pair"),
         ("[Scores]: (8)", "no score pair"),
         ("dss sdf 8 9 sdfsdf", "no score pair"),
+        ("[Scores]: 89", "ambiguous"),  # concatenated digits: (8, 9)? (89 out of range)? never guessed
+        ("Scores: 85", "ambiguous"),
+        ("[Scores]: 8 9", "ambiguous"),  # no separator
+        ("[Scores]: 8. The reference deserves 9.", "ambiguous"),  # two sentences
+        ("[Scores]: (8, 9, 7)", "no score pair"),  # a third number
+        ("[Scores]: (3, 4) earlier draft ... [Scores]: (7, 9)", "several markers give different pairs"),
+        ("Model A: 7, then Model A: 8; Model B: 9", "several scores for Model A"),
+        ("[Scores]: (8/5, 9/5)", "no score pair"),  # out of 5: not our scale, not guessed
         ("[Scores]: (8, 0)", "B is 0"),
         ("[Scores]: (11, 3)", "outside"),
         ("[Scores]: (-2, 3)", "outside"),

@@ -1,10 +1,13 @@
 """Parse a judge's reply into the score pair (A, B) that it must end with: ``[Scores]: (A, B)``.
 
-Accepted (case-insensitive), the last occurrence winning:
-``[Scores]: (8, 9)``, ``[Scores]: 8, 9``, ``**Scores:** (8.5, 9)``, ``[Scores]: (8/10, 9/10)``,
-``[Scores]: (Model A: 8, Model B: 9)``, full-width brackets/commas, any text after the pair; without a
-scores marker, ``Model A: 8 ... Model B: 9`` (or "Assistant A"), or a last line that is just ``(8, 9)``.
-A score must lie in [0, 10] and B must be positive (A / B is the metric); anything else is a failure.
+Accepted (case-insensitive): ``[Scores]: (8, 9)``, ``[Scores]: 8, 9``, ``**Scores:** (8.5, 9)``,
+``[Scores]: (8/10, 9/10)``, ``[Scores]: (Model A: 8, Model B: 9)``, full-width brackets/commas (``（8，9）``), any
+text after the pair; without a scores marker, ``Model A: 8 ... Model B: 9`` (or "Assistant A"), or a last line
+that is just ``(8, 9)``. A score must lie in [0, 10] and B must be positive (A / B is the metric).
+
+The parser never guesses: a reply is a failure (re-asked, then recorded) when the pair is ambiguous — two numbers
+without a separator (``[Scores]: 89``), a third number in the pair, several markers (or labels) giving different
+pairs, two numbers split across sentences (``[Scores]: 8. Then 9``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ MAX_SCORE = 10.0
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 _DENOM = r"(?:\s*/\s*10(?:\.0+)?)?"  # "8/10"
 _LABEL = r"(?:(?:model|assistant|response)\s*)?{x}(?:['’]s)?(?:\s*score)?\s*[:=：]\s*"
-_SEP = r"\s*(?:[,，;；]|\band\b|\bvs\.?)?\s*"
+# An explicit separator is required: "8 9" or "89" is not a pair.
+_SEP = r"\s*(?:[,，;；、]|\band\b|\bvs\.?)\s*"
 _PAIR = re.compile(
     r"[\s:：=\-*_]*[(\[（【]?\s*"
     + "(?:"
@@ -31,11 +35,19 @@ _PAIR = re.compile(
     + _LABEL.format(x="b")
     + ")?"
     + _NUM
-    + _DENOM,
+    + _DENOM
+    # not followed by more digits or a third number: "(8, 95" or "(8, 9, 7)" is not a pair
+    + r"(?![\d.]*\d)(?!\s*(?:/\s*\d|[,，;；、]\s*[-+]?\d))",
     re.IGNORECASE,
 )
+# A marker followed by a lone number (or digits run together): the pair is there but cannot be split.
+_LONE = re.compile(r"[\s:：=\-*_]*[(\[（【]?\s*[-+]?\d", re.IGNORECASE)
 # The contract's bracketed marker is tried first, then the bare word (e.g. "**Scores:** 8, 9").
-_MARKERS = (re.compile(r"\[\s*scores?\s*\]", re.IGNORECASE), re.compile(r"\bscores?\b", re.IGNORECASE))
+# The bare word is not a marker where it is part of a label ("Model A's score: 7").
+_MARKERS = (
+    re.compile(r"\[\s*scores?\s*\]", re.IGNORECASE),
+    re.compile(r"(?<!['’]s\s)(?<![ab]\s)\bscores?\b", re.IGNORECASE),
+)
 _NAMED = {
     x: re.compile(
         r"\b(?:model|assistant)\s*" + x + r"\b(?:['’]s)?(?:\s*score)?\s*[:=：\-]\s*\**\s*" + _NUM + _DENOM,
@@ -54,21 +66,38 @@ class ScoreParseError(ValueError):
         self.reason = reason
 
 
-def _find_pair(text: str) -> Optional[tuple[str, str]]:
+def _same(pairs: list[tuple[str, str]]) -> bool:
+    return len({(float(a), float(b)) for a, b in pairs}) == 1
+
+
+def _find_pair(text: str) -> tuple[str, str]:
+    """The one pair of ``text``; raises :class:`ScoreParseError` when there is none or more than one."""
     for marker in _MARKERS:
-        for m in reversed(list(marker.finditer(text))):  # the last marker that is followed by a pair
+        pairs, lone = [], []
+        for m in marker.finditer(text):
             pm = _PAIR.match(text, m.end())
             if pm:
-                return pm.group(1), pm.group(2)
-    found = {x: list(rx.finditer(text)) for x, rx in _NAMED.items()}
+                pairs.append((pm.group(1), pm.group(2)))
+            elif _LONE.match(text, m.end()):
+                lone.append(text[m.start() : m.end() + 12].strip())
+        if lone:
+            raise ScoreParseError(f"no score pair (ambiguous): no two separated scores after the marker in {lone[0]!r}")
+        if pairs:
+            if not _same(pairs):
+                shown = ", ".join(f"({a}, {b})" for a, b in dict.fromkeys(pairs))
+                raise ScoreParseError(f"ambiguous: several markers give different pairs {shown}")
+            return pairs[-1]
+    found = {x: list(dict.fromkeys(float(m.group(1)) for m in rx.finditer(text))) for x, rx in _NAMED.items()}
     if found["a"] and found["b"]:
-        return found["a"][-1].group(1), found["b"][-1].group(1)
+        if len(found["a"]) > 1 or len(found["b"]) > 1:
+            raise ScoreParseError(f"ambiguous: several scores for Model A {found['a']} or Model B {found['b']}")
+        return str(found["a"][0]), str(found["b"][0])
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if lines:
         bm = _BARE_LAST_LINE.match(lines[-1])
         if bm:
             return bm.group(1), bm.group(2)
-    return None
+    raise ScoreParseError("no score pair found")
 
 
 def parse_scores(text: str, require_positive_b: bool = True) -> tuple[float, float]:
@@ -77,8 +106,6 @@ def parse_scores(text: str, require_positive_b: bool = True) -> tuple[float, flo
     if not isinstance(text, str) or not text.strip():
         raise ScoreParseError("empty reply")
     pair = _find_pair(text)
-    if pair is None:
-        raise ScoreParseError("no score pair found")
     a, b = float(pair[0]), float(pair[1])
     for name, v in (("A", a), ("B", b)):
         if not MIN_SCORE <= v <= MAX_SCORE:
