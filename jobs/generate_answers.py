@@ -4,7 +4,10 @@
     ray job submit --working-dir . -- python jobs/generate_answers.py --config CONFIG [key=value ...]
 
 Writes ``<out>/<set>_answers/<model_name>/<type>_test.json`` (published format) and keeps an append-only store
-``<out>/answer_store/<model_name>.jsonl``: a rerun answers only the ids it lacks.
+``<out>/answer_store/<model_name>.jsonl`` keyed by agent, generation parameters and rendered sample: a rerun answers
+only what this agent has not answered (``retry_failed=true`` also redoes failures). ``agent.kind: openai`` answers
+with an OpenAI-compatible endpoint (``agent.openai.base_url``, ``agent.openai.model``, key from
+``agent.openai.api_key_env``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ def main(argv=None) -> int:
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_generate
 
-    init_ray(cfg.ray_address)
-    run_generate(cfg)
+    # Ray starts only when there is work: a fully answered / scored run says so in a second.
+    run_generate(cfg, start_ray=lambda: init_ray(cfg.ray_address))
     return 0
 
 

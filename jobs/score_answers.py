@@ -4,8 +4,10 @@ model), or bounded concurrency against an OpenAI-compatible API or our Serve /v1
     python jobs/score_answers.py --config configs/eval/score_local.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/score_answers.py --config CONFIG [key=value ...]
 
-One judge call per (sample, metric). Results go to an append-only store ``<out>/judge_results/<model>.jsonl``
-(a rerun scores only the missing keys); when complete, writes ``<set>_reviews/<model>/``,
+One judge call per (model, sample, metric); ``models=[a,b,...]`` scores several models in one run. Results go to
+an append-only store ``<out>/judge_results/<model>.jsonl``, each stamped with a cache key of the judge, template,
+generation parameters and answer text (a rerun scores only what is missing for this judge; ``retry_failed=true``
+redoes failures); when complete, writes ``<set>_reviews/<model>/``,
 ``<set>_results/<model>/`` (published formats) and the report (Markdown, CSV, JSON, plots) under
 ``<out>/report/``.
 """
@@ -43,10 +45,11 @@ def main(argv=None) -> int:
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_score
 
-    init_ray(cfg.ray_address)
-    run_score(cfg)
+    # Ray starts only when there is work: a fully answered / scored run says so in a second.
+    run_score(cfg, start_ray=lambda: init_ray(cfg.ray_address))
     if not cfg.swap:
         out = Path(cfg.out or cfg.eval_dir)
+        # The report compares every model found under out (those scored now and any scored before).
         print(write_report(out, cfg.bootstrap, cfg.seed), flush=True)
         print(f"report written to {out / 'report'}", flush=True)
     return 0

@@ -143,3 +143,31 @@ def test_descriptions_and_system_use_role_placeholders():
     assert t.render_system(**kw) == "You judge Liam, an invented character,."
     p = t.render(question="q {x}", answer_a="a", answer_b="b", metric="Fluency", **kw)
     assert "Does Liam answer the human fluently?" in p and "q {x}" in p
+
+
+def test_prompts_dry_run_writes_the_original_requests_with_token_estimates(tmp_path, capsys):
+    from mmrole.cli import main
+
+    out = tmp_path / "requests.jsonl"
+    rc = main(
+        ["eval", "prompts", str(sample_eval_dir()), "--models", "qwen-vl-chat", "--judge-template", str(_script())]
+        + ["--out", str(out)]
+    )
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 294 * 8
+    assert set(lines[0]) == {"model", "set", "type", "id", "metric", "system", "prompt", "image"}
+    assert {x["set"] for x in lines} == {"in-test", "out-test"}
+    assert {x["type"] for x in lines} == {"comment", "human-role", "inter-role"}
+    expected = json.loads(DIGESTS.read_text(encoding="utf-8"))
+    for x in lines:
+        assert expected[f"{x['model']}|{x['set']}|{x['id']}|{x['metric']}"] == _digest(x["system"], x["prompt"])
+    summary = capsys.readouterr().err
+    row = next(ln for ln in summary.splitlines() if ln.startswith("| qwen-vl-chat"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["294", "0", "2352"]
+    chars = sum(len(x["system"]) + len(x["prompt"]) for x in lines)
+    assert chars / 5 < int(cells[4]) < chars / 3  # about 4 characters per token
+    # An unknown model is an error naming it, not an empty file.
+    assert main(["eval", "prompts", str(sample_eval_dir()), "--models", "nope", "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -29,12 +29,13 @@ def register(subparsers) -> None:
 
     s = sub.add_parser(
         "score",
-        help="score one model's answers with an OpenAI-compatible judge (no Ray)",
+        help="score models' answers with an OpenAI-compatible judge (no Ray)",
         description="Judge <set>_answers/<model>/*.json under DIR, resumably; writes "
         "<set>_reviews and <set>_results for the model when every score is in.",
     )
     s.add_argument("dir", help="eval folder holding <set>_answers/<model>/<type>_test.json")
-    s.add_argument("--model", required=True, help="model folder name under <set>_answers/")
+    s.add_argument("--model", help="model folder name under <set>_answers/")
+    s.add_argument("--models", help="comma-separated model folder names, scored in one run")
     s.add_argument("--judge-config", help="YAML with OpenAIJudgeConfig fields (flags below override it)")
     s.add_argument("--judge-model", help="model name at the endpoint")
     s.add_argument("--base-url", help="e.g. https://api.openai.com/v1 or http://host:8000/v1 (vLLM)")
@@ -53,6 +54,20 @@ def register(subparsers) -> None:
     )
     s.add_argument("--out", help="where to write judge_results/ and the reviews/results (default: DIR)")
     s.set_defaults(func=cmd_score)
+
+    q = sub.add_parser(
+        "prompts",
+        help="dry run: write every judge request a scoring run would send, with token estimates",
+        description="One JSON line per (answered sample, metric): {model, set, type, id, metric, system, prompt, "
+        "image}; a summary of counts and estimated prompt tokens per model goes to stderr.",
+    )
+    q.add_argument("dir", help="eval folder holding <set>_answers/<model>/<type>_test.json")
+    q.add_argument("--models", help="comma-separated subset of models (default: all)")
+    q.add_argument("--judge-template", help="judge template YAML or the original RM_review.py (default: packaged)")
+    q.add_argument("--metrics", help="comma-separated subset of the 8 metrics")
+    q.add_argument("--tokenizer", help="count tokens exactly with this local tokenizer (default: estimate)")
+    q.add_argument("--out", help="write the JSON lines here (default: stdout)")
+    q.set_defaults(func=cmd_prompts)
 
     t = sub.add_parser(
         "import-template",
@@ -118,8 +133,18 @@ def _judge_config(args):
     return OpenAIJudgeConfig.from_dict(d)
 
 
+def _model_list(args) -> list[str]:
+    names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if args.model:
+        names.insert(0, args.model)
+    if not names:
+        raise ValueError("no model: give --model NAME or --models A,B")
+    return list(dict.fromkeys(names))
+
+
 def cmd_score(args) -> int:
     from .aggregate import position_bias
+    from .cache_keys import judgement_keys, openai_judge_identity
     from .contract import expand_requests
     from .formats import EvalDataError
     from .judges import JudgeConfigError, OpenAIJudge
@@ -131,39 +156,105 @@ def cmd_score(args) -> int:
         cfg = _judge_config(args)
         judge = OpenAIJudge(cfg)
         metrics = check_metrics([m.strip() for m in args.metrics.split(",")] if args.metrics else None)
-        answers, stats = load_answers_dir(args.dir, args.model)
+        models = _model_list(args)
+        loaded = {m: load_answers_dir(args.dir, m) for m in models}
     except (ValueError, JudgeConfigError, EvalDataError) as e:
         print(f"mmrole eval score: {e}", file=sys.stderr)
         return 2
-    for st in stats:
-        print(st.summary(), file=sys.stderr)
     out = Path(args.out or args.dir)
-    store = store_for(out, args.model, swapped=args.swap)
-    requests = expand_requests(answers, metrics, swapped=args.swap)
+    identity = openai_judge_identity(cfg)
+    reports, rc = {}, 0
+    for model, (answers, stats) in loaded.items():
+        for st in stats:
+            print(st.summary(), file=sys.stderr)
+        empty = [a.id for a in answers if not a.answer.strip()]
+        if empty:  # as in the original: reported and excluded
+            print(f"{model}: {len(empty)} empty answers excluded: {empty[:10]}", file=sys.stderr)
+        answers = [a for a in answers if a.answer.strip()]
+        try:
+            requests = expand_requests(answers, metrics, swapped=args.swap)
+        except ValueError as e:
+            print(f"mmrole eval score: {model}: {e}", file=sys.stderr)
+            return 2
+        store = store_for(out, model, swapped=args.swap, cache_keys=judgement_keys(requests, identity, judge.template))
+        todo = store.pending(requests, retry_failed=args.retry_failed)
+        if store.warning():
+            print(f"warning: {store.warning()}", file=sys.stderr)
+        print(
+            f"{model}: {len(requests)} requests, {len(requests) - len(todo)} already scored by this judge",
+            file=sys.stderr,
+        )
+        bar = None
+        if todo:
+            from tqdm import tqdm
 
-    def progress(s):
-        print(f"\r{s.n_already_done + s.n_scored}/{s.n_requests} scored, {s.n_failed} failed", end="", file=sys.stderr)
+            bar = tqdm(total=len(todo), desc=f"scoring {model}", unit="req", mininterval=1.0)
+        done_before = [0]
 
-    try:
-        summary = score_requests(requests, judge, store, args.batch_size, args.retry_failed, progress)
-    except JudgeConfigError as e:
-        print(f"\nmmrole eval score: {e}", file=sys.stderr)
-        return 2
-    print(file=sys.stderr)
-    audit = store.audit(r.key for r in requests)
-    report = {"scoring": summary.to_dict(), "store": str(store.path), "audit": audit.to_dict()}
-    rc = 0
-    if not audit.complete:
-        print(f"store incomplete ({len(audit.missing)} missing); rerun to resume", file=sys.stderr)
-        rc = 1
-    elif args.swap:  # compare with the normal run (keys scored in both)
-        bias = position_bias(store_for(out, args.model).load(), store.load(), metrics)
-        report["position_bias"] = {m: b.to_dict() for m, b in bias.items()}
-    else:
-        for p in write_model_outputs(out, args.model, answers, store.load(), metrics):
-            print(f"wrote {p}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
+        def progress(s, bar=bar, done_before=done_before):
+            if bar is not None:
+                bar.update(s.n_scored - done_before[0])
+                bar.set_postfix(failed=s.n_failed)
+                done_before[0] = s.n_scored
+
+        try:
+            summary = score_requests(requests, judge, store, args.batch_size, args.retry_failed, progress)
+        except JudgeConfigError as e:
+            print(f"\nmmrole eval score: {e}", file=sys.stderr)
+            return 2
+        finally:
+            if bar is not None:
+                bar.close()
+        audit = store.audit(r.key for r in requests)
+        report = {"scoring": summary.to_dict(), "store": str(store.path), "audit": audit.to_dict()}
+        if not audit.complete:
+            print(f"{model}: store incomplete ({len(audit.missing)} missing); rerun to resume", file=sys.stderr)
+            rc = 1
+        elif args.swap:  # compare with the normal run (keys scored in both)
+            bias = position_bias(store_for(out, model).load(), store.load(), metrics)
+            report["position_bias"] = {m: b.to_dict() for m, b in bias.items()}
+        else:
+            for p in write_model_outputs(out, model, answers, store.load(), metrics):
+                print(f"wrote {p}", file=sys.stderr)
+        reports[model] = report
+    print(json.dumps(reports[models[0]] if len(models) == 1 else reports, indent=2))
     return rc
+
+
+def cmd_prompts(args) -> int:
+    from .formats import EvalDataError
+    from .prompts import estimate_tokens, hf_token_counter, write_prompts
+    from .template import JudgeTemplateError, load_judge_template
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    try:
+        template = load_judge_template(args.judge_template)
+        counter = hf_token_counter(args.tokenizer) if args.tokenizer else estimate_tokens
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") if args.out else _stdout() as f:
+            stats = write_prompts(args.dir, template, f, models, metrics, counter)
+    except (ValueError, OSError, JudgeTemplateError, EvalDataError) as e:
+        print(f"mmrole eval prompts: {e}", file=sys.stderr)
+        return 2
+    how = "counted with " + args.tokenizer if args.tokenizer else "estimated, ~4 chars/token; images not included"
+    print(f"judge template: {template.source}", file=sys.stderr)
+    print(f"| model | answers | empty (skipped) | requests | prompt tokens ({how}) |", file=sys.stderr)
+    print("| --- | ---: | ---: | ---: | ---: |", file=sys.stderr)
+    for st in stats:
+        print(f"| {st.model} | {st.n_answers} | {st.n_empty} | {st.n_requests} | {st.prompt_tokens} |", file=sys.stderr)
+        for r in st.rejected:
+            print(f"  rejected: {r}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {sum(s.n_requests for s in stats)} requests to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _stdout():
+    import contextlib
+
+    return contextlib.nullcontext(sys.stdout)
 
 
 def cmd_import_template(args) -> int:

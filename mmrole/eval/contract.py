@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
-from mmrole.data.records import Sample
+from mmrole.data.records import TEST_SETS, Sample
 
 from .formats import AnswerRecord
 from .metrics import check_metrics
@@ -23,7 +23,8 @@ from .template import JudgeTemplate, load_judge_template
 Key = tuple[str, str]  # (sample_id, metric)
 # Error of a reply that parsed but gave the reference 0: a judgement, recorded as a failure, not re-asked.
 B_ZERO_ERROR = "score of the reference (B) is 0: A/B undefined"
-_SET_TO_GROUP = {"in-test": "in-distribution", "out-test": "out-of-distribution"}
+# Set folder name (in-test / out-test) -> data group; derived from the one mapping in mmrole.data.records.
+SET_TO_GROUP = {set_name: group for group, set_name in TEST_SETS.items()}
 
 
 @dataclass
@@ -77,6 +78,7 @@ class JudgeResult:
     judge: str = ""
     elapsed_s: float = 0.0
     created: float = field(default_factory=time.time)
+    cache_key: str = ""  # digest of judge, template, generation parameters and request text (see cache_keys)
 
     @property
     def key(self) -> Key:
@@ -172,7 +174,7 @@ def build_judge_sample(request: JudgeRequest, template: Optional[JudgeTemplate] 
         script=request.script,
         dialogue_type="judge",
         k=0,
-        group=_SET_TO_GROUP.get(request.set_name, "in-distribution"),
+        group=SET_TO_GROUP.get(request.set_name, "in-distribution"),
     )
 
 

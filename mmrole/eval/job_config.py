@@ -10,8 +10,10 @@ from mmrole.config import ConfigError, load_config_file
 from mmrole.models.config import GenerationParams, VLMConfig
 
 from .judges import OpenAIJudgeConfig
+from .remote_agent import OpenAIAgentConfig
 
 JUDGE_KINDS = ("local", "openai", "serve")
+AGENT_KINDS = ("local", "openai")
 
 
 @dataclass
@@ -33,11 +35,38 @@ class PoolSettings:
 
 
 @dataclass
+class AgentSettings(VLMConfig):
+    """The answering agent: a local model (``kind: local``, the :class:`VLMConfig` fields) or an OpenAI-compatible
+    endpoint (``kind: openai`` with ``openai.model``, ``openai.base_url``, ...)."""
+
+    model_path: str = ""
+    kind: str = "local"
+    openai: Optional[OpenAIAgentConfig] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in AGENT_KINDS:
+            raise ConfigError(f"agent.kind: {self.kind!r} is not one of {AGENT_KINDS}")
+        if self.kind == "local" and not self.model_path:
+            raise ConfigError("agent.model_path: a local agent needs a model (agent.model_path=...)")
+        if self.kind == "openai" and (self.openai is None or not self.openai.model):
+            raise ConfigError(
+                "agent.openai.model: an endpoint agent needs agent.openai.model and agent.openai.base_url"
+            )
+
+    def vlm_config(self) -> VLMConfig:
+        d = asdict(self)
+        for k in ("kind", "openai"):
+            d.pop(k)
+        return VLMConfig.from_dict(d)
+
+
+@dataclass
 class GenerateJobConfig:
     """``jobs/generate_answers.py``: answer a prepared split with an agent."""
 
     model_name: str  # the answers are written under <set>_answers/<model_name>/
-    agent: VLMConfig
+    agent: AgentSettings
     data: str  # a folder written by `mmrole data prepare`
     out: str = "outputs/eval"
     split: str = "test"
@@ -46,6 +75,8 @@ class GenerateJobConfig:
     generation: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=256))
     pool: PoolSettings = field(default_factory=PoolSettings)
     ray_address: Optional[str] = None
+    retry_failed: bool = False  # answer again the samples whose stored answer is a failure
+    progress: bool = True  # a progress bar (rate, ETA) on stderr
 
 
 @dataclass
@@ -77,9 +108,10 @@ class ScoreJobConfig:
     """``jobs/score_answers.py``: score a model's answers with a judge, write reviews, results and report."""
 
     eval_dir: str  # holds <set>_answers/<model_name>/<type>_test.json
-    model_name: str
     images_root: str
     judge: JudgeSettings
+    model_name: str = ""  # one model, or
+    models: Optional[list[str]] = None  # several, scored in one run (one pool of judge replicas)
     out: str = ""  # default: eval_dir
     metrics: Optional[list[str]] = None  # default: all 8
     swap: bool = False  # position-bias run (A and B shown the other way round; separate store)
@@ -88,6 +120,18 @@ class ScoreJobConfig:
     seed: int = 0
     pool: PoolSettings = field(default_factory=PoolSettings)
     ray_address: Optional[str] = None
+    progress: bool = True  # a progress bar (rate, ETA) on stderr
+
+    def __post_init__(self):
+        names = self.model_names()
+        if not names:
+            raise ConfigError("model_name: give model_name=NAME or models=[A, B, ...]")
+        dup = sorted({m for m in names if names.count(m) > 1})
+        if dup:
+            raise ConfigError(f"models: listed more than once: {dup}")
+
+    def model_names(self) -> list[str]:
+        return list(self.models or []) + ([self.model_name] if self.model_name and not self.models else [])
 
 
 def load_job_config(cls, path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None):

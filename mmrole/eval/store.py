@@ -1,4 +1,6 @@
-"""Resumable, append-only results store: one JSON line per :class:`JudgeResult`, keyed by (sample_id, metric).
+"""Resumable, append-only stores: one JSON line per record; :class:`ResultsStore` holds :class:`JudgeResult` lines
+keyed by (sample_id, metric) and stamped with a cache key of what produced them; the answer store of the
+answering job is a plain :class:`JsonlStore`.
 
 Why append-only JSONL: a crash can only lose or half-write the last line, which is detected and cut off on the
 next append; nothing already written is rewritten. Reading dedups: for a key, the first successful result
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -63,19 +65,18 @@ def _dedup(results: Iterable[JudgeResult]) -> dict[Key, JudgeResult]:
     return out
 
 
-class ResultsStore:
-    """An append-only JSONL file of judge results."""
+class JsonlStore:
+    """Append-only JSON lines, one object each: a torn (half-written) last line is ignored on read and cut off on
+    the next append; any other corrupt line is an error naming the file and line. One writer per file."""
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
 
-    # -- reading
-    def read_lines(self) -> tuple[list[JudgeResult], bool]:
-        """All stored results in file order, and whether a half-written last line was ignored."""
+    def read_records(self) -> tuple[list[dict], bool]:
+        """All stored objects in file order, and whether a half-written last line was ignored."""
         if not self.path.exists():
             return [], False
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
+        lines = self.path.read_bytes().split(b"\n")
         truncated = False
         if lines and lines[-1] == b"":
             lines.pop()
@@ -87,13 +88,124 @@ class ResultsStore:
             if not raw.strip():
                 continue
             try:
-                out.append(JudgeResult.from_dict(json.loads(raw)))
+                rec = json.loads(raw)
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a line holds {type(rec).__name__}, expected an object")
+            except ValueError as e:
+                raise StoreError(f"{self.path}:{i}: corrupt line ({e}): {raw[:120]!r}") from e
+            out.append((i, rec))
+        return out, truncated
+
+    def _repair_tail(self) -> int:
+        """Cut a half-written last line (no trailing newline); returns the bytes removed."""
+        if not self.path.exists():
+            return 0
+        size = self.path.stat().st_size
+        if size == 0:
+            return 0
+        with open(self.path, "rb+") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # Scan back for the last newline; records are small, so read the tail in chunks.
+            pos, chunk = size, 1 << 16
+            while pos > 0:
+                start = max(0, pos - chunk)
+                f.seek(start)
+                buf = f.read(pos - start)
+                nl = buf.rfind(b"\n")
+                if nl >= 0:
+                    cut = start + nl + 1
+                    break
+                pos = start
+            else:
+                cut = 0
+            f.truncate(cut)
+            return size - cut
+
+    def append_records(self, records: Iterable[dict], fsync: bool = True) -> int:
+        """Append objects (one line each, flushed and fsynced); returns how many were written."""
+        records = list(records)
+        if not records:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        return len(records)
+
+
+@dataclass
+class CacheCheck:
+    """How stored lines relate to the expected cache keys: matching ones are reused, the others are not."""
+
+    n_unkeyed: int = 0  # written without a cache key (older mmrole): not reused
+    n_stale: int = 0  # written by another judge/agent, template, parameters or answer text: not reused
+
+    def warning(self, path) -> Optional[str]:
+        parts = []
+        if self.n_unkeyed:
+            parts.append(
+                f"{self.n_unkeyed} stored result(s) carry no cache key (written by an older mmrole), so what "
+                "produced them is unknown: they are not reused and will be recomputed"
+            )
+        if self.n_stale:
+            parts.append(
+                f"{self.n_stale} stored result(s) were produced by a different model, template, generation "
+                "parameters or input text: they are not reused"
+            )
+        return f"{path}: " + "; ".join(parts) if parts else None
+
+
+class ResultsStore(JsonlStore):
+    """An append-only JSONL file of judge results.
+
+    With ``cache_keys`` ({(sample_id, metric): key}, from :func:`mmrole.eval.cache_keys.judgement_keys`), a
+    stored result counts only when its ``cache_key`` equals the expected one: a new judge, template, generation
+    parameters or answer text recompute; results without a key (older stores) are read, counted in
+    :attr:`check` with a warning, and not reused.
+    """
+
+    def __init__(self, path: Union[str, Path], cache_keys: Optional[Mapping[Key, str]] = None):
+        super().__init__(path)
+        self.cache_keys = dict(cache_keys) if cache_keys is not None else None
+        self.check = CacheCheck()
+
+    # -- reading
+    def read_lines(self) -> tuple[list[JudgeResult], bool]:
+        """All stored results in file order (usable for the expected cache keys), and whether a half-written
+        last line was ignored. Lines of other keys are counted in :attr:`check`."""
+        records, truncated = self.read_records()
+        out = []
+        for i, rec in records:
+            try:
+                out.append(JudgeResult.from_dict(rec))
             except (ValueError, KeyError, TypeError) as e:
-                raise StoreError(f"{self.path}:{i}: corrupt result line ({e}): {raw[:120]!r}") from e
+                raise StoreError(f"{self.path}:{i}: corrupt result line ({e})") from e
         flags = {r.swapped for r in out}
         if len(flags) > 1:
             raise StoreError(f"{self.path}: mixes swapped and unswapped results; keep them in separate stores")
-        return out, truncated
+        self.check = CacheCheck()
+        if self.cache_keys is None:
+            return out, truncated
+        usable = []
+        for r in out:
+            want = self.cache_keys.get(r.key)
+            if want is None or r.cache_key == want:
+                usable.append(r)
+            elif not r.cache_key:
+                self.check.n_unkeyed += 1
+            else:
+                self.check.n_stale += 1
+        return usable, truncated
+
+    def warning(self) -> Optional[str]:
+        """What the last read found that is not reused (None if nothing)."""
+        return self.check.warning(self.path)
 
     def load(self) -> dict[Key, JudgeResult]:
         """One result per key (deduplicated)."""
@@ -104,7 +216,7 @@ class ResultsStore:
         return {k for k, r in res.items() if r.ok or not retry_failed}
 
     def pending(self, requests: Sequence[JudgeRequest], retry_failed: bool = False) -> list[JudgeRequest]:
-        """The requests still to score: no stored result (or, with ``retry_failed``, only a failure)."""
+        """The requests still to score: no usable stored result (or, with ``retry_failed``, only a failure)."""
         done = self.done_keys(retry_failed)
         return [r for r in requests if r.key not in done]
 
@@ -128,47 +240,13 @@ class ResultsStore:
         )
 
     # -- writing
-    def _repair_tail(self) -> int:
-        """Cut a half-written last line (no trailing newline); returns the bytes removed."""
-        if not self.path.exists():
-            return 0
-        size = self.path.stat().st_size
-        if size == 0:
-            return 0
-        with open(self.path, "rb+") as f:
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return 0
-            # Scan back for the last newline; results are small, so read the tail in chunks.
-            pos, chunk = size, 1 << 16
-            while pos > 0:
-                start = max(0, pos - chunk)
-                f.seek(start)
-                buf = f.read(pos - start)
-                nl = buf.rfind(b"\n")
-                if nl >= 0:
-                    cut = start + nl + 1
-                    break
-                pos = start
-            else:
-                cut = 0
-            f.truncate(cut)
-            return size - cut
-
     def append(self, results: Iterable[JudgeResult], fsync: bool = True) -> int:
-        """Append results (one line each, flushed and fsynced); returns how many were written."""
+        """Append results (one line each, flushed and fsynced), stamping the expected cache key on each."""
         results = list(results)
-        if not results:
-            return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        payload = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(payload)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        return len(results)
+        if self.cache_keys is not None:
+            for r in results:
+                r.cache_key = self.cache_keys.get(r.key, r.cache_key)
+        return self.append_records((r.to_dict() for r in results), fsync)
 
 
 def load_results(paths: Iterable[Union[str, Path]]) -> dict[Key, JudgeResult]:
@@ -180,8 +258,12 @@ def load_results(paths: Iterable[Union[str, Path]]) -> dict[Key, JudgeResult]:
 
 
 def store_for(
-    out_dir: Union[str, Path], model: str, swapped: bool = False, judge: Optional[str] = None
+    out_dir: Union[str, Path],
+    model: str,
+    swapped: bool = False,
+    judge: Optional[str] = None,
+    cache_keys: Optional[Mapping[Key, str]] = None,
 ) -> ResultsStore:
     """Conventional store location: ``<out_dir>/judge_results/<model>[.<judge>][.swapped].jsonl``."""
     name = model + (f".{judge}" if judge else "") + (".swapped" if swapped else "") + ".jsonl"
-    return ResultsStore(Path(out_dir) / "judge_results" / name)
+    return ResultsStore(Path(out_dir) / "judge_results" / name, cache_keys)
