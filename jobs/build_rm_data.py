@@ -36,7 +36,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--test-fraction", type=float, default=0.1, help="share of samples (by id) held out as rm_test")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--judge-template", default=None, help="judge prompt template YAML (default: packaged)")
+    ap.add_argument(
+        "--judge-template",
+        default=None,
+        help="judge template YAML, or the original RM_review.py for the wording the published reviews were written "
+        "for (default: packaged)",
+    )
     ap.add_argument("--metrics", nargs="*", default=None, help="only these metrics (default: all 8)")
     args = ap.parse_args(argv)
 

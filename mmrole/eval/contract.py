@@ -114,6 +114,24 @@ class Judge(Protocol):
     def score_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]: ...
 
 
+def request_for(a: AnswerRecord, metric: str, swapped: bool = False) -> JudgeRequest:
+    """The judge request comparing answer record ``a`` with its reference on ``metric``."""
+    return JudgeRequest(
+        sample_id=a.id,
+        metric=metric,
+        question=a.question,
+        answer=a.answer,
+        reference=a.reference,
+        image=a.image,
+        role=a.role,
+        other_role=a.other_role,
+        script=a.script,
+        set_name=a.set_name,
+        dialogue_type=a.dialogue_type,
+        swapped=swapped,
+    )
+
+
 def expand_requests(
     answers: Iterable[AnswerRecord], metrics: Optional[Sequence[str]] = None, swapped: bool = False
 ) -> list[JudgeRequest]:
@@ -128,23 +146,7 @@ def expand_requests(
                 "(sample_id, metric) keys would collide"
             )
         seen[a.id] = a.source
-        for m in metrics:
-            out.append(
-                JudgeRequest(
-                    sample_id=a.id,
-                    metric=m,
-                    question=a.question,
-                    answer=a.answer,
-                    reference=a.reference,
-                    image=a.image,
-                    role=a.role,
-                    other_role=a.other_role,
-                    script=a.script,
-                    set_name=a.set_name,
-                    dialogue_type=a.dialogue_type,
-                    swapped=swapped,
-                )
-            )
+        out.extend(request_for(a, m, swapped) for m in metrics)
     return out
 
 

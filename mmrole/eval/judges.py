@@ -32,7 +32,8 @@ class JudgeConfigError(RuntimeError):
 # ------------------------------------------------------------------------------------------ image helpers
 
 
-def _image_bytes(request: JudgeRequest, images_root: Optional[str]) -> bytes:
+def request_image_bytes(request: JudgeRequest, images_root: Optional[str]) -> bytes:
+    """The image of a judge request: its embedded bytes, else the file under ``images_root`` (errors name it)."""
     from mmrole.data.images import ImageError, resolve_image_path
 
     if request.image_bytes is not None:
@@ -388,7 +389,7 @@ class OpenAIJudge:
         try:
             ck = request.image if request.image_bytes is None else f"{request.sample_id}:{request.image}"
             if ck not in urls:
-                urls[ck] = image_data_url(_image_bytes(request, self.config.images_root), request.image)
+                urls[ck] = image_data_url(request_image_bytes(request, self.config.images_root), request.image)
             messages = self.build_messages(request, urls[ck])
         except Exception as e:  # unusable image: this request fails, the run goes on
             return failure(request, f"image: {e}", judge=self.name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .contract import JudgeRequest, JudgeResult, failure
-from .judges import _image_bytes, image_data_url, post_with_retries
+from .judges import image_data_url, post_with_retries, request_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ServeJudge:
 
         t0 = time.perf_counter()
         try:
-            url = image_data_url(_image_bytes(group[0], self.config.images_root), group[0].image)
+            url = image_data_url(request_image_bytes(group[0], self.config.images_root), group[0].image)
         except Exception as e:  # unusable image: these requests fail, the run goes on
             return [failure(r, f"image: {e}", judge=self.name) for r in group]
         try:

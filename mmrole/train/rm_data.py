@@ -10,7 +10,8 @@ answer in ``conversations[1].answer``, the ground truth in ``conversations[1].va
                        {"from": "assistant", "value": <review ending in "[Scores]: (A, B)">}]}
 
 The judge prompt is rendered with :mod:`mmrole.eval`'s template (the same wording the judge sees at scoring
-time), with Model A = the evaluated answer and Model B = the ground truth. ``system`` is an extra key beyond the
+time; pass the original ``RM_review.py`` as the template for the wording the published reviews were written for),
+with Model A = the evaluated answer and Model B = the ground truth. ``system`` is an extra key beyond the
 published format so the reward model can be trained with the system message it is used with.
 
 Rows are rejected (with id and reason, never silently) when the review is missing/failed, or when its text
@@ -106,7 +107,7 @@ def records_from_reviews(
     path: str | Path, template=None, metrics: Optional[Sequence[str]] = None, stats: Optional[RMBuildStats] = None
 ) -> Iterable[tuple[str, dict]]:
     """(sample id, RM record) for every usable (record, metric) of one review file."""
-    from mmrole.eval.contract import JudgeRequest, build_judge_sample
+    from mmrole.eval.contract import JudgeResult, request_for, rm_training_sample
     from mmrole.eval.formats import load_reviews_file
     from mmrole.eval.metrics import METRICS
     from mmrole.eval.parse import try_parse_scores
@@ -141,22 +142,11 @@ def records_from_reviews(
                     }
                 )
                 continue
-            req = JudgeRequest(
-                sample_id=a.id,
-                metric=metric,
-                question=a.question,
-                answer=a.answer,
-                reference=a.reference,
-                image=a.image,
-                role=a.role,
-                other_role=a.other_role,
-                script=a.script,
-                set_name=a.set_name,
-                dialogue_type=a.dialogue_type,
-            )
-            s = build_judge_sample(req, template)
+            req = request_for(a, metric)
+            result = JudgeResult(a.id, metric, True, *entry.score, review=entry.review.strip())
+            s = rm_training_sample(req, result, template)
             rm_id = f"{model}/{s.id}" if model else s.id
-            yield a.id, rm_record(rm_id, a.image, s.user_text, entry.review.strip(), s.system)
+            yield a.id, rm_record(rm_id, a.image, s.user_text, s.target, s.system)
 
 
 def build_rm_data(
