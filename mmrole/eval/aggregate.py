@@ -33,6 +33,7 @@ class ScoreRow:
     metric: str
     ratio: Optional[float]
     error: Optional[str] = None
+    answer_chars: Optional[int] = None  # length of the answer under test (length-bias statistics)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def rows_from_reviews(records: Iterable[ReviewRecord], model: str, metrics: Sequ
         a = rec.answer
         for m in metrics:
             e = rec.reviews[m]
-            out.append(ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, e.ratio, e.error))
+            out.append(ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, e.ratio, e.error, len(a.answer)))
     return out
 
 
@@ -109,7 +110,9 @@ def rows_from_results(
         for m in metrics:
             r = results.get((a.id, m))
             if r is None:
-                out.append(ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, None, "no result"))
+                out.append(
+                    ScoreRow(model, a.set_name, a.dialogue_type, a.id, a.role, m, None, "no result", len(a.answer))
+                )
             else:
                 out.append(
                     ScoreRow(
@@ -121,6 +124,7 @@ def rows_from_results(
                         m,
                         r.ratio,
                         None if r.ok else (r.error or "failed"),
+                        len(a.answer),
                     )
                 )
     return out
@@ -266,4 +270,17 @@ def position_bias(
     both = [k for k, r in original.items() if r.ok and k in swapped and swapped[k].ok and k[1] in metrics]
     out = {m: stat([k for k in both if k[1] == m]) for m in metrics}
     out[ALL] = stat(both)
+    return out
+
+
+def per_sample_length_ratio(rows: Iterable[ScoreRow]) -> dict[str, list[tuple[int, float]]]:
+    """``{model: [(answer length, mean A/B over the sample's scored metrics)]}`` for the length-bias section."""
+    acc: dict[tuple[str, str, str], list] = {}
+    for r in rows:
+        if r.ratio is None or r.answer_chars is None:
+            continue
+        acc.setdefault((r.model, r.set_name, r.sample_id), [r.answer_chars, []])[1].append(r.ratio)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for (model, _, _), (n, ratios) in acc.items():
+        out.setdefault(model, []).append((n, sum(ratios) / len(ratios)))
     return out

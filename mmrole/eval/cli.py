@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     r.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0 = none)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--models", help="comma-separated subset of models")
+    r.add_argument("--radar-models", help="comma-separated models drawn on the radar (default: all in the report)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--strict", action="store_true", help="fail on the first bad record instead of rejecting it")
     r.set_defaults(func=cmd_report)
@@ -54,6 +55,19 @@ def register(subparsers) -> None:
     )
     s.add_argument("--out", help="where to write judge_results/ and the reviews/results (default: DIR)")
     s.set_defaults(func=cmd_score)
+
+    a = sub.add_parser(
+        "agreement",
+        help="compare two judges' scores on the same answers (per metric Pearson/Spearman, exact/within-1, MAD)",
+        description="A and B are each an eval folder with <set>_reviews/, a judge_results/<model>.jsonl store, or an "
+        "RM_data JSON file (e.g. RM_data/test/rm_test.json: the GPT-4 reviews); matched on (model, id, metric).",
+    )
+    a.add_argument("a", help="judge A's scores")
+    a.add_argument("b", help="judge B's scores")
+    a.add_argument("--format", choices=("md", "csv", "json"), default="md", help="what to print")
+    a.add_argument("--out", help="write agreement.md/.csv/.json and agreement_scatter.png here")
+    a.add_argument("--no-plots", action="store_true")
+    a.set_defaults(func=cmd_agreement)
 
     q = sub.add_parser(
         "prompts",
@@ -101,7 +115,8 @@ def cmd_report(args) -> int:
                 "warning: matplotlib is not installed (pip install 'mmrole[plots]'); writing no plots", file=sys.stderr
             )
             plots = False
-        paths = write_report(rep, args.out, plots=plots)
+        radar = [m.strip() for m in args.radar_models.split(",")] if args.radar_models else None
+        paths = write_report(rep, args.out, plots=plots, radar_models=radar)
         print(f"wrote {len(paths)} files under {args.out}", file=sys.stderr)
     return 0
 
@@ -219,6 +234,41 @@ def cmd_score(args) -> int:
         reports[model] = report
     print(json.dumps(reports[models[0]] if len(models) == 1 else reports, indent=2))
     return rc
+
+
+def cmd_agreement(args) -> int:
+    from .agreement import compare, load_judgements, render_agreement_markdown, write_agreement
+    from .formats import EvalDataError
+    from .store import StoreError
+
+    try:
+        (ja, fa), (jb, fb) = load_judgements(args.a), load_judgements(args.b)
+    except (EvalDataError, StoreError, OSError) as e:
+        print(f"mmrole eval agreement: {e}", file=sys.stderr)
+        return 2
+    ag = compare(ja, jb, args.a, args.b, failed=(fa, fb))
+    if ag.n_common == 0:
+        print(f"mmrole eval agreement: {args.a} and {args.b} share no (model, id, metric) scores", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(ag.to_dict(), indent=2))
+    elif args.format == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(ag.stats[0].to_dict()))
+        w.writeheader()
+        for s in ag.stats:
+            w.writerow(s.to_dict())
+        print(buf.getvalue(), end="")
+    else:
+        print(render_agreement_markdown(ag), end="")
+    if args.out:
+        plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
+        paths = write_agreement(ag, args.out, plots=plots)
+        print(f"wrote {len(paths)} files under {args.out}", file=sys.stderr)
+    return 0
 
 
 def cmd_prompts(args) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from .aggregate import ALL, GroupStat, ScoreRow, rows_from_reviews, summarize
+from .aggregate import ALL, GroupStat, ScoreRow, per_sample_length_ratio, position_bias, rows_from_reviews, summarize
 from .formats import EvalDataError, LoadStats, load_reviews_file, write_results_csv
 from .metrics import DIALOGUE_TYPES, DIMENSIONS, METRICS, SETS
 
@@ -96,6 +96,8 @@ class EvalReport:
     bootstrap: int = 0
     seed: int = 0
     source: str = ""
+    length_bias: list = field(default_factory=list)  # agreement.LengthBias per model
+    position: dict = field(default_factory=dict)  # model -> {metric: BiasStat}, when a swapped run exists
 
     def table(self, set_name: str = ALL) -> list[GroupStat]:
         return self.overall if set_name == ALL else [g for g in self.by_set if g.set_name == set_name]
@@ -117,6 +119,10 @@ class EvalReport:
             "by_character": [g.to_dict() for g in self.by_character],
             "files": [f.to_dict() for f in self.files],
             "loading": [s.to_dict() for s in self.load_stats],
+            "bias": {
+                "length": [b.to_dict() for b in self.length_bias],
+                "position": {m: {k: v.to_dict() for k, v in d.items()} for m, d in self.position.items()},
+            },
         }
 
 
@@ -133,6 +139,8 @@ def report_from_rows(
     for g in summarize(rows, by=("model", "set_name", "dialogue_type")):
         count = (file_counts or {}).get((g.model, g.set_name, g.dialogue_type), g.n_samples)
         files.append(FileResult(g.model, g.set_name, g.dialogue_type, count, g))
+    from .agreement import length_bias
+
     models = list(dict.fromkeys(r.model for r in rows))
     return EvalReport(
         models=models,
@@ -145,7 +153,22 @@ def report_from_rows(
         bootstrap=bootstrap,
         seed=seed,
         source=source,
+        length_bias=length_bias(per_sample_length_ratio(rows)),
     )
+
+
+def position_runs(eval_dir: Union[str, Path], models: Sequence[str]) -> dict:
+    """Position consistency of every model with both a normal and a swapped-order results store under
+    ``<eval_dir>/judge_results/``."""
+    from .store import ResultsStore
+
+    out = {}
+    root = Path(eval_dir) / "judge_results"
+    for m in models:
+        normal, swapped = root / f"{m}.jsonl", root / f"{m}.swapped.jsonl"
+        if normal.is_file() and swapped.is_file():
+            out[m] = position_bias(ResultsStore(normal).load(), ResultsStore(swapped).load())
+    return out
 
 
 def build_report(
@@ -173,6 +196,7 @@ def build_report(
         counts[(f.model, f.set_name, f.dialogue_type)] = len(recs)
         rows.extend(rows_from_reviews(recs, f.model))
     rep = report_from_rows(rows, counts, bootstrap, seed, stats, str(eval_dir))
+    rep.position = position_runs(eval_dir, rep.models)
     for fr in rep.files:
         fr.source = str(
             next(
@@ -236,7 +260,41 @@ def render_markdown(report: EvalReport) -> str:
     rejected = [s for s in report.load_stats if s.rejected]
     if rejected:
         lines += ["", "Rejected records:"] + [f"- {s.summary()}" for s in rejected]
+    lines += render_bias(report)
     return "\n".join(lines) + "\n"
+
+
+def render_bias(report: EvalReport) -> list[str]:
+    """The bias section: score vs answer length, and position consistency where a swapped run exists."""
+    if not report.length_bias and not report.position:
+        return []
+    lines = [
+        "",
+        "### Bias: score vs answer length",
+        "",
+        "Per-sample mean A/B against the length (characters) of the answer under test; quartiles by length.",
+        "",
+        "| Model | N | Pearson | Spearman | Q1 | Q2 | Q3 | Q4 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in report.length_bias:
+        qs = [f"{r:.3f} (<= {int(mx)} ch)" for mx, r, _ in b.quartile_means] + [""] * (4 - len(b.quartile_means))
+        lines.append(f"| {b.model} | {b.n} | {_f(b.pearson)} | {_f(b.spearman)} | " + " | ".join(qs) + " |")
+    if report.position:
+        lines += [
+            "",
+            "### Bias: position consistency (normal vs swapped order)",
+            "",
+            "| Model | Pairs | Mean A/B normal | Mean A/B swapped | Difference | Preference flips |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for m, d in report.position.items():
+            b = d[ALL]
+            lines.append(
+                f"| {m} | {b.n_pairs} | {_f(b.mean_original)} | {_f(b.mean_swapped)} | {_f(b.diff)} | "
+                f"{_f(b.preference_flip_rate)} |"
+            )
+    return lines
 
 
 def _stat_row(g: GroupStat) -> dict:
@@ -265,7 +323,9 @@ def _write_csv(path: Path, stats: Sequence[GroupStat], drop: Sequence[str] = ())
             w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def write_report(report: EvalReport, out_dir: Union[str, Path], plots: bool = True) -> list[Path]:
+def write_report(
+    report: EvalReport, out_dir: Union[str, Path], plots: bool = True, radar_models: Optional[Sequence[str]] = None
+) -> list[Path]:
     """Write summary/by-type/by-character CSVs, per-file results CSVs (published layout), JSON, Markdown and
     plots; returns the paths written."""
     out = Path(out_dir)
@@ -291,12 +351,47 @@ def write_report(report: EvalReport, out_dir: Union[str, Path], plots: bool = Tr
     p.write_text(render_markdown(report), encoding="utf-8")
     written.append(p)
     if plots:
-        written += plot_report(report, out)
+        written += plot_report(report, out, radar_models)
     return written
 
 
-def plot_report(report: EvalReport, out_dir: Union[str, Path]) -> list[Path]:
-    """``radar.png`` (8 metric means per model) and ``dimensions.png`` (bars per dimension and model)."""
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+
+
+def model_styles(n: int) -> list[dict]:
+    """Distinct line styles for ``n`` models: 20 colours (tab20), then a new line style per round of colours,
+    and a marker each; no two models share colour and line style (for up to 80 models)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # the 10 strong colours first, then their light pairs
+    return [
+        {
+            "color": cmap(order[i % 20]),
+            "linestyle": _LINESTYLES[(i // 20) % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+        }
+        for i in range(n)
+    ]
+
+
+def radial_range(values: Sequence[float], pad: float = 0.15) -> tuple[float, float]:
+    """A radial axis range fitted to the data (with a margin), instead of starting at 0."""
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    span = max(hi - lo, 0.05)
+    return max(0.0, lo - pad * span), hi + pad * span
+
+
+def plot_report(
+    report: EvalReport, out_dir: Union[str, Path], radar_models: Optional[Sequence[str]] = None
+) -> list[Path]:
+    """``radar.png`` (8 metric means per model, radial range fitted; ``radar_models`` = a subset),
+    ``dimensions.png`` (bars per dimension and model), ``leaderboard.png`` (Overall with its 95% interval,
+    ranked) and ``heatmap.png`` (model x metric). Every model keeps one style across plots."""
     import math
 
     # Figure + Agg canvas, not pyplot: no global backend switch, safe in headless workers and threads.
@@ -305,25 +400,33 @@ def plot_report(report: EvalReport, out_dir: Union[str, Path]) -> list[Path]:
 
     out = Path(out_dir)
     stats = report.overall
+    styles = dict(zip([g.model for g in stats], model_styles(len(stats))))
     paths = []
 
+    radar = [g for g in stats if not radar_models or g.model in radar_models]
     fig = Figure(figsize=(7, 7))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(projection="polar")
     angles = [2 * math.pi * i / len(METRICS) for i in range(len(METRICS))]
-    for g in stats:
+    all_vals = []
+    for g in radar:
         vals = [g.metrics[m].mean if g.metrics[m].mean is not None else float("nan") for m in METRICS]
-        ax.plot(angles + angles[:1], vals + vals[:1], label=g.model)
-        ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.1)
+        all_vals += vals
+        st = styles[g.model]
+        ax.plot(angles + angles[:1], vals + vals[:1], label=g.model, markersize=4, linewidth=1.3, **st)
+        if len(radar) <= 4:  # fills only help with few models
+            ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.08, color=st["color"])
+    lo, hi = radial_range(all_vals)
+    ax.set_ylim(lo, hi)
     ax.set_xticks(angles)
     ax.set_xticklabels([m.replace(" ", "\n") for m in METRICS], fontsize=8)
-    ax.set_title("Metric means (A/B, all test sets)")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
+    ax.set_title(f"Metric means (A/B, all test sets; radius {lo:.2f} to {hi:.2f})")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=7)
     p = out / "radar.png"
     fig.savefig(p, dpi=100, bbox_inches="tight")
     paths.append(p)
 
-    fig = Figure(figsize=(8, 4.5))
+    fig = Figure(figsize=(max(8, 0.5 * len(stats) * len(DIMENSIONS)), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     n = max(1, len(stats))
@@ -331,14 +434,50 @@ def plot_report(report: EvalReport, out_dir: Union[str, Path]) -> list[Path]:
     for i, g in enumerate(stats):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(DIMENSIONS))]
         vals = [g.dimensions.get(d) if g.dimensions.get(d) is not None else float("nan") for d in DIMENSIONS]
-        ax.bar(xs, vals, width=width, label=g.model)
+        ax.bar(xs, vals, width=width, label=g.model, color=styles[g.model]["color"])
     ax.set_xticks(range(len(DIMENSIONS)))
     ax.set_xticklabels(list(DIMENSIONS), fontsize=8)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylabel("mean A/B")
     ax.set_title("Dimension means (all test sets)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     p = out / "dimensions.png"
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    paths.append(p)
+
+    ranked = sorted((g for g in stats if g.overall is not None), key=lambda g: g.overall)
+    fig = Figure(figsize=(7, 1.2 + 0.35 * max(1, len(ranked))))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for y, g in enumerate(ranked):
+        lo_hi = g.overall_ci
+        err = [[g.overall - lo_hi[0]], [lo_hi[1] - g.overall]] if lo_hi else None
+        st = styles[g.model]
+        ax.errorbar([g.overall], [y], xerr=err, fmt=st["marker"], color=st["color"], capsize=3)
+    ax.set_yticks(range(len(ranked)))
+    ax.set_yticklabels([g.model for g in ranked], fontsize=8)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("Overall (mean A/B of the 8 metrics) with 95% bootstrap interval")
+    ax.set_title("Leaderboard (all test sets)")
+    p = out / "leaderboard.png"
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    paths.append(p)
+
+    fig = Figure(figsize=(1.2 + 0.9 * len(METRICS), 1.2 + 0.45 * max(1, len(stats))))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    grid = [[g.metrics[m].mean if g.metrics[m].mean is not None else float("nan") for m in METRICS] for g in stats]
+    im = ax.imshow(grid, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, "n/a" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(METRICS)))
+    ax.set_xticklabels([SHORT[m] for m in METRICS], fontsize=8)
+    ax.set_yticks(range(len(stats)))
+    ax.set_yticklabels([g.model for g in stats], fontsize=8)
+    fig.colorbar(im, ax=ax, label="mean A/B")
+    ax.set_title("Model x metric (all test sets)")
+    p = out / "heatmap.png"
     fig.savefig(p, dpi=100, bbox_inches="tight")
     paths.append(p)
     return paths
