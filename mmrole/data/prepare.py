@@ -38,6 +38,18 @@ class PrepareConfig:
     hold_out_test_dialogues: bool = True
     template: Optional[str] = None
     row_group_rows: int = 2_000
+    # "template": the test questions are re-rendered from their dialogues with the training template (one
+    # wording for training and test; ids unchanged); "published": the published test questions as they are.
+    test_wording: str = "template"
+    # "dialogues": render training samples from the dialogues; "published": the published data/train/*.json
+    # (rendered, with <img> tags) as they are, keeping the published wording for training and test.
+    train_source: str = "dialogues"
+
+    def __post_init__(self):
+        if self.test_wording not in ("template", "published"):
+            raise ValueError(f"test_wording: {self.test_wording!r} is not 'template' or 'published'")
+        if self.train_source not in ("dialogues", "published"):
+            raise ValueError(f"train_source: {self.train_source!r} is not 'dialogues' or 'published'")
 
 
 @dataclass
@@ -167,12 +179,16 @@ def _prepare_into(ds: MMRoleDataset, out: Path, cfg: PrepareConfig, template, pr
 
     # Test split first: its dialogue ids are held out of training.
     test_samples = list(ds.iter_test_samples())
-    held_out = {s.id.rsplit("_", 1)[0] for s in test_samples} if cfg.hold_out_test_dialogues else set()
+    test_dialogues = {s.id.rsplit("_", 1)[0] for s in test_samples}
+    held_out = test_dialogues if cfg.hold_out_test_dialogues else set()
     stats = RenderStats()
     held = {"dialogues": 0}
+    stash: dict = {}  # the test samples' dialogues, to re-render their questions with the training template
 
     def train_samples() -> Iterator[Sample]:
         for d in ds.iter_dialogues():
+            if d.id in test_dialogues:
+                stash[d.id] = d
             if d.id in held_out:
                 held["dialogues"] += 1
                 continue
@@ -180,8 +196,49 @@ def _prepare_into(ds: MMRoleDataset, out: Path, cfg: PrepareConfig, template, pr
             if progress and stats.dialogues_in % 1000 == 0:
                 progress(f"rendered {stats.dialogues_in} dialogues, {stats.samples_out} samples")
 
+    def published_train() -> Iterator[Sample]:
+        files = sorted((ds.root / "data" / "train").glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"{ds.root / 'data' / 'train'}: no published training file (*.json)")
+        for f in files:
+            yield from ds.iter_conversation_file(f, "published")
+
+    wording = {"train": f"template {template.source}", "test": "published"}
+    test_wording = {"rerendered": 0, "differs_from_published": 0, "kept_published": 0, "kept_by_reason": {}}
+
+    def test_in_training_wording() -> Iterator[Sample]:
+        for s in test_samples:
+            d = stash.get(s.id.rsplit("_", 1)[0])
+            new = None
+            if d is None:
+                why = "dialogue_not_found"
+            else:
+                new = next((x for x in expand_dialogue(d, ds.characters, template) if x.id == s.id), None)
+                why = "turn_not_rendered"
+            if new is None:  # counted and reported: this sample keeps the published question
+                test_wording["kept_published"] += 1
+                test_wording["kept_by_reason"][why] = test_wording["kept_by_reason"].get(why, 0) + 1
+                yield s
+                continue
+            new.group = s.group
+            test_wording["rerendered"] += 1
+            test_wording["differs_from_published"] += int((new.system, new.user_text) != (s.system, s.user_text))
+            yield new
+
+    if cfg.train_source == "published":
+        train_iter, test_iter = published_train(), test_samples
+        wording["train"] = "published data/train"
+    elif cfg.test_wording == "template":
+        train_iter, test_iter = train_samples(), None  # the test split follows the training pass (stash)
+        wording["test"] = f"template {template.source}"
+    else:
+        train_iter, test_iter = train_samples(), test_samples
+
     per_split = {}
-    for name, samples in (("train", train_samples()), ("test", test_samples)):
+    for name in ("train", "test"):
+        samples = (
+            train_iter if name == "train" else (test_iter if test_iter is not None else test_in_training_wording())
+        )
         counts = {"in": 0, "out": 0, "rejected": 0, "rejected_by_reason": {}}
         w = new_writer(name)
         _write_split(w, samples, gate, rejects, counts)
@@ -214,6 +271,7 @@ def _prepare_into(ds: MMRoleDataset, out: Path, cfg: PrepareConfig, template, pr
         "images_root": str(ds.images_root.resolve()),
         "embed_images": cfg.embed_images,
         "template": template.source,
+        "wording": {**wording, "test_rerendering": test_wording if wording["test"] != "published" else None},
         "splits": splits,
         "counts": per_split,
         "render": {
