@@ -111,3 +111,60 @@ def test_answer_keys_follow_agent_params_and_rendered_sample(tmp_path):
     k = answer_key(base, "sys", "question", "1.jpg")
     assert k != answer_key(base, "sys", "question reworded", "1.jpg")  # another role-play template
     assert k == answer_key(base, "sys", "question", "1.jpg")
+
+
+def test_fully_scored_models_finish_without_starting_ray(sample_dir, tmp_path):
+    """A rerun with nothing to do writes the outputs and says so without starting Ray (no cluster, no workers)."""
+    import shutil
+    import time
+
+    from mmrole.eval.job_config import ScoreJobConfig, load_job_config
+    from mmrole.ray_eval import plan_scoring, run_score
+
+    eval_dir = tmp_path / "eval"
+    for model in ("gpt-4-turbo", "qwen-vl-chat"):
+        for s in ("in", "out"):
+            shutil.copytree(sample_dir / "eval" / f"{s}-test_answers" / model, eval_dir / f"{s}-test_answers" / model)
+    cfg = load_job_config(
+        ScoreJobConfig,
+        None,
+        [
+            f"eval_dir={eval_dir}",
+            "models=[gpt-4-turbo, qwen-vl-chat]",
+            f"images_root={tmp_path}",
+            "judge.kind=openai",
+            "judge.openai.model=some-judge",
+            "judge.openai.base_url=http://127.0.0.1:9/v1",
+            "progress=false",
+        ],
+    )
+    plans = plan_scoring(cfg, log=lambda m: None)
+    for p in plans.values():  # as if a previous run had scored everything with this judge
+        p["store"].append(result_from_reply(r, "ok [Scores]: (7, 8)", judge="some-judge") for r in p["todo"])
+
+    def no_ray():
+        raise AssertionError("Ray must not start when there is nothing to score")
+
+    logs = []
+    t0 = time.perf_counter()
+    summary = run_score(cfg, log=logs.append, start_ray=no_ray)
+    elapsed = time.perf_counter() - t0
+    assert set(summary["models"]) == {"gpt-4-turbo", "qwen-vl-chat"}
+    assert all(s["scored_now"] == 0 and s["parsed"] == 294 * 8 for s in summary["models"].values())
+    assert any("0 to do" in m for m in logs)
+    assert len(list(eval_dir.glob("*-test_reviews/*/*_test.json"))) == 12
+    assert elapsed < 30  # measured ~2 s idle; generous under a loaded CI box (targets live in bench/)
+    # Another judge model: everything is to do again (and would start Ray).
+    other = load_job_config(
+        ScoreJobConfig,
+        None,
+        [f"{k}={v}" for k, v in (("eval_dir", eval_dir),)]
+        + [
+            "models=[gpt-4-turbo]",
+            f"images_root={tmp_path}",
+            "judge.kind=openai",
+            "judge.openai.model=judge-2",
+            "judge.openai.base_url=http://127.0.0.1:9/v1",
+        ],
+    )
+    assert len(plan_scoring(other, log=lambda m: None)["gpt-4-turbo"]["todo"]) == 294 * 8

@@ -241,7 +241,13 @@ def test_generate_configs_load(name):
 
 
 @pytest.mark.parametrize(
-    "name,kind", [("score_local.yaml", "local"), ("score_openai.yaml", "openai"), ("score_serve.yaml", "serve")]
+    "name,kind",
+    [
+        ("score_local.yaml", "local"),
+        ("score_openai.yaml", "openai"),
+        ("score_serve.yaml", "serve"),
+        ("score_cpu.yaml", "local"),
+    ],
 )
 def test_score_configs_load(name, kind):
     from pathlib import Path
