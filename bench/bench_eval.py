@@ -7,6 +7,7 @@ The batched path includes what the job does beyond batching: a sample's 8 metric
 their last lines, and the judge prefills that shared prefix once (VLM.generate's shared-prefix path).
 
     python bench/bench_eval.py [--serial-requests 48] [--new-tokens 16] [--replicas 2] [--batch 32]
+    python bench/bench_eval.py --samples-per-file 4 --serial-requests 8 --new-tokens 4   # smoke run
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--cpus-per-replica", type=float, default=1.0, help="also the torch threads of a replica")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=8192)
+    ap.add_argument("--samples-per-file", type=int, default=0, help="keep only N samples per answers file (smoke)")
     ap.add_argument(
         "--sample-dir", default=os.environ.get("MMROLE_SAMPLE_DIR", str(REPO.parent / "shared" / "mmrole-sample"))
     )
@@ -59,6 +61,12 @@ def main() -> None:
                 Path(args.sample_dir) / "eval" / f"{s}-test_answers" / "gpt-4-turbo",
                 eval_dir / f"{s}-test_answers" / "gpt-4-turbo",
             )
+        if args.samples_per_file:  # a quick smoke run of the same paths on a slice of the set
+            import json
+
+            for f in eval_dir.glob("*-test_answers/*/*_test.json"):
+                recs = json.loads(f.read_text(encoding="utf-8"))[: args.samples_per_file]
+                f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
         answers, _ = load_answers_dir(eval_dir, "gpt-4-turbo")
         images = tmp / "images"
         for a in answers:
@@ -100,6 +108,7 @@ def main() -> None:
                 f"pool.num_cpus={args.cpus_per_replica}",
                 f"pool.batch_size={args.batch}",
                 "bootstrap=0",
+                "progress=false",
             ],
         )
         t0 = time.perf_counter()

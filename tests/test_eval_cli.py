@@ -130,8 +130,22 @@ def test_score_command_end_to_end_with_resume(tmp_path, capsys, monkeypatch):
         assert second["scoring"]["n_scored"] == 0 and second["scoring"]["n_already_done"] == 4
         assert main(args + ["--swap"]) == 0
         bias = json.loads(capsys.readouterr().out)["position_bias"]
+        assert sum(srv.calls.values()) == 8
+        # Several models in one run: the scored one is reused, the new one scored.
+        import shutil
+
+        shutil.copytree(d / "out-test_answers" / "agent", d / "out-test_answers" / "agent2")
+        multi = [a if a != "agent" else "agent,agent2" for a in args]
+        multi[multi.index("--model")] = "--models"
+        assert main(multi) == 0
+        both = json.loads(capsys.readouterr().out)
+        assert both["agent"]["scoring"]["n_scored"] == 0 and both["agent2"]["scoring"]["n_scored"] == 4
+        # Another judge model: the cached judgements are not reused.
+        other = [a if a != "j" else "j2" for a in args]
+        assert main(other) == 0
+        assert json.loads(capsys.readouterr().out)["scoring"]["n_scored"] == 4
     assert bias["all"]["n_pairs"] == 4
-    assert sum(srv.calls.values()) == 8
+    assert sum(srv.calls.values()) == 16
     reviews = json.loads((d / "out-test_reviews" / "agent" / "comment_test.json").read_text())
     assert list(reviews[0]["rm_review"]) == ["Fluency", "Coherency"]
     assert reviews[0]["rm_review"]["Fluency"]["score"] == [7.0, 8.0]
