@@ -192,6 +192,10 @@ def run_generate(
     if todo_ids:
         import ray
 
+        if cfg.agent.kind == "openai":  # a missing key fails here, naming it, not in every replica's constructor
+            from mmrole.eval.remote_agent import OpenAIAgent
+
+            OpenAIAgent(cfg.agent.openai, cfg.generation)
         if start_ray is not None:
             start_ray()
         rows = [s.to_row() for s in samples if s.id in todo_ids]
@@ -376,6 +380,10 @@ def run_score(
         import pyarrow as pa
         import ray
 
+        if cfg.judge.kind == "openai":  # a missing key fails here, naming it, not in every replica's constructor
+            from mmrole.eval.judges import OpenAIJudge
+
+            OpenAIJudge(cfg.judge.openai)
         if start_ray is not None:
             start_ray()
         # One block per judge batch, in request order: a sample's metric requests stay in one batch, where the

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from mmrole.eval.cache_keys import agent_identity, answer_key, digest, judgement_keys, openai_judge_identity
 from mmrole.eval.contract import expand_requests, result_from_reply
 from mmrole.eval.formats import AnswerRecord
@@ -113,7 +115,7 @@ def test_answer_keys_follow_agent_params_and_rendered_sample(tmp_path):
     assert k == answer_key(base, "sys", "question", "1.jpg")
 
 
-def test_fully_scored_models_finish_without_starting_ray(sample_dir, tmp_path):
+def test_fully_scored_models_finish_without_starting_ray(sample_dir, tmp_path, monkeypatch):
     """A rerun with nothing to do writes the outputs and says so without starting Ray (no cluster, no workers)."""
     import shutil
     import time
@@ -168,3 +170,9 @@ def test_fully_scored_models_finish_without_starting_ray(sample_dir, tmp_path):
         ],
     )
     assert len(plan_scoring(other, log=lambda m: None)["gpt-4-turbo"]["todo"]) == 294 * 8
+    # ... and a missing API key is reported on the driver, naming the variable, before any Ray work.
+    from mmrole.eval.judges import JudgeConfigError
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(JudgeConfigError, match="OPENAI_API_KEY"):
+        run_score(other, log=lambda m: None, start_ray=no_ray)
