@@ -132,3 +132,39 @@ def test_position_consistency_in_report(tmp_path):
     assert rep.position["qwen-vl-chat"]["all"].n_pairs == 4
     assert rep.position["qwen-vl-chat"]["all"].preference_flip_rate == 1.0
     assert "position consistency" in render_markdown(rep)
+
+
+def test_rm_data_ids_without_metric_take_it_from_the_prompt(tmp_path):
+    from sample_data import mmrole_sample_dir, require
+
+    from mmrole.eval.contract import JudgeRequest, build_judge_sample
+    from mmrole.eval.formats import EvalDataError
+    from mmrole.eval.template import load_judge_template
+
+    t = load_judge_template(require(mmrole_sample_dir() / "original" / "RM_review.py"))
+    recs = []
+    for m in ("Fluency", "Tone Consistency"):
+        req = JudgeRequest("Iron_Man_comment_COCO_30_1", m, "q", "a", "b", "i.jpg", role="Iron Man", script="S")
+        s = build_judge_sample(req, t)
+        user = f"Picture 1: <img>i.jpg</img>\n{s.user_text}"
+        recs.append(
+            {
+                "id": req.sample_id,
+                "conversations": [{"value": user}, {"value": f"fine [Scores]: (6, {8 + (m == 'Fluency')})"}],
+            }
+        )
+    p = tmp_path / "rm_test.json"
+    p.write_text(json.dumps(recs), encoding="utf-8")
+    got, failed = load_judgements(p)
+    assert failed == 0
+    assert got == {
+        ("", "Iron_Man_comment_COCO_30_1", "Fluency"): (6.0, 9.0),
+        ("", "Iron_Man_comment_COCO_30_1", "Tone Consistency"): (6.0, 8.0),
+    }
+    # Matched by (sample, metric) against a model's reviews when the RM data carries no model name.
+    ag = compare(load_judgements(sample_eval_dir())[0], got)
+    assert ag.n_common == 2 * 3  # the sample's three models each have that sample
+    recs[0]["conversations"][0]["value"] = "no metric named here"
+    p.write_text(json.dumps(recs), encoding="utf-8")
+    with pytest.raises(EvalDataError, match="names no metric"):
+        load_judgements(p)

@@ -56,12 +56,19 @@ def load_judgements(path: Union[str, Path]) -> tuple[Judgements, int]:
     for i, rec in enumerate(read_json_list(p)):  # RM_data
         try:
             rid, review = rec["id"], rec["conversations"][1]["value"]
+            prompt = rec["conversations"][0]["value"]
             head, metric = rid.rsplit("::", 1) if "::" in rid else (rid, "")
             model, sample = head.split("/", 1) if "/" in head else ("", head)
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise EvalDataError(f"{p}: record #{i}: not an RM_data record ({e})") from e
-        if metric not in METRICS:
-            raise EvalDataError(f"{p}: record {rid!r}: id does not end in ::<metric>")
+        if metric not in METRICS:  # an id without ::<metric>: the metric the prompt names at a line start
+            named = [m for m in METRICS if f"\n{m}:" in prompt]
+            if len(named) != 1:
+                raise EvalDataError(
+                    f"{p}: record {rid!r}: id does not end in ::<metric> and the prompt names "
+                    f"{'no metric' if not named else 'several metrics ' + str(named)}"
+                )
+            metric = named[0]
         pair, _ = try_parse_scores(review)
         if pair is None:
             failed += 1
@@ -159,10 +166,11 @@ def compare(a: Judgements, b: Judgements, source_a: str = "A", source_b: str = "
     b_by_sample = {}
     for (_, s, met), v in b.items():
         b_by_sample.setdefault((s, met), []).append(v)
+    b_has_no_models = all(not k[0] for k in b)
     common = []
     for (m, s, met), va in a.items():
         vb = b.get((m, s, met))
-        if vb is None and (not m or all(not k[0] for k in b)):
+        if vb is None and (not m or b_has_no_models):
             cands = b_by_sample.get((s, met), [])
             vb = cands[0] if len(cands) == 1 else None
         if vb is not None:

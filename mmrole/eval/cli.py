@@ -1,4 +1,4 @@
-"""``mmrole eval ...``: ``report`` (tables, CSV/JSON, plots) and ``score`` (single-process API judging)."""
+"""``mmrole eval ...``: ``report``, ``score`` (single-process API judging), ``prompts`` (dry run), ``agreement``, ``import-template``."""
 
 from __future__ import annotations
 
