@@ -16,6 +16,12 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from mmrole.cli import main as mmrole_main
 
 WORDS = (
     "harbour lantern maple copper violin orchard pebble thunder meadow saffron glacier compass velvet ember "
@@ -170,3 +176,56 @@ class CannedTeacher:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---- helpers shared by the datagen tests
+
+
+def make_images(folder: Path, n: int = 6, corrupt: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (64 + 8 * i, 48), ((40 * i) % 255, 120, 200 - 20 * i))
+        im.save(folder / f"img_{i:02d}.png")
+    if corrupt:
+        (folder / "broken.jpg").write_bytes(b"not an image at all")
+    return folder
+
+
+def write_characters(path: Path, chars: list) -> Path:
+    path.write_text(yaml.safe_dump({"characters": chars}, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def teacher_args(url: str, *extra: str) -> list[str]:
+    return [
+        f"teacher.base_url={url}",
+        "teacher.model=canned",
+        "teacher.api_key_env=null",
+        "teacher.require_api_key=false",
+        "teacher.max_concurrency=4",
+        "teacher.backoff_initial_s=0.01",
+        "teacher.timeout_s=5",
+        *extra,
+    ]
+
+
+def generate(tmp_path, chars, url, *extra, out="gen") -> tuple[int, Path]:
+    root = tmp_path / out
+    rc = mmrole_main(
+        [
+            "data",
+            "generate",
+            "--characters",
+            str(write_characters(tmp_path / f"{out}_chars.yaml", chars)),
+            "--images",
+            str(tmp_path / "pics"),
+            "--out",
+            str(root),
+            *teacher_args(url, *extra),
+        ]
+    )
+    return rc, root
+
+
+def rejects(root: Path) -> list[dict]:
+    return [json.loads(x) for x in (root / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]

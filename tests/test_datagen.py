@@ -4,12 +4,9 @@ path counted, the cache on rerun, the characters-file schema, gates and the tole
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
-from canned_teacher import CannedTeacher
-from PIL import Image
+from canned_teacher import CannedTeacher, generate, make_images, rejects, write_characters
 
 from mmrole.cli import main as mmrole_main
 from mmrole.config import ConfigError
@@ -27,56 +24,6 @@ CHARACTERS = [
     {"name": "Nora Quist", "source": "hypothetical", "brief": "a lighthouse keeper in her thirties"},
     {"name": "李青", "source": "江湖传说", "language": "Chinese", "group": "out-of-distribution"},
 ]
-
-
-def make_images(folder: Path, n: int = 6, corrupt: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", (64 + 8 * i, 48), ((40 * i) % 255, 120, 200 - 20 * i))
-        im.save(folder / f"img_{i:02d}.png")
-    if corrupt:
-        (folder / "broken.jpg").write_bytes(b"not an image at all")
-    return folder
-
-
-def write_characters(path: Path, chars: list) -> Path:
-    path.write_text(yaml.safe_dump({"characters": chars}, allow_unicode=True), encoding="utf-8")
-    return path
-
-
-def teacher_args(url: str, *extra: str) -> list[str]:
-    return [
-        f"teacher.base_url={url}",
-        "teacher.model=canned",
-        "teacher.api_key_env=null",
-        "teacher.require_api_key=false",
-        "teacher.max_concurrency=4",
-        "teacher.backoff_initial_s=0.01",
-        "teacher.timeout_s=5",
-        *extra,
-    ]
-
-
-def generate(tmp_path, chars, url, *extra, out="gen") -> tuple[int, Path]:
-    root = tmp_path / out
-    rc = mmrole_main(
-        [
-            "data",
-            "generate",
-            "--characters",
-            str(write_characters(tmp_path / f"{out}_chars.yaml", chars)),
-            "--images",
-            str(tmp_path / "pics"),
-            "--out",
-            str(root),
-            *teacher_args(url, *extra),
-        ]
-    )
-    return rc, root
-
-
-def rejects(root: Path) -> list[dict]:
-    return [json.loads(x) for x in (root / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
