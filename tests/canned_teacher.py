@@ -57,6 +57,11 @@ def canned_reply(text: str, image_url: str) -> str:
         return "Sure! Here is what you asked for: {name: broken, 'turns': ["
     if "Refuse" in text:
         return "I'm sorry, but I can't help with that request."
+    if "Task: rate" in text:
+        metrics = re.search(r"from 1 \(poor\) to 10 \(excellent\): (.*?)\. Answer", text, re.DOTALL).group(1)
+        score = 3 if "Dull" in text else 8
+        scores = {m.strip(): score for m in metrics.replace("\n", " ").split(",")}
+        return json.dumps({"scores": scores, "reason": "canned"})
     if "Task: invent the basic facts" in text:
         name = re.search(r"Name: (.*)", text).group(1).strip()
         return json.dumps(
@@ -73,10 +78,10 @@ def canned_reply(text: str, image_url: str) -> str:
     if "Task: summarise" in text or "Task: expand" in text:
         return json.dumps(
             {
-                "introduction": sentence(rng, zh, 30),
-                "personality": sentence(rng, zh, 30),
-                "life_story": sentence(rng, zh, 30),
-                "relationships": sentence(rng, zh, 20),
+                "introduction": sentence(rng, zh, 16),
+                "personality": sentence(rng, zh, 16),
+                "life_story": sentence(rng, zh, 16),
+                "relationships": sentence(rng, zh, 12),
                 "catchphrases": [sentence(rng, zh, 5), sentence(rng, zh, 4)],
             },
             ensure_ascii=False,
@@ -97,7 +102,7 @@ def canned_reply(text: str, image_url: str) -> str:
     turns = []
     for i in range(n):
         speaker = a if i % 2 == 0 else b
-        body = sentence(rng, zh and speaker != "human", 14)
+        body = sentence(rng, zh and speaker != "human", 10)
         if "Wrongtongue" in text:
             body = sentence(rng, False, 14)
         turns.append({"speaker": speaker, "text": body})
@@ -112,9 +117,14 @@ def canned_reply(text: str, image_url: str) -> str:
 class CannedTeacher:
     """``with CannedTeacher() as t: t.url`` -> http://127.0.0.1:PORT/v1; ``t.hits`` counts HTTP requests."""
 
-    def __init__(self, api_key: str | None = None, fail_first_429: bool = False, no_schema: bool = False, slow_s=3.0):
+    def __init__(
+        self, api_key: str | None = None, fail_first_429: bool = False, no_schema: bool = False, slow_s=3.0, delay_s=0.0
+    ):
         self.api_key, self.fail_first_429, self.no_schema, self.slow_s = api_key, fail_first_429, no_schema, slow_s
+        self.delay_s = delay_s
         self.hits = 0
+        self.inflight = 0
+        self.max_inflight = 0
         self.bodies: list[dict] = []
         self.seen_429: set = set()
         self.lock = threading.Lock()
@@ -142,6 +152,15 @@ class CannedTeacher:
                 with teacher.lock:
                     teacher.hits += 1
                     teacher.bodies.append(body)
+                    teacher.inflight += 1
+                    teacher.max_inflight = max(teacher.max_inflight, teacher.inflight)
+                try:
+                    self._answer(body)
+                finally:
+                    with teacher.lock:
+                        teacher.inflight -= 1
+
+            def _answer(self, body: dict):
                 if teacher.api_key is not None and self.headers.get("Authorization") != f"Bearer {teacher.api_key}":
                     return self._send(401, {"error": {"message": "invalid api key"}})
                 if teacher.no_schema and "response_format" in body:
@@ -156,6 +175,7 @@ class CannedTeacher:
                         teacher.seen_429.add(key)
                     if first:
                         return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                time.sleep(teacher.delay_s)  # so concurrent requests overlap
                 content = canned_reply(text, url)
                 self._send(
                     200,

@@ -4,6 +4,7 @@ path counted, the cache on rerun, the characters-file schema, gates and the tole
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from canned_teacher import CannedTeacher, generate, make_images, rejects, write_characters
@@ -29,7 +30,7 @@ CHARACTERS = [
 @pytest.fixture(scope="module")
 def teacher():
     """One canned teacher for the module (the cache key includes the teacher's URL), 429 once per annotation."""
-    with CannedTeacher(fail_first_429=True) as t:
+    with CannedTeacher(fail_first_429=True, delay_s=0.02) as t:
         yield t
 
 
@@ -39,7 +40,14 @@ def generated(tmp_path_factory, teacher):
     tmp = tmp_path_factory.mktemp("datagen")
     make_images(tmp / "pics")
     rc, root = generate(tmp, CHARACTERS, teacher.url)
-    return {"rc": rc, "root": root, "hits": teacher.hits, "bodies": list(teacher.bodies), "tmp": tmp}
+    return {
+        "rc": rc,
+        "root": root,
+        "hits": teacher.hits,
+        "max_inflight": teacher.max_inflight,
+        "bodies": list(teacher.bodies),
+        "tmp": tmp,
+    }
 
 
 def test_generate_writes_the_published_layout_that_validate_accepts(generated, capsys):
@@ -60,6 +68,7 @@ def test_generate_writes_the_published_layout_that_validate_accepts(generated, c
     t = summary["teacher"]
     assert t["http_attempts"] == t["requests"] + 6 == generated["hits"]
     assert t["prompt_tokens"] > 0 and t["cost_usd"] > 0
+    assert generated["max_inflight"] <= 4  # teacher.max_concurrency
     (bad,) = rejects(root)
     assert bad["stage"] == "images" and bad["image"] == "broken.jpg" and bad["code"] == "bad_image"
     # the published layout
@@ -121,10 +130,11 @@ def test_reject_paths_are_reported_with_character_image_and_stage(tmp_path):
         {"name": "Confused Carl", "source": "Broken Tales", "partner": "Good Gwen"},
         {"name": "王Wrongtongue", "source": "江湖", "language": "Chinese", "partner": "Good Gwen"},
         {"name": "Echo Emma", "source": "hypothetical", "partner": "Good Gwen"},
+        {"name": "Dull Dora", "source": "Broken Tales", "partner": "Good Gwen"},
     ]
     with CannedTeacher(no_schema=True, slow_s=2.0) as t:
         rc, root = generate(
-            tmp_path, chars, t.url, "teacher.timeout_s=0.5", "teacher.max_http_retries=1", "dialogues.inter_role=1"
+            tmp_path, chars, t.url, "teacher.timeout_s=0.5", "teacher.max_http_retries=1", "judge.enabled=true"
         )
         # auto structured output: the 400 made the client drop response_format and carry on
         assert any("response_format" not in b for b in t.bodies)
@@ -138,6 +148,7 @@ def test_reject_paths_are_reported_with_character_image_and_stage(tmp_path):
     assert ("dialogues", "Confused Carl", "speaker_confusion") in by
     assert ("dialogues", "王Wrongtongue", "language") in by
     assert ("near_duplicates", "Echo Emma", "near_duplicate") in by
+    assert ("judge", "Dull Dora", "low_score") in by
     # characters without a profile: their dialogues are rejected, not dropped, naming character, image and type
     no_profile = [r for r in rej if r["code"] == "no_profile"]
     assert {r["character"] for r in no_profile} == {"Malformed Mary", "Refuse Rita", "Slow Sam"}
@@ -257,3 +268,16 @@ def test_near_duplicate_index():
     assert dup is not None and dup[0] == "1"
     assert idx.check_and_add("a", "3", "A completely different sentence about bees and honey.") is None
     assert idx.check_and_add("b", "4", "The bridge over the river is made of iron and glass.") is None
+
+
+def test_cluster_job_entry_point_parses_the_same_arguments(tmp_path, capsys):
+    import runpy
+
+    make_images(tmp_path / "pics", n=1, corrupt=False)
+    chars = write_characters(tmp_path / "c.yaml", CHARACTERS[:1])
+    job = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "generate_data.py"))
+    argv = ["--characters", str(chars), "--images", str(tmp_path / "pics"), "--out", str(tmp_path / "o")]
+    assert job["main"]([*argv, "--estimate-only"]) == 0
+    assert json.loads(capsys.readouterr().out)["calls"]["comment"] == 1
+    assert job["main"]([*argv, "teacher.max_concurrency=0"]) == 2
+    assert "teacher.max_concurrency" in capsys.readouterr().err

@@ -36,34 +36,42 @@ def print_summary(summary: dict) -> None:
     for name, c in summary["stages"].items():
         why = f" {c['rejected_by_reason']}" if c["rejected_by_reason"] else ""
         print(f"{name}: in {c['in']}, out {c['out']}, rejected {c['rejected']}{why}")
-    t = summary["teacher"]
-    print(
-        f"teacher {t['model']}: {t['requests']} requests ({t['http_attempts']} HTTP attempts, {t['cache_hits']} "
-        f"cached), {t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, ~${t['cost_usd']}"
-    )
+    for who in ("teacher", "judge"):
+        t = summary.get(who)
+        if t:
+            print(
+                f"{who} {t['model']}: {t['requests']} requests ({t['http_attempts']} HTTP attempts, "
+                f"{t['cache_hits']} cached), {t['prompt_tokens']} prompt + {t['completion_tokens']} completion "
+                f"tokens, ~${t['cost_usd']}"
+            )
     print(f"test split: {summary['test_split']}")
     print(f"wrote {summary['out']} (generate_summary.json, rejects.jsonl: {summary['rejects']} rejects)")
     if summary["stages_with_nothing_usable"]:
         print(f"nothing usable from stage(s) {summary['stages_with_nothing_usable']}", file=sys.stderr)
 
 
-def run_generate(args, executor=None) -> int:
+def run_generate(args) -> int:
     """Exit 0 when every stage gave something usable, 1 otherwise (2 for a config error, raised to the caller)."""
+    from .config import load_characters
     from .pipeline import DataGenerator, GenerateError
-    from .teacher import TeacherAuthError
+    from .teacher import TeacherAuthError, TeacherClient
 
     cfg = build_config(args)
-    gen = DataGenerator(cfg, executor=executor, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    gen = DataGenerator(cfg, progress=lambda s: print(s, file=sys.stderr, flush=True))
     if args.estimate_only:
         print(json.dumps(gen.estimate(), indent=1))
         return 0
-    if executor is None and cfg.executor == "ray":
-        from mmrole.ray_datagen import RayExecutor
-        from mmrole.ray_env import init_ray
-
-        init_ray(cfg.ray_address)
-        gen.executor = RayExecutor(cfg)
+    load_characters(cfg.characters)  # a bad characters file fails before anything else (ConfigError)
     try:
+        TeacherClient(cfg.teacher)  # fail early on a missing API key, before any stage runs
+        if cfg.judge.enabled and cfg.judge.teacher is not None:
+            TeacherClient(cfg.judge.teacher)
+        if cfg.executor == "ray":
+            from mmrole.ray_datagen import RayExecutor
+            from mmrole.ray_env import init_ray
+
+            init_ray(cfg.ray_address)
+            gen.executor_factory = lambda teacher: RayExecutor(teacher, cfg.ray_actors)
         summary = gen.run()
     except (GenerateError, TeacherAuthError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -166,6 +166,28 @@ class GateConfig:
             raise ConfigError("gates.max_turn_chars: must be greater than gates.min_turn_chars")
 
 
+ROLEPLAY_METRICS = ("Personality Consistency", "Knowledge Consistency", "Tone Consistency")
+
+
+@dataclass
+class DialogueJudgeConfig:
+    """Optional judge of every kept dialogue on the role-playing metrics (1-10 each); low scores are rejected."""
+
+    enabled: bool = False
+    teacher: Optional[TeacherConfig] = None  # the judge's endpoint (default: the teacher itself)
+    metrics: list[str] = field(default_factory=lambda: list(ROLEPLAY_METRICS))
+    min_mean_score: float = 6.0  # a dialogue whose mean score is below this is rejected
+
+    def __post_init__(self):
+        from mmrole.eval.metrics import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(f"judge.metrics: unknown or empty {unknown}; known: {list(METRICS)}")
+        if not 1 <= self.min_mean_score <= 10:
+            raise ConfigError("judge.min_mean_score: must be within 1..10")
+
+
 @dataclass
 class DialogueCounts:
     """How many dialogues to write per (character, image) and type, and how many to hold out for the test split."""
@@ -194,6 +216,7 @@ class GenerateConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     dialogues: DialogueCounts = field(default_factory=DialogueCounts)
+    judge: DialogueJudgeConfig = field(default_factory=DialogueJudgeConfig)
     templates: Optional[str] = None  # generation prompt templates YAML (default: packaged datagen.yaml)
     images_subdir: str = ""  # folder under images/ the images are copied to (default: the input folder's name)
     cache_dir: str = ""  # per-item teacher cache (default: <out>/.datagen_cache)

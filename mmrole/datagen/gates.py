@@ -170,3 +170,20 @@ def check_dialogue(
     role_text = "\n".join(text for s, text in out if s == name)
     check_language(role_text, language, gates, f"{dtype}: {name}'s turns")
     return out
+
+
+def check_judgement(reply: dict, metrics: list[str], min_mean: float) -> dict:
+    """The judge's scores (1-10 per metric); GateError ``low_score`` when the mean is below ``min_mean``."""
+    scores = reply.get("scores")
+    if not isinstance(scores, dict):
+        raise GateError("judge_format", "judge: 'scores' must be an object of metric -> score")
+    out = {}
+    for m in metrics:
+        v = scores.get(m)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 10:
+            raise GateError("judge_format", f"judge: no 1-10 score for {m!r} (got {v!r})")
+        out[m] = float(v)
+    mean = sum(out.values()) / len(out)
+    if mean < min_mean:
+        raise GateError("low_score", f"judge: mean score {mean:.1f} < {min_mean} ({reply.get('reason', '')!s:.120})")
+    return out

@@ -22,10 +22,10 @@ from mmrole.data.records import DIALOGUE_TYPES, HYPOTHETICAL_SCRIPT
 
 from .cache import TeacherCache, item_key
 from .cards import CardError, card_to_profile, read_card
-from .config import CharacterSpec, GenerateConfig, load_characters
+from .config import CharacterSpec, GenerateConfig, TeacherConfig, load_characters
 from .cost import cost_usd, estimate_cost
 from .dedup import NearDuplicateIndex
-from .gates import GateError, check_annotation, check_dialogue, check_meta_info, check_profile
+from .gates import GateError, check_annotation, check_dialogue, check_judgement, check_meta_info, check_profile
 from .teacher import TeacherClient, TeacherRequest, TeacherResult
 from .templates import GenTemplates, load_gen_templates
 from .writer import (
@@ -43,7 +43,7 @@ from .writer import (
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 SUMMARY_FILE = "generate_summary.json"
 REJECTS_FILE = "rejects.jsonl"
-STAGE_ORDER = ("images", "meta_info", "profile", "annotation", "dialogues", "near_duplicates", "test_split")
+STAGE_ORDER = ("images", "meta_info", "profile", "annotation", "dialogues", "near_duplicates", "judge", "test_split")
 TYPE_STAGE = {"comment": "comment", "human-role": "human_role", "inter-role": "inter_role"}
 
 
@@ -58,8 +58,8 @@ class Executor(Protocol):
 class LocalExecutor:
     """Teacher calls from this process, ``teacher.max_concurrency`` in flight."""
 
-    def __init__(self, cfg: GenerateConfig):
-        self.client = TeacherClient(cfg.teacher)
+    def __init__(self, teacher: TeacherConfig):
+        self.client = TeacherClient(teacher)
 
     def run(self, stage: str, requests: list[TeacherRequest]) -> list[TeacherResult]:
         return self.client.call_many(requests)
@@ -87,11 +87,14 @@ class RunLedger:
 
     stages: dict = field(default_factory=lambda: {s: StageCounts() for s in STAGE_ORDER})
     rejects: list = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    requests: int = 0
-    http_attempts: int = 0
-    cache_hits: int = 0
+    usage: dict = field(default_factory=dict)  # "teacher" / "judge" -> requests, tokens, cache hits
+
+    def count(self, who: str, **add) -> None:
+        u = self.usage.setdefault(
+            who, {"requests": 0, "http_attempts": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        )
+        for k, v in add.items():
+            u[k] += v
 
     def take(self, stage: str) -> None:
         self.stages[stage].items_in += 1
@@ -154,14 +157,16 @@ class DataGenerator:
     def __init__(
         self,
         cfg: GenerateConfig,
-        executor: Optional[Executor] = None,
+        executor_factory: Optional[Callable[[TeacherConfig], Executor]] = None,
         progress: Callable[[str], None] = lambda s: None,
     ):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.templates: GenTemplates = load_gen_templates(cfg.templates)
         self.cache = TeacherCache(Path(cfg.cache_dir) if cfg.cache_dir else self.out / ".datagen_cache")
-        self.executor = executor
+        self.executor_factory = executor_factory or LocalExecutor
+        self._executors: dict[str, Executor] = {}
+        self.judge_teacher = cfg.judge.teacher or cfg.teacher
         self.progress = progress
         self.ledger = RunLedger()
         self.characters: list[CharacterSpec] = []
@@ -170,40 +175,46 @@ class DataGenerator:
         self.annotations: dict[str, dict] = {}
 
     # ------------------------------------------------------------------------------------------ teacher calls
-    def _executor(self) -> Executor:
-        if self.executor is None:
-            self.executor = LocalExecutor(self.cfg)
-        return self.executor
+    def _executor(self, teacher: TeacherConfig) -> Executor:
+        if teacher.identity not in self._executors:
+            self._executors[teacher.identity] = self.executor_factory(teacher)
+        return self._executors[teacher.identity]
 
     def _item(
         self, stage: str, ledger_stage: str, inputs: dict, fields: dict, image_url=None, variant=0, **ctx
     ) -> Item:
         prompt = self.templates[stage]
-        key = item_key(stage, {**inputs, "variant": variant}, self.cfg.teacher.identity, prompt.digest)
+        teacher = self.judge_teacher if stage == "judge_dialogue" else self.cfg.teacher
+        key = item_key(stage, {**inputs, "variant": variant}, teacher.identity, prompt.digest)
         messages = _with_image(prompt.render(**fields), image_url if self.cfg.teacher.send_images else None)
         req = TeacherRequest(key, messages, stage, prompt.schema, seed_offset=variant)
         return Item(stage, ledger_stage, key, req, **ctx)
 
-    def ask(self, items: list[Item]) -> dict[str, TeacherResult]:
+    def ask(self, items: list[Item], who: str = "teacher") -> dict[str, TeacherResult]:
         """Results per item key: from the cache, else from the teacher (successful replies are cached)."""
+        teacher = self.judge_teacher if who == "judge" else self.cfg.teacher
+        self.ledger.count(who)
         results: dict[str, TeacherResult] = {}
         todo: list[Item] = []
         for it in items:
             hit = self.cache.get(it.stage, it.key)
             if hit is not None:
                 results[it.key] = TeacherResult(key=it.key, reply=hit.get("reply"), text=hit.get("text", ""))
-                self.ledger.cache_hits += 1
+                self.ledger.count(who, cache_hits=1)
             else:
                 todo.append(it)
         if todo:
             self.progress(f"{todo[0].ledger_stage}: {len(todo)} teacher requests ({len(items) - len(todo)} cached)")
             unique = {it.key: it for it in todo}
-            got = self._executor().run(todo[0].ledger_stage, [it.request for it in unique.values()])
+            got = self._executor(teacher).run(todo[0].ledger_stage, [it.request for it in unique.values()])
             for it, res in zip(unique.values(), got):
-                self.ledger.requests += 1
-                self.ledger.http_attempts += res.http_attempts
-                self.ledger.prompt_tokens += res.prompt_tokens
-                self.ledger.completion_tokens += res.completion_tokens
+                self.ledger.count(
+                    who,
+                    requests=1,
+                    http_attempts=res.http_attempts,
+                    prompt_tokens=res.prompt_tokens,
+                    completion_tokens=res.completion_tokens,
+                )
                 results[it.key] = res
                 if res.ok:
                     self.cache.put(it.stage, it.key, {"reply": res.reply, "text": res.text})
@@ -474,6 +485,46 @@ class DataGenerator:
             out.append(GeneratedDialogue(it.character, ch.group, it.dtype, it.image, it.context["ann"], turns))
         return out
 
+    def stage_judge(self, dialogues: list[GeneratedDialogue]) -> list[GeneratedDialogue]:
+        """Optional: a judge rates each kept dialogue on the role-playing metrics; low means are rejected."""
+        j = self.cfg.judge
+        if not j.enabled:
+            return dialogues
+        items = []
+        for n, d in enumerate(dialogues):
+            self.ledger.take("judge")
+            ch = self.profiles[d.owner]
+            text = "\n".join(f"{s}: {t}" for s, t in d.turns)
+            fields = {"name": d.owner, "source": ch.script, "profile": ch.profile, "dialogue": text}
+            fields["metrics"] = ", ".join(j.metrics)
+            items.append(
+                self._item(
+                    "judge_dialogue",
+                    "judge",
+                    fields,
+                    fields,
+                    character=d.owner,
+                    image=d.image,
+                    dtype=d.type,
+                    context={"n": n},
+                )
+            )
+        results = self.ask(items, who="judge")
+        kept = []
+        for it in items:
+            res = results[it.key]
+            if self._failed(it, res):
+                continue
+            d = dialogues[it.context["n"]]
+            try:
+                d.extra["judge_scores"] = check_judgement(res.reply, j.metrics, j.min_mean_score)
+            except GateError as e:
+                self.ledger.reject("judge", e.code, str(e), it.character, it.image, it.dtype)
+                continue
+            self.ledger.accept("judge")
+            kept.append(d)
+        return kept
+
     # ------------------------------------------------------------------------------------------ the run
     def _prepare_out(self) -> None:
         if self.out.exists() and (self.out / "profiles").exists() and not (self.out / SUMMARY_FILE).exists():
@@ -502,7 +553,7 @@ class DataGenerator:
             self.progress("images: no usable image")
         self.stage_profiles()
         self.stage_annotations()
-        dialogues = self.stage_dialogues() if self.images else []
+        dialogues = self.stage_judge(self.stage_dialogues()) if self.images else []
         written = {c: self.profiles[c] for c in self.profiles}
         write_profiles(self.out, list(written.values()))
         write_annotations(
@@ -536,15 +587,15 @@ class DataGenerator:
             "ok": not empty,
             "dialogue_files": files,
             "test_split": test,
-            "teacher": {
-                "model": self.cfg.teacher.model,
-                "base_url": self.cfg.teacher.base_url,
-                "requests": L.requests,
-                "http_attempts": L.http_attempts,
-                "cache_hits": L.cache_hits,
-                "prompt_tokens": L.prompt_tokens,
-                "completion_tokens": L.completion_tokens,
-                "cost_usd": round(cost_usd(L.prompt_tokens, L.completion_tokens, self.cfg.teacher), 4),
+            **{
+                who: {
+                    "model": t.model,
+                    "base_url": t.base_url,
+                    **L.usage[who],
+                    "cost_usd": round(cost_usd(L.usage[who]["prompt_tokens"], L.usage[who]["completion_tokens"], t), 4),
+                }
+                for who, t in (("teacher", self.cfg.teacher), ("judge", self.judge_teacher))
+                if who in L.usage
             },
             "rejects": len(L.rejects),
         }

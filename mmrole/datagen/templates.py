@@ -12,7 +12,16 @@ from typing import Optional, Union
 
 import yaml
 
-STAGES = ("meta_info", "profile_famous", "profile_hypothetical", "annotation", "comment", "human_role", "inter_role")
+STAGES = (
+    "meta_info",
+    "profile_famous",
+    "profile_hypothetical",
+    "annotation",
+    "comment",
+    "human_role",
+    "inter_role",
+    "judge_dialogue",
+)
 PLACEHOLDERS = {
     "name",
     "source",
@@ -28,6 +37,8 @@ PLACEHOLDERS = {
     "partner_source",
     "partner_profile",
     "seed",
+    "dialogue",
+    "metrics",
     "schema",
 }
 
