@@ -3,14 +3,14 @@
 Concurrency to the teacher is bounded in all: ``ray_actors`` actors, each with ``teacher.max_concurrency /
 ray_actors`` requests in flight. Retries with backoff on 429/5xx happen inside the actors
 (:func:`mmrole.eval.judges.post_with_retries`); an actor lost with its node is restarted and its block retried.
-The cache stays on the driver (:class:`mmrole.datagen.pipeline.DataGenerator`): only missing items reach Ray, so
+The API key is read by the actors from the environment they inherit (the driver's on an embedded Ray, the job's
+runtime environment on a cluster), never shipped in task arguments. The cache stays on the driver (:class:`mmrole.datagen.pipeline.DataGenerator`): only missing items reach Ray, so
 the same run works on an embedded Ray or a cluster without shared storage.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 
 from mmrole.datagen.config import TeacherConfig
@@ -53,9 +53,6 @@ class RayExecutor:
         per_actor = max(1, t.max_concurrency // actors)
         rows = [{"key": r.key, "request": json.dumps(asdict(r), ensure_ascii=False)} for r in requests]
         blocks = max(1, min(len(rows) // per_actor, 256))
-        env = {}
-        if t.api_key_env and t.api_key_env in os.environ:
-            env[t.api_key_env] = os.environ[t.api_key_env]  # the actors read the key as the driver does
         ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             TeacherWorker,
             fn_constructor_kwargs=dict(teacher=asdict(t), max_concurrency=per_actor),
@@ -64,7 +61,6 @@ class RayExecutor:
             num_cpus=self.num_cpus,
             max_restarts=-1,
             max_task_retries=-1,
-            runtime_env={"env_vars": env} if env else None,
         )
         got: dict[str, TeacherResult] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

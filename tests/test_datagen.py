@@ -121,6 +121,7 @@ def test_rerun_uses_the_cache_and_redoes_only_what_changed(generated, teacher):
 
 def test_reject_paths_are_reported_with_character_image_and_stage(tmp_path):
     make_images(tmp_path / "pics", n=3, corrupt=False)
+    (tmp_path / "pics" / "notes.txt").write_text("not a picture")
     chars = [
         {"name": "Good Gwen", "source": "hypothetical"},
         {"name": "Malformed Mary", "source": "Broken Tales"},
@@ -149,6 +150,7 @@ def test_reject_paths_are_reported_with_character_image_and_stage(tmp_path):
     assert ("dialogues", "王Wrongtongue", "language") in by
     assert ("near_duplicates", "Echo Emma", "near_duplicate") in by
     assert ("judge", "Dull Dora", "low_score") in by
+    assert ("images", "", "not_an_image") in by
     # characters without a profile: their dialogues are rejected, not dropped, naming character, image and type
     no_profile = [r for r in rej if r["code"] == "no_profile"]
     assert {r["character"] for r in no_profile} == {"Malformed Mary", "Refuse Rita", "Slow Sam"}

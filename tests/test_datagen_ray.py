@@ -102,3 +102,62 @@ def test_generate_on_ray_then_train_and_score(ray_local, tiny_models, tmp_path):
     )
     assert scored["requests"] == 9 * len(METRICS)
     assert len(list(out.glob("*-test_reviews/gen-agent/*_test.json"))) == 6
+
+
+@pytest.mark.timeout(600)
+def test_our_serve_agent_as_teacher_garbage_is_rejected_and_counted(ray_local, tiny_models, tmp_path):
+    """A tiny random-weight Serve agent answers garbage: the gates reject it, every count adds up, exit 1."""
+    import socket
+
+    from ray import serve
+
+    from mmrole.datagen.cards import write_card
+    from serve import agent_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        app = agent_app.build_app(
+            {
+                "model": {"model_path": tiny_models["agent"], "device": "cpu", "max_length": 2048},
+                "torch_threads": 1,
+                "generation": {"max_new_tokens": 8},
+                "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "num_cpus": 0.5},
+            }
+        )
+        serve.run(app, name="teacher", route_prefix="/teacher")
+        make_images(tmp_path / "pics", n=2, corrupt=False)
+        card = {
+            "spec": "chara_card_v2",
+            "data": {
+                "name": "Mira Solace",
+                "description": "A cartographer of floating islands.",
+                "personality": "Curious.",
+                "scenario": "",
+                "first_mes": "Hello!",
+                "mes_example": "",
+            },
+        }
+        chars = [
+            {"name": "Mira Solace", "source": "Sky Tales", "card": str(write_card(card, tmp_path / "mira.json"))},
+            {"name": "Nora Quist", "source": "hypothetical"},
+        ]
+        url = f"http://127.0.0.1:{port}/teacher/v1"
+        rc, root = generate(tmp_path, chars, url, "teacher.model=mmrole-agent", "teacher.max_reasks=0")
+    finally:
+        serve.shutdown()
+    assert rc == 1
+    s = json.loads((root / "generate_summary.json").read_text())
+    st = s["stages"]
+    rej = [json.loads(x) for x in (root / "rejects.jsonl").read_text().splitlines()]
+    for name, c in st.items():
+        assert c["in"] == c["out"] + c["rejected"] == c["out"] + sum(1 for r in rej if r["stage"] == name), name
+    # the card gives Mira a profile without the teacher; the rest is garbage or refused by the agent's API
+    assert st["profile"] == {"in": 2, "out": 1, "rejected": 1, "rejected_by_reason": {"no_meta_info": 1}}
+    assert st["meta_info"]["rejected"] == 1 and st["annotation"]["rejected"] == 2
+    assert st["dialogues"]["in"] == 12 and st["dialogues"]["out"] == 0
+    assert set(st["dialogues"]["rejected_by_reason"]) <= {"malformed_json", "refusal", "no_profile", "no_partner"}
+    assert "dialogues" in s["stages_with_nothing_usable"]
+    assert s["teacher"]["requests"] == 1 + 2 + 4  # meta info, 2 annotations, Mira's comment + human-role dialogues

@@ -247,8 +247,13 @@ class DataGenerator:
                     self.ledger.reject("annotation", "bad_record", f"{ann_file} record {i} has no 'image'")
                     continue
                 given[a["image"]] = {k: str(a.get(k) or "") for k in ("role_info", "place_info", "scene_info")}
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
         for p in files:
+            if p.suffix.lower() not in IMAGE_EXTS:
+                if p != ann_file:  # counted, not silently skipped
+                    self.ledger.take("images")
+                    self.ledger.reject("images", "not_an_image", f"{p}: not an image file ({sorted(IMAGE_EXTS)})")
+                continue
             rel_src = p.relative_to(src).as_posix()
             rel = f"{subdir}/{rel_src}"
             self.ledger.take("images")
