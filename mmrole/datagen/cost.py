@@ -42,13 +42,14 @@ def estimate_cost(
     n_images: int,
     counts: DialogueCounts,
     teacher: TeacherConfig,
+    n_cards: int = 0,
 ) -> CostEstimate:
     """Calls and cost of a run: profiles per character (+ meta info for hypothetical ones), one annotation per
-    image, and ``counts`` dialogues of each type per (character, image)."""
+    image, and ``counts`` dialogues of each type per (character, image); characters from a card need no profile."""
     per_type = counts.per_type()
     calls = {
         "meta_info": n_hypothetical,
-        "profile": n_characters,
+        "profile": n_characters - n_cards,
         "annotation": n_images,
         **{t: n_characters * images_per_character * per_type[t] for t in per_type},
     }

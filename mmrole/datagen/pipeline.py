@@ -548,7 +548,9 @@ class DataGenerator:
             sum(1 for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if src.is_dir() else 0
         )
         hypo = sum(c.is_hypothetical and not c.card for c in chars)
-        return estimate_cost(len(chars), hypo, n_images, n_images, self.cfg.dialogues, self.cfg.teacher).to_dict()
+        cards = sum(bool(c.card) for c in chars)
+        est = estimate_cost(len(chars), hypo, n_images, n_images, self.cfg.dialogues, self.cfg.teacher, cards)
+        return est.to_dict()
 
     def run(self) -> dict:
         self.characters = load_characters(self.cfg.characters)
