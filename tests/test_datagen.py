@@ -283,3 +283,14 @@ def test_cluster_job_entry_point_parses_the_same_arguments(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["calls"]["comment"] == 1
     assert job["main"]([*argv, "teacher.max_concurrency=0"]) == 2
     assert "teacher.max_concurrency" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["openai.yaml", "vllm.yaml"])
+def test_shipped_generate_configs_load(name):
+    from mmrole.datagen.config import load_generate_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_generate_config(root / "configs" / "datagen" / name, ["characters=c.yaml", "images=p", "out=o"])
+    assert cfg.teacher.model and cfg.teacher.max_concurrency >= 1
+    with pytest.raises(ConfigError, match="teacher.max_concurency"):
+        load_generate_config(root / "configs" / "datagen" / name, ["teacher.max_concurency=3"])
