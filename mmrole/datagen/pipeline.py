@@ -26,6 +26,7 @@ from .config import CharacterSpec, GenerateConfig, TeacherConfig, load_character
 from .cost import cost_usd, estimate_cost
 from .dedup import NearDuplicateIndex
 from .gates import GateError, check_annotation, check_dialogue, check_judgement, check_meta_info, check_profile
+from .ledger import RunLedger
 from .teacher import TeacherClient, TeacherRequest, TeacherResult
 from .templates import GenTemplates, load_gen_templates
 from .writer import (
@@ -43,7 +44,6 @@ from .writer import (
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 SUMMARY_FILE = "generate_summary.json"
 REJECTS_FILE = "rejects.jsonl"
-STAGE_ORDER = ("images", "meta_info", "profile", "annotation", "dialogues", "near_duplicates", "judge", "test_split")
 TYPE_STAGE = {"comment": "comment", "human-role": "human_role", "inter-role": "inter_role"}
 
 
@@ -63,52 +63,6 @@ class LocalExecutor:
 
     def run(self, stage: str, requests: list[TeacherRequest]) -> list[TeacherResult]:
         return self.client.call_many(requests)
-
-
-@dataclass
-class StageCounts:
-    items_in: int = 0
-    out: int = 0
-    rejected: int = 0
-    rejected_by_reason: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "in": self.items_in,
-            "out": self.out,
-            "rejected": self.rejected,
-            "rejected_by_reason": self.rejected_by_reason,
-        }
-
-
-@dataclass
-class RunLedger:
-    """Counts per stage, every reject with its reason, the teacher's token usage."""
-
-    stages: dict = field(default_factory=lambda: {s: StageCounts() for s in STAGE_ORDER})
-    rejects: list = field(default_factory=list)
-    usage: dict = field(default_factory=dict)  # "teacher" / "judge" -> requests, tokens, cache hits
-
-    def count(self, who: str, **add) -> None:
-        u = self.usage.setdefault(
-            who, {"requests": 0, "http_attempts": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        )
-        for k, v in add.items():
-            u[k] += v
-
-    def take(self, stage: str) -> None:
-        self.stages[stage].items_in += 1
-
-    def accept(self, stage: str) -> None:
-        self.stages[stage].out += 1
-
-    def reject(self, stage: str, code: str, reason: str, character: str = "", image: str = "", dtype: str = "") -> None:
-        c = self.stages[stage]
-        c.rejected += 1
-        c.rejected_by_reason[code] = c.rejected_by_reason.get(code, 0) + 1
-        self.rejects.append(
-            {"stage": stage, "character": character, "image": image, "type": dtype, "code": code, "reason": reason}
-        )
 
 
 @dataclass
