@@ -77,6 +77,46 @@ def _demo(args) -> int:
     return 0
 
 
+# ---- mmrole data generate | import-card | export-card (bring your own characters; mmrole/datagen) ----------------
+
+
+def _generate(args) -> int:
+    from mmrole.config import ConfigError
+
+    from ..datagen.cli import run_generate
+
+    try:
+        return run_generate(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _import_card(args) -> int:
+    from ..datagen.cli import run_import_card
+
+    return run_import_card(args)
+
+
+def _export_card(args) -> int:
+    from ..datagen.cli import run_export_card
+
+    return run_export_card(args)
+
+
+def register_datagen(dsub) -> None:
+    from ..datagen.cli import add_card_arguments, add_generate_arguments
+
+    g = dsub.add_parser("generate", help="build MMRole-style data for new characters and images with a teacher model")
+    add_generate_arguments(g)
+    g.set_defaults(func=_generate)
+    ic = dsub.add_parser("import-card", help="Character Card V2 (JSON or PNG) -> an MMRole profile under ROOT")
+    ec = dsub.add_parser("export-card", help="an MMRole character -> a Character Card V2 (JSON or PNG)")
+    add_card_arguments(ic, ec)
+    ic.set_defaults(func=_import_card)
+    ec.set_defaults(func=_export_card)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="dataset tools: validate, prepare, demo")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -110,3 +150,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("out")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    register_datagen(dsub)
