@@ -97,3 +97,14 @@ def test_published_training_json_and_rm_data_read_as_they_are(demo_root, tmp_pat
     with pytest.raises(FileNotFoundError, match="data/train"):
         shutil.rmtree(root / "data" / "train")
         prepare(root, tmp_path / "out2", PrepareConfig(train_source="published"))
+
+
+def test_prepare_cli_wording_flags(demo_root, tmp_path):
+    """`mmrole data prepare --train-source published --test-wording published` reach PrepareConfig."""
+    from mmrole.cli import main
+
+    assert main(["data", "prepare", str(demo_root), str(tmp_path / "cli"), "--train-source", "published"]) == 0
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["wording"]["train"] == "published data/train"
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", str(demo_root), str(tmp_path / "bad"), "--test-wording", "ours"])

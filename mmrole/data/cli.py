@@ -50,6 +50,8 @@ def _prepare(args) -> int:
         require_images=not args.allow_missing_images,
         hold_out_test_dialogues=not args.keep_test_dialogues,
         template=args.template,
+        test_wording=args.test_wording,
+        train_source=args.train_source,
     )
     t0 = time.time()
     m = prepare(args.root, args.out, cfg, progress=lambda s: print(s, file=sys.stderr))
@@ -144,6 +146,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep-test-dialogues", action="store_true", help="do not hold the test split's dialogues out of training"
     )
     pr.add_argument("--template", default=None, help="role-play template YAML (default: packaged)")
+    pr.add_argument(
+        "--test-wording",
+        choices=("template", "published"),
+        default="template",
+        help="template: re-render the test questions with the training template (one wording, the default); "
+        "published: keep the published test questions as they are",
+    )
+    pr.add_argument(
+        "--train-source",
+        choices=("dialogues", "published"),
+        default="dialogues",
+        help="dialogues: render training samples from the dialogues; published: read data/train/*.json as it is "
+        "(the published wording for training and test, what the released MMRole checkpoints saw)",
+    )
     pr.set_defaults(func=_prepare)
 
     d = dsub.add_parser("demo", help="write the small self-made demo dataset")
