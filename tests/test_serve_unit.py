@@ -28,6 +28,7 @@ from mmrole.serving import (
     parse_generation,
     parse_roleplay_fields,
     parse_score,
+    parse_stream,
     probe_image,
     result_from_item,
     roleplay_sample,
@@ -168,9 +169,19 @@ def test_generation_params():
         ({"stop": [1]}, "stop"),
         ({"stop": ["a"] * 5}, "stop"),
         ({"n": 2}, "n"),
-        ({"stream": True}, "stream"),
     ]:
         assert err(parse_generation, body, LIMITS, DEFAULTS).param == param, body
+    assert parse_stream({}) == (False, False)
+    assert parse_stream({"stream": True}) == (True, False)
+    assert parse_stream({"stream": True, "stream_options": {"include_usage": True}}) == (True, True)
+    for body, param in [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+        ({"stream": True, "stream_options": []}, "stream_options"),
+    ]:
+        assert err(parse_stream, body).param == param, body
     assert apply_stops("hello END world", ["END", "wor"]) == "hello"
     assert apply_stops("hello", ["x"]) == "hello"
 
