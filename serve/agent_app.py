@@ -164,13 +164,13 @@ class AgentServer(ServerBase):
                 return out
 
             first = [chat_chunk(rid, engine.name, created, role="assistant", content="")]
-            return await self._stream(job, chunks, final, {"x-request-id": rid}, opening=first)
+            return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid}, opening=first)
         row = await self._submit(job)
         out = chat_response(
             rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
         )
         return json_response(
-            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
         )
 
     async def _roleplay(self, request) -> Any:
@@ -189,11 +189,11 @@ class AgentServer(ServerBase):
                 out = [roleplay_chunk(rid, engine.name, inp.character.name, rest)] if rest else []
                 return out + [roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)]
 
-            return await self._stream(job, chunks, final, {"x-request-id": rid})
+            return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid})
         row = await self._submit(job)
         out = roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)
         return json_response(
-            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
         )
 
     async def _models(self, request) -> Any:

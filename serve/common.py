@@ -16,13 +16,18 @@ generators would need every row of a batch to stream).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import html
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
+
+from fastapi import Request
 
 from mmrole.serving import (
     AppConfig,
@@ -123,7 +128,7 @@ class ServerBase:
         from fastapi import FastAPI
         from fastapi.staticfiles import StaticFiles
         from starlette.exceptions import HTTPException
-        from starlette.responses import FileResponse
+        from starlette.responses import HTMLResponse
 
         app = FastAPI(
             title=self.title,
@@ -147,12 +152,20 @@ class ServerBase:
         app.add_exception_handler(RequestError, on_request_error)
         app.add_exception_handler(HTTPException, on_http_error)
         app.add_middleware(ShellMiddleware, server=self)
-        page = os.path.join(web_dir(), self.page)
-        app.add_api_route("/", lambda: FileResponse(page), methods=["GET"], include_in_schema=False)
+        with open(os.path.join(web_dir(), self.page), encoding="utf-8") as f:
+            page_html = f.read()
+
+        async def page(request: Request):
+            # <base> = the app's route prefix, so the page's relative URLs work under any prefix, slash or not.
+            base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+            return HTMLResponse(page_html.replace("<head>", f'<head>\n<base href="{base}">', 1))
+
+        app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
         app.mount("/static", StaticFiles(directory=web_dir()), name="static")
         for path in ("/health", "/healthz"):
             app.add_api_route(path, self._health, methods=["GET"], response_model=Health, summary="liveness (no auth)")
         self.route(app, "GET", "/v1/stats", self._stats, summary="batch sizes, statuses by route, memory")
+        self.route(app, "GET", "/v1/limits", self._limits, summary="what one request may carry")
         self.add_routes(app)
         refs, defs = request_schemas()
         base_openapi = app.openapi
@@ -181,7 +194,6 @@ class ServerBase:
     ) -> None:
         """Register ``handler(request)``: bearer auth, admission (``admit``: counted against the replica's limit,
         503 beyond it) and the OpenAPI entry (``body``: request model name)."""
-        from fastapi import Request
 
         async def endpoint(request: Request):
             if auth and not check_bearer(request.headers.get("authorization"), self._token):
@@ -200,6 +212,11 @@ class ServerBase:
         if body:
             refs, _ = request_schemas()
             extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": refs[body]}}}}
+        names = re.findall(r"{(\w+)(?::\w+)?}", path)
+        if names:  # the handler reads path parameters from the request; document them
+            extra["parameters"] = [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names
+            ]
         if stream_doc:
             extra.setdefault("responses", {})["200"] = {
                 "description": "JSON, or text/event-stream when stream is true",
@@ -400,6 +417,9 @@ class ServerBase:
             raise RequestError(503, str(e), None, "unhealthy")
         return json_response({"status": "ok", "replica": self.replica_id}, headers=self._headers())
 
+    async def _limits(self, request) -> Any:
+        return json_response(dataclasses.asdict(self.limits), headers=self._headers())
+
     async def _stats(self, request) -> Any:
         body = {
             "replica": self.replica_id,
@@ -486,8 +506,10 @@ class ShellMiddleware:
                 }
                 await json_response(body, status, srv._headers())(scope, receive, send_wrapped)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
             status = state["status"] or 499  # no answer started: the client went away
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:  # mounts and built-in routes carry no template; unknown paths are not listed
+                route = "<unmatched>" if status == 404 else scope.get("path", "")[len(scope.get("root_path", "")) :]
             if route not in ("/v1/stats", "/health", "/healthz") and not route.startswith("/static"):
                 srv.stats.record_status(status, route)
             log.info("%s %s %s %.1fms", scope.get("method"), route, status, (time.perf_counter() - t0) * 1e3)

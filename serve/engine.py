@@ -83,6 +83,8 @@ class _RowStreamer:
             if sink is None:
                 continue
             text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):  # a character split over tokens: wait for its last byte
+                continue
             cut = apply_stops(text, self.stops[i])
             if cut != text:
                 self.done[i] = True
