@@ -6,7 +6,9 @@ document is at ``/openapi.json``, browsable at ``/docs``):
 - ``GET /``: the web page (talk with a character about an image; inter-role mode).
 - ``POST /v1/chat/completions``: OpenAI chat request with one ``image_url`` part (a ``data:`` URL);
   ``max_tokens``/``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``,
-  ``stream`` (+ ``stream_options.include_usage``). ``model`` picks the base model or one of ``adapters``.
+  ``stream`` (+ ``stream_options.include_usage``). ``model`` picks the base model or one of ``adapters``. With
+  a ``character`` field (a dataset name or inline profile; ``extra_body`` in the OpenAI SDK) the messages are a
+  role-play: earlier user/assistant turns become the history, rendered with the training template.
 - ``POST /v1/roleplay``: ``character`` (a name from the loaded dataset, or ``{name, profile, script?}``),
   ``other`` (same; omitted = a human), ``image``, ``image_info``, ``history`` (``[{speaker, text}]``),
   ``message`` (the other party's last words; omitted = the role opens), ``stream`` -> ``{reply, character,
@@ -34,6 +36,7 @@ from mmrole.serving import (
     new_request_id,
     parse_chat,
     parse_roleplay,
+    roleplay_from_chat,
     roleplay_response,
     roleplay_sample,
 )
@@ -145,7 +148,8 @@ class AgentServer(ServerBase):
         inp = parse_chat(body, self.limits, self.defaults)
         engine = await self._engine_for(inp.model)
         rid = new_request_id()
-        sample = inp.sample(rid, self.template.system)
+        role = roleplay_from_chat(body, inp.turns, self.limits, self.characters)
+        sample = roleplay_sample(role, self.template, rid) if role else inp.sample(rid, self.template.system)
         job = self._job(engine, sample, inp.image, inp.image_param, inp.params, "messages")
         if inp.stream:
             created = int(time.time())

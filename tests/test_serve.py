@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import shutil
 import socket
 import struct
 import sys
@@ -604,6 +606,142 @@ def test_stream_client_disconnect_frees_its_slot(cluster, client):
         time.sleep(0.2)
     assert st["ongoing"] == 0 and st["streams_cancelled"] > before["streams_cancelled"], st
     assert client.post(base + "/v1/chat/completions", json=chat_body(max_tokens=3)).status_code == 200
+
+
+ARTIFACTS = Path(os.environ.get("MMROLE_TEST_ARTIFACTS", REPO / "tmp" / "artifacts"))
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1360,860",
+]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium driven by selenium (scripts/install_browser.sh installs both); screenshots go
+    to ARTIFACTS. Missing browser: fails under CI, skips elsewhere."""
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver_bin and webdriver):
+        msg = "chromium, chromedriver or selenium missing: run scripts/install_browser.sh, pip install selenium"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
+    drv.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser screenshots: {ARTIFACTS}")
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _wait(drv, cond, timeout=90):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, poll_frequency=0.2).until(cond)
+
+
+def _upload(drv, input_id: str, path: Path) -> None:
+    field = drv.find_element("id", input_id)
+    drv.execute_script("arguments[0].hidden = false;", field)  # the drop zone opens it; selenium types into it
+    field.send_keys(str(path))
+
+
+def _finished_replies(drv) -> list:
+    """(speaker, text) of bot bubbles whose stream ended."""
+    out = []
+    for b in drv.find_elements("css selector", "#log .msg.bot"):
+        if "streaming" not in b.get_attribute("class"):
+            out.append((b.find_element("css selector", ".who").text, b.find_element("css selector", ".text").text))
+    return out
+
+
+def test_agent_page_in_chromium(cluster, browser, tmp_path):
+    drv = browser
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(160, 120, (30, 90, 200)))
+    drv.get(cluster["agent"] + "/")
+    _wait(drv, lambda d: d.find_elements("css selector", "#char-list li[data-name]"))
+    drv.find_element("id", "char-search").send_keys("nova")
+    shown = [li.get_attribute("data-name") for li in drv.find_elements("css selector", "#char-list li[data-name]")]
+    assert shown == ["Captain Nova"], shown
+    drv.find_element("css selector", "#char-list li[data-name='Captain Nova']").click()
+    assert "Captain Nova" in drv.find_element("id", "profile").text
+    _upload(drv, "file", photo)
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image/png"))
+    drv.find_element("id", "message").send_keys("What a blue picture, captain!")
+    drv.find_element("id", "send").click()
+    _wait(drv, lambda d: _finished_replies(d))
+    (who, text), *_ = _finished_replies(drv)
+    assert who == "Captain Nova" and text.strip(), (who, text)
+    assert drv.find_element("id", "chat-error").text == ""
+    assert [e.text for e in drv.find_elements("css selector", "#log .msg.me .text")] == [
+        "What a blue picture, captain!"
+    ]
+    drv.save_screenshot(str(ARTIFACTS / "agent_chat.png"))
+    # A second turn carries the history; "Start over" clears it.
+    drv.find_element("id", "message").send_keys("Tell me more.")
+    drv.find_element("id", "send").click()
+    _wait(drv, lambda d: len(_finished_replies(d)) == 2)
+    drv.find_element("id", "reset").click()
+    assert drv.find_elements("css selector", "#log .msg") == []
+    # Inter-role: two characters talk about a dataset image for 3 turns.
+    drv.find_element("css selector", "#dataset-images summary").click()
+    _wait(drv, lambda d: d.find_elements("css selector", "#image-grid img"))
+    drv.find_element("css selector", "#image-grid img").click()
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image"))
+    drv.find_element("css selector", "input[name=mode][value=inter]").click()
+    from selenium.webdriver.support.ui import Select
+
+    Select(drv.find_element("id", "other")).select_by_value("Professor Quill")
+    turns = drv.find_element("id", "turns")
+    turns.clear()
+    turns.send_keys("3")
+    drv.find_element("id", "run-inter").click()
+    _wait(drv, lambda d: len(_finished_replies(d)) == 3 and not d.find_element("id", "stop").is_enabled())
+    speakers = [w for w, _ in _finished_replies(drv)]
+    assert speakers == ["Captain Nova", "Professor Quill", "Captain Nova"], speakers
+    assert drv.find_element("id", "chat-error").text == ""
+    drv.save_screenshot(str(ARTIFACTS / "agent_inter_role.png"))
+
+
+def test_judge_page_in_chromium_with_auth(cluster, browser, tmp_path):
+    drv = browser
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(120, 120, (220, 180, 40)))
+    drv.get(cluster["judge"] + "/")
+    _wait(drv, lambda d: d.find_element("id", "token-box").is_displayed())  # auth on: the page asks once
+    drv.find_element("id", "token").send_keys(TOKEN)
+    drv.find_element("id", "token-save").click()
+    assert drv.execute_script("return sessionStorage.getItem('mmrole.token')") == TOKEN
+    drv.find_element("id", "question").send_keys("You are Captain Nova. What do you see?")
+    drv.find_element("id", "answer").send_keys("A golden star, crew!")
+    drv.find_element("id", "reference").send_keys("A yellow square on the deck.")
+    _upload(drv, "file", photo)
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image"))
+    drv.find_element("id", "score").click()
+    _wait(drv, lambda d: len(d.find_elements("css selector", "#results .metric")) == 8)
+    from mmrole.eval.metrics import METRICS
+
+    shown = [m.get_attribute("data-metric") for m in drv.find_elements("css selector", "#results .metric")]
+    assert shown == list(METRICS)
+    assert len(drv.find_elements("css selector", "#results .bar")) == 16  # answer and reference per metric
+    assert drv.find_element("id", "score-error").text == ""
+    drv.save_screenshot(str(ARTIFACTS / "judge_scores.png"))
 
 
 def test_overload_gets_503_while_admitted_succeed(cluster, client):

@@ -341,7 +341,7 @@ def test_engine_batches_like_single_rows(tmp_path):
     sys.path.insert(0, str(REPO))
     from mmrole.data.records import Sample
     from mmrole.models import make_tiny_vlm, tiny_image
-    from serve.common import Engine
+    from serve.engine import Engine
 
     eng = Engine.load({"model_path": str(make_tiny_vlm(tmp_path / "m")), "device": "cpu"}, "tiny")
     texts = ["Hi.", "Tell me a long story about the sea and the old king.", "Red or blue?"]
@@ -383,4 +383,80 @@ def test_engine_batches_like_single_rows(tmp_path):
         k=0,
     )
     assert err(eng.encode, too_long, tiny_image(0), params[0], "messages").code == "context_length_exceeded"
+    # Streaming: rows with a sink get their text step by step and end with the same reply; the plain row in the
+    # same batch is unchanged; a cancelled row stops decoding (its reply is shorter).
+    import asyncio
+
+    from serve.engine import TokenSink
+
+    loop = asyncio.new_event_loop()
+    try:
+        sinks = [TokenSink(loop), None, TokenSink(loop)]
+        same = [GenerationParams(max_new_tokens=12, min_new_tokens=12)] * 3
+        enc = [eng.encode(s, tiny_image(i), same[0], "messages") for i, s in enumerate(samples)]
+        whole = eng.generate(enc, same)
+        streamed = eng.generate(enc, same, sinks)
+        assert streamed == whole
+        loop.run_until_complete(asyncio.sleep(0))
+        pieces = [sinks[0].queue.get_nowait()[1] for _ in range(sinks[0].queue.qsize())]
+        assert len(pieces) > 1 and pieces[-1] == whole[0]
+        assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # each push extends the last one
+        gone = TokenSink(loop)
+        gone.cancelled = True  # the client left before decoding: its row stops at the first step
+        cut = eng.generate(enc[:2], same[:2], [gone, None])
+        assert cut[1] == whole[1] and len(eng.vlm.tokenizer(cut[0])["input_ids"]) < 12
+    finally:
+        loop.close()
     eng.close()
+
+
+def test_chat_messages_map_to_roleplay_history(demo_root):
+    from mmrole.data.reader import load_dataset
+    from mmrole.data.templates import load_roleplay_template
+    from mmrole.serving import roleplay_from_chat
+
+    characters = dict(load_dataset(demo_root).characters)
+    img = url(png())
+    msgs = [
+        {"role": "system", "content": "ignored when a character is given"},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi!"}],
+        },
+        {"role": "assistant", "content": "Full sails!"},
+        {"role": "user", "content": "Where to, captain?"},
+    ]
+    body = {"messages": msgs, "character": "Captain Nova", "image_info": {"scene_info": "a red square"}}
+    inp = parse_chat(body, LIMITS, DEFAULTS)
+    rp = roleplay_from_chat(body, inp.turns, LIMITS, characters)
+    assert [(t.speaker, t.text) for t in rp.history] == [("human", "Hi!"), ("Captain Nova", "Full sails!")]
+    assert rp.message == "Where to, captain?" and rp.other is None and rp.image_info.scene_info == "a red square"
+    s = roleplay_sample(rp, load_roleplay_template(None), "x")
+    assert "Full sails!" in s.user_text and "Where to, captain?" in s.user_text and s.role == "Captain Nova"
+    assert roleplay_from_chat({"messages": msgs}, inp.turns, LIMITS, characters) is None
+    assert err(roleplay_from_chat, dict(body, character="Captain Nov"), inp.turns, LIMITS, characters).param == (
+        "character"
+    )
+    assert err(roleplay_from_chat, dict(body, image_info={"x": 1}), inp.turns, LIMITS, characters).param == (
+        "image_info"
+    )
+
+
+def test_stream_events():
+    from mmrole.serving.streaming import DONE, chat_chunk, error_event, sse, text_delta
+
+    assert text_delta("Hel", "Hello") == "lo" and text_delta("Hex", "Hello") == ""
+    c = chat_chunk("r1", "m", 5, content="x", finish_reason="stop")
+    assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"content": "x"}
+    u = chat_chunk(
+        "r1", "m", 5, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, with_choice=False
+    )
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 3
+    assert sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode() and DONE == b"data: [DONE]\n\n"
+    assert error_event(RequestError(400, "bad", "image"))["error"]["param"] == "image"
+    assert error_event(RuntimeError("secret path /x"))["error"] == {
+        "message": "generation failed (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": "stream_failed",
+    }

@@ -33,8 +33,10 @@ from mmrole.serving.images import (
 )
 from mmrole.serving.roleplay import (
     RoleplayInput,
+    parse_character,
     parse_roleplay,
     parse_roleplay_fields,
+    roleplay_from_chat,
     roleplay_response,
     roleplay_sample,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "models_response",
     "new_request_id",
     "params_key",
+    "parse_character",
     "parse_chat",
     "parse_generation",
     "parse_json_object",
@@ -94,6 +97,7 @@ __all__ = [
     "parse_status",
     "probe_image",
     "result_from_item",
+    "roleplay_from_chat",
     "roleplay_response",
     "roleplay_sample",
     "score_response",

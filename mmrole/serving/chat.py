@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mmrole.data.records import Sample
@@ -29,6 +29,7 @@ class ChatInput:
     params: GenerationParams
     stream: bool = False
     include_usage: bool = False  # usage in the last chunk of a stream
+    turns: list = field(default_factory=list)  # (role, text) of the user/assistant messages, the last one included
 
     def sample(self, sample_id: str, default_system: str) -> Sample:
         header = "The conversation so far:\n" if self.history else ""
@@ -146,6 +147,7 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
         params=params,
         stream=stream,
         include_usage=include_usage,
+        turns=turns,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,7 +33,9 @@ class RoleplayInput:
     stream: bool = False
 
 
-def _character(spec: Any, characters: Mapping[str, Character], param: str, budget: TextBudget) -> Character:
+def parse_character(spec: Any, characters: Mapping[str, Character], param: str, budget: TextBudget) -> Character:
+    """A character given by name (from the app's dataset) or inline (``{name, profile, script?, kind?,
+    language?}``); unknown names -> 404 with close matches."""
     if isinstance(spec, str):
         if spec in characters:
             return characters[spec]
@@ -83,11 +85,11 @@ def parse_roleplay_fields(
 
     if body.get("character") is None:
         raise bad_request(p("character"), f"missing required field '{p('character')}'", "missing_field")
-    role = _character(body["character"], characters, p("character"), budget)
+    role = parse_character(body["character"], characters, p("character"), budget)
     other_spec = body.get("other")
     other = None
     if other_spec is not None and not (isinstance(other_spec, str) and other_spec.strip().lower() == HUMAN_SPEAKER):
-        other = _character(other_spec, characters, p("other"), budget)
+        other = parse_character(other_spec, characters, p("other"), budget)
     hist = field_value(body, "history", list, p("history"), default=[])
     if len(hist) > limits.max_history_turns:
         raise bad_request(
@@ -182,3 +184,33 @@ def roleplay_response(
         "history_dropped": history_dropped,
         "usage": usage,
     }
+
+
+def roleplay_from_chat(
+    body: Mapping, turns: Sequence[tuple[str, str]], limits: RequestLimits, characters: Mapping[str, Character]
+) -> Optional[RoleplayInput]:
+    """An OpenAI chat request with a ``character`` field (e.g. the SDK's ``extra_body``) as a role-play turn: the
+    earlier user/assistant messages become the history (user = the human, assistant = the character), the last
+    user message is the human's words, and the prompt is the training template's (its system prompt replaces any
+    system message). None when the request has no ``character``."""
+    if body.get("character") is None:
+        return None
+    role = parse_character(body["character"], characters, "character", TextBudget(limits))
+    if len(turns) - 1 > limits.max_history_turns:
+        raise bad_request(
+            "messages",
+            f"'messages' has {len(turns) - 1} earlier turns; the cap is {limits.max_history_turns}",
+            "too_many_turns",
+        )
+    history = [Turn(speaker=HUMAN_SPEAKER if r == "user" else role.name, text=t) for r, t in turns[:-1]]
+    info = field_value(body, "image_info", dict, "image_info", default={})
+    unknown = sorted(set(info) - {"role_info", "place_info", "scene_info"})
+    if unknown:
+        raise bad_request("image_info", f"'image_info': unknown field(s) {unknown}", "unknown_field")
+    ref = ImageRef(
+        REQUEST_IMAGE,
+        *(field_value(info, k, str, f"image_info.{k}") for k in ("role_info", "place_info", "scene_info")),
+    )
+    return RoleplayInput(
+        character=role, other=None, history=history, message=turns[-1][1] or None, image_info=ref, stream=False
+    )

@@ -77,6 +77,10 @@ class ChatCompletionRequest(_Open):
     n: Optional[Literal[1]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
+    character: Optional[Union[str, CharacterSpec]] = Field(
+        None, description="role-play: user/assistant turns become the history of this character's dialogue"
+    )
+    image_info: Optional[ImageInfo] = None
 
 
 class Usage(BaseModel):

@@ -26,7 +26,7 @@ function showResults(out) {
     box.append(el("div", { class: "metric " + (r.ok ? "ok" : "failed"), "data-metric": r.metric },
       el("h3", {}, r.metric, el("span", { class: "muted" }, r.ok ? `  ratio ${r.ratio.toFixed(2)}` : `  ${r.parse_status}`)),
       bar("answer", a, "a"), bar("reference", b, "b"),
-      el("details", {}, el("summary", {}, "review"), el("pre", {}, r.review || r.error || ""))));
+      el("details", { open: "" }, el("summary", {}, "review"), el("pre", {}, r.review || r.error || ""))));
   }
 }
 
