@@ -195,6 +195,56 @@ class InProcess:
         return time.perf_counter() - t0
 
 
+def adapter_memory(model_path: str, device: str, tmp: str, n: int = 4, rank: int = 64) -> dict:
+    """Replica memory (the serving engine, in this process) with 1 vs ``n`` LoRA adapters on one base, against
+    the old way (one more engine, i.e. a base copy, per adapter)."""
+    import gc
+
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+    from serve.common import rss_bytes
+    from serve.engine import AdapterPool, Engine
+
+    dirs = {}
+    for i in range(n):
+        vlm = build_vlm(VLMConfig(model_path=model_path, device=device, lora=LoRASettings(r=rank)))
+        with torch.no_grad():
+            for name, p in vlm.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        dirs[f"lora{i}"] = str(vlm.save(Path(tmp) / f"lora{i}"))
+        del vlm
+    gc.collect()
+    eng = Engine.load({"model_path": model_path, "device": device}, "base", torch_threads=1)
+    pool = AdapterPool(eng, dirs, max_count=n)
+    eng.pool = pool
+    gc.collect()
+    rss = [rss_bytes()]
+    for name in dirs:
+        pool.activate(name)
+        gc.collect()
+        rss.append(rss_bytes())
+    adapter_bytes = pool.bytes / n
+    file_bytes = statistics.mean((Path(d) / "adapter_model.safetensors").stat().st_size for d in dirs.values())
+    before_copy = rss_bytes()
+    copy = Engine.load({"model_path": model_path, "device": device}, "copy", torch_threads=1)
+    gc.collect()
+    copy_cost = rss_bytes() - before_copy
+    base_params = sum(p.numel() * p.element_size() for p in copy.vlm.model.parameters())
+    copy.close()
+    eng.close()
+    return {
+        "rss": rss,
+        "adapter_bytes": adapter_bytes,
+        "file_bytes": file_bytes,
+        "copy_cost": copy_cost,
+        "base_bytes": base_params,
+        "n": n,
+        "rank": rank,
+    }
+
+
 def _median_row(rounds: list[dict]) -> dict:
     """The round with the median throughput (load on a shared box drifts; rounds alternate configurations)."""
     return sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
@@ -298,6 +348,7 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    mem = adapter_memory(model_path, a.device, tmp)
     rows = [{"config": k, "conc": c, **_median_row(results[(k, c)])} for k in configs for c in levels]
     load = os.getloadavg()
     print(
@@ -347,6 +398,16 @@ def main(argv=None) -> int:
             f"{st['total50']:>12.0f} | {st['errors']:>6} |"
         )
     print()
+    mib = 2**20
+    r = mem["rss"]
+    extra = (r[-1] - r[1]) / (mem["n"] - 1)
+    print(
+        f"Adapters on one base (LoRA r={mem['rank']}, in-process engine): replica RSS with 1 adapter "
+        f"{r[1] / mib:.1f} MiB, with {mem['n']}: {r[-1] / mib:.1f} MiB; each extra adapter {extra / mib:+.2f} MiB "
+        f"RSS vs its weights {mem['adapter_bytes'] / mib:.2f} MiB (file {mem['file_bytes'] / mib:.2f} MiB); "
+        f"the old way (one engine per adapter) costs {mem['copy_cost'] / mib:+.1f} MiB RSS per adapter "
+        f"(base weights {mem['base_bytes'] / mib:.1f} MiB)"
+    )
     for k, xs in rss.items():
         mib = [x / 2**20 for x in xs]
         print(

@@ -44,9 +44,9 @@ from mmrole.serving.schemas import CharacterList, ChatCompletion, ModelList, Rol
 from mmrole.serving.streaming import chat_chunk, roleplay_chunk
 
 from .common import ServerBase, json_response
-from .engine import Engine, Job, Row
+from .engine import AdapterPool, Engine, Job, Row, is_lora_dir
 
-MAX_ADAPTERS_PER_REPLICA = 3  # LoRA agents kept loaded per replica (LRU); fixed by @serve.multiplexed
+MAX_FULL_MODELS_PER_REPLICA = 2  # full-model entries of ``adapters`` kept loaded (LRU); fixed by @serve.multiplexed
 
 
 @serve.deployment(
@@ -73,24 +73,31 @@ class AgentServer(ServerBase):
         assets = load_dataset_assets(cfg.dataset_root)
         self.characters, self.images, self._demo_tmp = assets.characters, assets.images, assets.tmp_dir
         self._setup(cfg)
+        loras = {n: p for n, p in cfg.adapters.items() if is_lora_dir(p)}
+        self._full_models = {n: p for n, p in cfg.adapters.items() if n not in loras}
+        if loras:
+            self.engine.pool = AdapterPool(self.engine, loras, cfg.max_adapters, cfg.max_adapter_bytes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run_batch(jobs)
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def _adapter(self, name: str) -> Engine:
-        model = dict(self.cfg.model, model_path=self.cfg.adapters[name])
+    @serve.multiplexed(max_num_models_per_replica=MAX_FULL_MODELS_PER_REPLICA)
+    async def _full_model(self, name: str) -> Engine:
+        model = dict(self.cfg.model, model_path=self._full_models[name])
         return await self._load_call(Engine.load, model, name, None)
 
-    async def _engine_for(self, name: str | None) -> Engine:
-        """The engine serving ``model`` (body field, else the Serve multiplex header)."""
+    async def _engine_for(self, name: str | None) -> tuple[Engine, str | None, str]:
+        """(engine, LoRA adapter or None, model name) serving ``model`` (body field, else the Serve multiplex
+        header). LoRA adapters share the base engine and load on first use, in their batch."""
         if not name:
             name = serve.get_multiplexed_model_id() or self.cfg.model_name
         if name == self.cfg.model_name:
-            return self.engine
-        if name in self.cfg.adapters:
-            return await self._adapter(name)
+            return self.engine, None, name
+        if self.engine.pool is not None and name in self.engine.pool.paths:
+            return self.engine, name, name
+        if name in self._full_models:
+            return await self._full_model(name), None, name
         raise RequestError(
             404, f"model {name[:80]!r} is not served here; see GET /v1/models", "model", "model_not_found"
         )
@@ -126,14 +133,16 @@ class AgentServer(ServerBase):
         self.route(app, "GET", "/v1/images/{path:path}", self._image, summary="one dataset image (bytes)")
 
     # -- handlers
-    def _job(self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str) -> Job:
+    def _job(
+        self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str, adapter=None
+    ) -> Job:
         """One reply row; its image is decoded and its prompt encoded on the gen thread, in its batch."""
 
         def prepare() -> dict:
             image = decode_image(image_bytes, self.limits, image_param)
             return engine.encode(sample, image, params, text_param)
 
-        return Job(engine, prepare, params)
+        return Job(engine, prepare, params, adapter=adapter)
 
     @staticmethod
     def _usage(row: Row) -> dict:
@@ -146,32 +155,32 @@ class AgentServer(ServerBase):
     async def _chat(self, request) -> Any:
         body = await self._read_json(request)
         inp = parse_chat(body, self.limits, self.defaults)
-        engine = await self._engine_for(inp.model)
+        engine, adapter, model_name = await self._engine_for(inp.model)
         rid = new_request_id()
         role = roleplay_from_chat(body, inp.turns, self.limits, self.characters)
         sample = roleplay_sample(role, self.template, rid) if role else inp.sample(rid, self.template.system)
-        job = self._job(engine, sample, inp.image, inp.image_param, inp.params, "messages")
+        job = self._job(engine, sample, inp.image, inp.image_param, inp.params, "messages", adapter)
         if inp.stream:
             created = int(time.time())
 
             def chunks(delta: str) -> list[dict]:
-                return [chat_chunk(rid, engine.name, created, content=delta)]
+                return [chat_chunk(rid, model_name, created, content=delta)]
 
             def final(row: Row, rest: str) -> list[dict]:
                 done = chat_response(
-                    rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
+                    rid, model_name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
                 )
                 reason = done["choices"][0]["finish_reason"]
-                out = [chat_chunk(rid, engine.name, created, content=rest, finish_reason=reason)]
+                out = [chat_chunk(rid, model_name, created, content=rest, finish_reason=reason)]
                 if inp.include_usage:
-                    out.append(chat_chunk(rid, engine.name, created, usage=done["usage"], with_choice=False))
+                    out.append(chat_chunk(rid, model_name, created, usage=done["usage"], with_choice=False))
                 return out
 
-            first = [chat_chunk(rid, engine.name, created, role="assistant", content="")]
+            first = [chat_chunk(rid, model_name, created, role="assistant", content="")]
             return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid}, opening=first)
         row = await self._submit(job)
         out = chat_response(
-            rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
+            rid, model_name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
         )
         return json_response(
             out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
@@ -180,22 +189,22 @@ class AgentServer(ServerBase):
     async def _roleplay(self, request) -> Any:
         body = await self._read_json(request)
         inp, image, params = parse_roleplay(body, self.limits, self.defaults, self.characters)
-        engine = await self._engine_for(inp.model)
+        engine, adapter, model_name = await self._engine_for(inp.model)
         rid = new_request_id()
         sample = roleplay_sample(inp, self.template, inp.sample_id or rid)
-        job = self._job(engine, sample, image, "image", params, "message")
+        job = self._job(engine, sample, image, "image", params, "message", adapter)
         if inp.stream:
 
             def chunks(delta: str) -> list[dict]:
-                return [roleplay_chunk(rid, engine.name, inp.character.name, delta)]
+                return [roleplay_chunk(rid, model_name, inp.character.name, delta)]
 
             def final(row: Row, rest: str) -> list[dict]:
-                out = [roleplay_chunk(rid, engine.name, inp.character.name, rest)] if rest else []
-                return out + [roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)]
+                out = [roleplay_chunk(rid, model_name, inp.character.name, rest)] if rest else []
+                return out + [roleplay_response(rid, model_name, inp, row.text, self._usage(row), row.history_dropped)]
 
             return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid})
         row = await self._submit(job)
-        out = roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)
+        out = roleplay_response(rid, model_name, inp, row.text, self._usage(row), row.history_dropped)
         return json_response(
             out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
         )

@@ -288,11 +288,20 @@ class ServerBase:
                 except Exception as e:  # a bug, not bad input: fail this row (500), not the whole batch
                     log.exception("preparing a row failed")
                     out[i] = e
-            by_engine: dict[int, list[int]] = {}
+            n_ready = len(ready)
+            groups: dict[tuple, list[int]] = {}  # one generate call per (engine, adapter)
             for i in ready:
-                by_engine.setdefault(id(jobs[i].engine), []).append(i)
-            for idx in by_engine.values():
+                groups.setdefault((id(jobs[i].engine), jobs[i].adapter), []).append(i)
+            for idx in groups.values():
                 eng = jobs[idx[0]].engine
+                if eng.pool is not None:
+                    try:
+                        eng.pool.activate(jobs[idx[0]].adapter)
+                    except Exception as e:  # an unloadable adapter fails its rows, not the batch
+                        log.exception("activating adapter %s failed", jobs[idx[0]].adapter)
+                        for i in idx:
+                            out[i] = e
+                        continue
                 texts = eng.generate(
                     [jobs[i].encoded for i in idx], [jobs[i].params for i in idx], [jobs[i].sink for i in idx]
                 )
@@ -300,12 +309,12 @@ class ServerBase:
                     enc = jobs[i].encoded
                     out[i] = Row(
                         text=t,
-                        batch_size=len(ready),
+                        batch_size=n_ready,
                         prompt_tokens=int(len(enc["input_ids"])),
                         completion_tokens=min(eng.count_tokens(t), jobs[i].params.max_new_tokens),
                         history_dropped=int(enc.get("history_dropped", 0)),
                     )
-            return out, len(ready)
+            return out, n_ready
 
         try:
             out, n = await loop.run_in_executor(self._gen, work)
@@ -431,6 +440,7 @@ class ServerBase:
             "rss_bytes": rss_bytes(),
             "auth": bool(self._token),
             "ongoing": self._ongoing,
+            "adapters": self.engine.pool.snapshot() if self.engine and self.engine.pool else None,
             **self.stats.snapshot(),
         }
         return json_response(body, headers=self._headers())

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -115,6 +117,7 @@ class Engine:
         self.vlm = vlm
         self.name = name
         self._tmp_dir = tmp_dir
+        self.pool: Optional[AdapterPool] = None  # LoRA adapters on this base (set by the app)
 
     @classmethod
     def load(cls, model: dict, name: str, torch_threads: Optional[int] = None) -> Engine:
@@ -200,6 +203,78 @@ class Engine:
         self.close()
 
 
+def is_lora_dir(path: str) -> bool:
+    """A peft LoRA adapter dir (served on the base model) rather than a full model (served as its own engine)."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+class AdapterPool:
+    """LoRA adapters on one base model (peft ``load_adapter`` / ``set_adapter``), least recently used evicted when
+    more than ``max_count`` are loaded or their weights exceed ``max_bytes``. Each adapter costs its own weights,
+    not another copy of the base. Not thread-safe: every call runs on the generation thread, between batches."""
+
+    def __init__(self, engine: Engine, paths: dict[str, str], max_count: int, max_bytes: Optional[int] = None):
+        self.engine = engine
+        self.paths = dict(paths)
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes of its weights, oldest first
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.loaded.values())
+
+    def activate(self, name: Optional[str]) -> None:
+        """Make ``name`` the active adapter (loading it, evicting others first), or the bare base when None."""
+        if name is None:
+            if self.loaded:
+                self.engine.vlm.model.base_model.disable_adapter_layers()
+            return
+        if name not in self.loaded:
+            self._load(name)
+        self.loaded.move_to_end(name)
+        model = self.engine.vlm.model
+        model.base_model.enable_adapter_layers()
+        model.set_adapter(name)
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+
+        while self.loaded and len(self.loaded) >= self.max_count:
+            self._evict()
+        vlm = self.engine.vlm
+        if not hasattr(vlm.model, "peft_config"):  # the first adapter wraps the base model (no weights copied)
+            vlm.model = PeftModel.from_pretrained(vlm.model, self.paths[name], adapter_name=name)
+        else:
+            vlm.model.load_adapter(self.paths[name], adapter_name=name)
+        vlm.model.eval()
+        size = sum(p.numel() * p.element_size() for n, p in vlm.model.named_parameters() if f".{name}." in n)
+        self.loaded[name] = size
+        self.loads += 1
+        while self.max_bytes is not None and self.bytes > self.max_bytes and len(self.loaded) > 1:
+            self._evict()
+
+    def _evict(self) -> None:
+        old, _ = self.loaded.popitem(last=False)
+        model = self.engine.vlm.model
+        if self.loaded:
+            model.set_adapter(next(reversed(self.loaded)))  # peft refuses to delete the active adapter
+        model.delete_adapter(old)
+        self.evictions += 1
+
+    def snapshot(self) -> dict:
+        return {
+            "loaded": list(self.loaded),
+            "bytes": self.bytes,
+            "max_count": self.max_count,
+            "max_bytes": self.max_bytes,
+            "loads": self.loads,
+            "evictions": self.evictions,
+        }
+
+
 @dataclass
 class Job:
     """One decoding row submitted to the batcher. ``prepare`` (image decoding + encoding) runs on the gen thread
@@ -211,6 +286,7 @@ class Job:
     params: Any
     encoded: Optional[dict] = None  # set by prepare (kept for re-asks)
     sink: Optional[TokenSink] = field(default=None)
+    adapter: Optional[str] = None  # a LoRA adapter of the engine's pool (None: the base model)
 
 
 @dataclass

@@ -214,6 +214,23 @@ def test_openai_client_works(cluster):
         ],
     )
     assert resp.model == "nova-lora" and isinstance(resp.choices[0].message.content, str)
+    stats = httpx.get(cluster["agent"] + "/v1/stats", timeout=30).json()
+    assert stats["adapters"]["loaded"] == ["nova-lora"] and stats["adapters"]["bytes"] > 0  # on the one base
+    # Multi-turn messages with a character (extra_body) are a role-play: earlier turns become the history.
+    turns = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": IMG}}, {"type": "text", "text": "Hi!"}],
+        },
+        {"role": "assistant", "content": "Full sails!"},
+        {"role": "user", "content": "Where to?"},
+    ]
+    resp = oc.chat.completions.create(
+        model="mmrole-agent", max_tokens=4, messages=turns, extra_body={"character": "Captain Nova"}
+    )
+    assert resp.usage.prompt_tokens > 100  # the profile and the history are in the prompt
+    with pytest.raises(openai.NotFoundError):
+        oc.chat.completions.create(model="mmrole-agent", messages=turns, extra_body={"character": "Captain Nov"})
 
 
 def test_roleplay_endpoint(cluster, client):

@@ -460,3 +460,66 @@ def test_stream_events():
         "param": None,
         "code": "stream_failed",
     }
+
+
+def _lora(base: str, out: Path, seed: int) -> str:
+    """A LoRA adapter with random (non-zero) B matrices, so that it changes the replies."""
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+
+    vlm = build_vlm(VLMConfig(model_path=base, device="cpu", lora=LoRASettings(r=4)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in vlm.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(vlm.save(out))
+
+
+def test_adapters_share_one_base_and_are_lru_evicted(tmp_path):
+    """Several LoRA adapters on one base model: each row decodes as its own adapter would offline, the base
+    rows are unchanged, and the pool evicts the least recently used adapter beyond its count."""
+    sys.path.insert(0, str(REPO))
+    from mmrole.data.records import Sample
+    from mmrole.models import VLMConfig, build_vlm, make_tiny_vlm, tiny_image
+    from serve.engine import AdapterPool, Engine
+
+    base = str(make_tiny_vlm(tmp_path / "m"))
+    dirs = {"a": _lora(base, tmp_path / "a", 1), "b": _lora(base, tmp_path / "b", 2)}
+    eng = Engine.load({"model_path": base, "device": "cpu"}, "tiny")
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    sample = Sample(
+        id="0",
+        system="sys",
+        user_text="Hi there.",
+        image="",
+        target="",
+        role="r",
+        other_role="o",
+        script="",
+        dialogue_type="chat",
+        k=0,
+    )
+    enc = [eng.encode(sample, tiny_image(0), params, "messages")]
+    base_text = eng.generate(enc, [params])
+    eng.pool = AdapterPool(eng, dirs, max_count=1)
+    got = {}
+    for name in ("a", "b", None, "a"):
+        eng.pool.activate(name)
+        got[name] = eng.generate(enc, [params])
+    for name in ("a", "b"):
+        offline = build_vlm(VLMConfig(model_path=dirs[name], device="cpu"))
+        assert got[name] == offline.generate_encoded(enc, params), name
+    assert got[None] == base_text and got["a"] != base_text and got["a"] != got["b"]
+    snap = eng.pool.snapshot()
+    assert snap["loaded"] == ["a"] and snap["loads"] == 3 and snap["evictions"] == 2
+    size = (Path(dirs["a"]) / "adapter_model.safetensors").stat().st_size
+    assert 0.8 * size <= snap["bytes"] <= 1.2 * size  # one adapter costs its own weights, not a base copy
+    pool = AdapterPool(eng, dirs, max_count=4, max_bytes=int(1.5 * size))  # the byte cap evicts too
+    eng.vlm.model.delete_adapter("a")
+    eng.pool = pool
+    pool.activate("a")
+    pool.activate("b")
+    assert pool.snapshot()["loaded"] == ["b"] and pool.evictions == 1
+    eng.close()

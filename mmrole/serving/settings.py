@@ -171,11 +171,20 @@ class AppConfig:
 
 @dataclass
 class AgentAppConfig(AppConfig):
-    """The role-playing agent. ``adapters`` maps extra model names to LoRA adapter (or full model) dirs, served
-    from the same deployment with Serve model multiplexing."""
+    """The role-playing agent. ``adapters`` maps extra model names to LoRA adapter dirs, served on the one base
+    model of each replica (peft), or to full model dirs, served with Serve model multiplexing."""
 
     model_name: str = "mmrole-agent"
     adapters: dict = field(default_factory=dict)
+    max_adapters: int = 4  # LoRA adapters loaded on the base model per replica (least recently used evicted)
+    max_adapter_bytes: Optional[int] = None  # and at most this many bytes of adapter weights (None: no cap)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_adapters < 1:
+            raise ValueError("max_adapters must be >= 1")
+        if self.max_adapter_bytes is not None and self.max_adapter_bytes < 1:
+            raise ValueError("max_adapter_bytes must be >= 1 (or null)")
 
 
 @dataclass
