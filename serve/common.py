@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from fastapi import Request
+from starlette.responses import StreamingResponse
 
 from mmrole.serving import (
     AppConfig,
@@ -255,9 +256,8 @@ class ServerBase:
 
         try:
             resp = await handler(request)
-            iterator = getattr(resp, "body_iterator", None)
-            if iterator is not None and getattr(resp, "media_type", "") == "text/event-stream":
-                resp.body_iterator = _release_after(iterator, release)
+            if isinstance(resp, EventStream):
+                resp.on_close.append(release)
                 handed_over = True
             return resp
         finally:
@@ -355,8 +355,6 @@ class ServerBase:
         ``final(row, last_delta)`` at the end, then ``[DONE]``. Bad input found while preparing the row (e.g. a
         corrupt image) is still a 4xx JSON answer: the response starts at the first token. A failure after that
         ends the stream with an error event; a client that goes away stops its row."""
-        from starlette.responses import StreamingResponse
-
         sink = TokenSink(asyncio.get_running_loop())
         job.sink = sink
         task = asyncio.ensure_future(self._submit(job))
@@ -384,7 +382,6 @@ class ServerBase:
                     item = await _next_event(sink, task)
             except (asyncio.CancelledError, GeneratorExit):
                 sink.cancelled = True
-                self.stats.streams_cancelled += 1
                 raise
             except Exception as e:
                 log.warning("stream failed: %s: %s", type(e).__name__, e)
@@ -392,12 +389,19 @@ class ServerBase:
                 yield DONE
             finally:
                 if not task.done():
-                    sink.cancelled = True
-                    task.cancel()
+                    sink.cancelled = True  # stop_row (below) cancels the task and counts the disconnect
 
-        return StreamingResponse(
+        def stop_row() -> None:  # however the response ends (even before its first byte), the row stops
+            if not task.done():  # the client went away mid-stream
+                self.stats.streams_cancelled += 1
+                sink.cancelled = True
+                task.cancel()
+
+        resp = EventStream(
             events(), media_type="text/event-stream", headers=self._headers({**headers, "cache-control": "no-cache"})
         )
+        resp.on_close.append(stop_row)
+        return resp
 
     async def _load_call(self, fn: Callable, *args) -> Any:
         """Run a model load off the event loop (and off the gen thread, which keeps serving)."""
@@ -543,12 +547,21 @@ async def _next_event(sink: TokenSink, task: asyncio.Future) -> Optional[tuple]:
     return None
 
 
-async def _release_after(iterator: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in iterator:
-            yield chunk
-    finally:
-        release()
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response that runs its ``on_close`` callbacks however it ends: completed, failed,
+    or cancelled because the client went away (even before the body started, when the body generator's own
+    ``finally`` would never run)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close: list[Callable[[], None]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for fn in self.on_close:
+                fn()
 
 
 def rss_bytes() -> int:
