@@ -45,7 +45,7 @@ from mmrole.serving.streaming import DONE, error_event, sse
 
 from .engine import Engine, Job, Row, TokenSink
 
-log = logging.getLogger("mmrole.serve")
+log = logging.getLogger("ray.serve")  # Serve's documented logger: lines land in the replica logs
 ERRORS = {
     400: {"model": ErrorResponse, "description": "bad input; error.param names the field"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
