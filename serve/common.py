@@ -526,7 +526,7 @@ class ShellMiddleware:
                 route = "<unmatched>" if status == 404 else scope.get("path", "")[len(scope.get("root_path", "")) :]
             if route not in ("/v1/stats", "/health", "/healthz") and not route.startswith("/static"):
                 srv.stats.record_status(status, route)
-            log.info("%s %s %s %.1fms", scope.get("method"), route, status, (time.perf_counter() - t0) * 1e3)
+            log.info("route %s %s %s %.1fms", scope.get("method"), route, status, (time.perf_counter() - t0) * 1e3)
 
 
 async def _next_event(sink: TokenSink, task: asyncio.Future) -> Optional[tuple]:
