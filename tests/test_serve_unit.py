@@ -523,3 +523,37 @@ def test_adapters_share_one_base_and_are_lru_evicted(tmp_path):
     pool.activate("b")
     assert pool.snapshot()["loaded"] == ["b"] and pool.evictions == 1
     eng.close()
+
+
+def test_stream_ends_with_error_event_or_refuses_before_the_first_byte():
+    """The streaming shell of the replicas (serve.common.ServerBase._stream) with a batcher whose row fails: bad
+    input found before the first token is a RequestError (a 4xx JSON answer), a failure after it ends the stream
+    with an error event and [DONE], never a hung connection."""
+    import asyncio
+    import json
+
+    sys.path.insert(0, str(REPO))
+    from serve.common import EventStream, ServerBase
+    from serve.engine import Job
+
+    srv = ServerBase.__new__(ServerBase)  # the shell only: no model, no Ray
+    srv.stats, srv.replica_id, srv.pid = BatchStats(), "r", 1
+
+    async def fails_after_a_token(job):
+        job.sink.push("Hello")
+        await asyncio.sleep(0.01)
+        raise RuntimeError("device lost")
+
+    async def refuses(job):
+        raise RequestError(400, "'image': not a readable image", "image", "invalid_image")
+
+    async def run(submit):
+        srv._submit = submit
+        resp = await srv._stream(Job(None, dict, None), lambda d: [{"delta": d}], lambda row, rest: [], {})
+        assert isinstance(resp, EventStream)
+        return [c async for c in resp.body_iterator]
+
+    events = asyncio.run(run(fails_after_a_token))
+    assert json.loads(events[0][6:]) == {"delta": "Hello"}
+    assert json.loads(events[1][6:])["error"]["code"] == "stream_failed" and events[-1] == b"data: [DONE]\n\n"
+    assert err(asyncio.run, run(refuses)).param == "image"
