@@ -1,5 +1,6 @@
 """Serve benchmark: throughput and latency of the agent app with and without batching, Serve's overhead over the
-same batched model called in-process, and replica memory across repeated runs. Prints a table.
+same batched model called in-process, streaming time to first token, and replica memory across repeated runs.
+Prints tables.
 
     .venv/bin/python bench/bench_serve.py                      # tiny model, concurrency 1, 8, 32
     .venv/bin/python bench/bench_serve.py --quick              # fewer requests
@@ -100,6 +101,49 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
     }
 
 
+async def _stream_load(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """Streamed requests (``stream: true``), at most ``concurrency`` in flight: time to the first content chunk
+    and to ``[DONE]``."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    ttft: list[float] = []
+    total: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+
+        async def one(b):
+            nonlocal errors
+            async with sem:
+                t0 = time.perf_counter()
+                first = None
+                async with c.stream("POST", url, json=dict(b, stream=True)) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if first is None and line.startswith("data: ") and '"content": "' in line:
+                            if '"content": ""' not in line:
+                                first = time.perf_counter() - t0
+                        if line == "data: [DONE]":
+                            break
+                total.append(time.perf_counter() - t0)
+                ttft.append(first if first is not None else total[-1])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - t0
+    return {
+        "n": len(bodies),
+        "rps": len(bodies) / wall,
+        "ttft50": _pct(ttft, 0.5) * 1e3 if ttft else float("nan"),
+        "ttft99": _pct(ttft, 0.99) * 1e3 if ttft else float("nan"),
+        "total50": _pct(total, 0.5) * 1e3 if total else float("nan"),
+        "errors": errors,
+    }
+
+
 def _stats(client, base: str) -> dict:
     return client.get(base + "/v1/stats").json()
 
@@ -126,7 +170,7 @@ class InProcess:
     def __init__(self, model: dict, images: list[str], batch: int, max_tokens: int):
         from mmrole.models.config import GenerationParams
         from mmrole.serving import RequestLimits
-        from serve.common import Engine
+        from serve.engine import Engine
 
         self.eng = Engine.load(model, "inproc", torch_threads=1)
         self.images, self.batch, self.max_tokens = images, batch, max_tokens
@@ -149,6 +193,56 @@ class InProcess:
                 ps.append(inp.params)
             self.eng.generate(enc, ps)
         return time.perf_counter() - t0
+
+
+def adapter_memory(model_path: str, device: str, tmp: str, n: int = 4, rank: int = 64) -> dict:
+    """Replica memory (the serving engine, in this process) with 1 vs ``n`` LoRA adapters on one base, against
+    the old way (one more engine, i.e. a base copy, per adapter)."""
+    import gc
+
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+    from serve.common import rss_bytes
+    from serve.engine import AdapterPool, Engine
+
+    dirs = {}
+    for i in range(n):
+        vlm = build_vlm(VLMConfig(model_path=model_path, device=device, lora=LoRASettings(r=rank)))
+        with torch.no_grad():
+            for name, p in vlm.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        dirs[f"lora{i}"] = str(vlm.save(Path(tmp) / f"lora{i}"))
+        del vlm
+    gc.collect()
+    eng = Engine.load({"model_path": model_path, "device": device}, "base", torch_threads=1)
+    pool = AdapterPool(eng, dirs, max_count=n)
+    eng.pool = pool
+    gc.collect()
+    rss = [rss_bytes()]
+    for name in dirs:
+        pool.activate(name)
+        gc.collect()
+        rss.append(rss_bytes())
+    adapter_bytes = pool.bytes / n
+    file_bytes = statistics.mean((Path(d) / "adapter_model.safetensors").stat().st_size for d in dirs.values())
+    before_copy = rss_bytes()
+    copy = Engine.load({"model_path": model_path, "device": device}, "copy", torch_threads=1)
+    gc.collect()
+    copy_cost = rss_bytes() - before_copy
+    base_params = sum(p.numel() * p.element_size() for p in copy.vlm.model.parameters())
+    copy.close()
+    eng.close()
+    return {
+        "rss": rss,
+        "adapter_bytes": adapter_bytes,
+        "file_bytes": file_bytes,
+        "copy_cost": copy_cost,
+        "base_bytes": base_params,
+        "n": n,
+        "rank": rank,
+    }
 
 
 def _median_row(rounds: list[dict]) -> dict:
@@ -193,6 +287,7 @@ def main(argv=None) -> int:
     configs = {"batched": a.batch, "max_batch_size=1": 1}
     results: dict = {(k, c): [] for k in configs for c in levels}
     inproc_rps: list[float] = []
+    streams: dict = {}
     rss: dict = {k: [] for k in configs}
     t_start = time.perf_counter()
     ray.init(
@@ -244,10 +339,16 @@ def main(argv=None) -> int:
                     + ", ".join(f"{k} {results[(k, c)][-1]['rps']:.1f} req/s" for k in configs),
                     file=sys.stderr,
                 )
+        for c in levels:  # streaming on the batched configuration: time to first token
+            n = per_level(c)
+            bodies = [_body(i, images[i % 8], a.max_tokens) for i in range(n)]
+            streams[c] = asyncio.run(_stream_load(url["batched"] + "/v1/chat/completions", bodies, c))
+            print(f"c={c} streaming: ttft p50 {streams[c]['ttft50']:.0f} ms", file=sys.stderr)
         client.close()
     finally:
         serve.shutdown()
         ray.shutdown()
+    mem = adapter_memory(model_path, a.device, tmp)
     rows = [{"config": k, "conc": c, **_median_row(results[(k, c)])} for k in configs for c in levels]
     load = os.getloadavg()
     print(
@@ -284,6 +385,28 @@ def main(argv=None) -> int:
     print(
         f"single request in-process: {inproc_single:.0f} ms; via Serve (p50, concurrency {min(levels)}): "
         f"{b1['p50']:.0f} ms (Serve + HTTP + batch wait: {b1['p50'] - inproc_single:+.0f} ms)"
+    )
+    print(
+        f"\nStreaming (stream: true, batched config): time to first token vs whole reply\n\n"
+        f"| {'conc':>4} | {'reqs':>4} | {'req/s':>7} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | "
+        f"{'reply p50 ms':>12} | {'errors':>6} |"
+    )
+    print(f"|{'-' * 6}|{'-' * 6}|{'-' * 9}|{'-' * 13}|{'-' * 13}|{'-' * 14}|{'-' * 8}|")
+    for c, st in streams.items():
+        print(
+            f"| {c:>4} | {st['n']:>4} | {st['rps']:>7.1f} | {st['ttft50']:>11.0f} | {st['ttft99']:>11.0f} | "
+            f"{st['total50']:>12.0f} | {st['errors']:>6} |"
+        )
+    print()
+    mib = 2**20
+    r = mem["rss"]
+    extra = (r[-1] - r[1]) / (mem["n"] - 1)
+    print(
+        f"Adapters on one base (LoRA r={mem['rank']}, in-process engine): replica RSS with 1 adapter "
+        f"{r[1] / mib:.1f} MiB, with {mem['n']}: {r[-1] / mib:.1f} MiB; each extra adapter {extra / mib:+.2f} MiB "
+        f"RSS vs its weights {mem['adapter_bytes'] / mib:.2f} MiB (file {mem['file_bytes'] / mib:.2f} MiB); "
+        f"the old way (one engine per adapter) costs {mem['copy_cost'] / mib:+.1f} MiB RSS per adapter "
+        f"(base weights {mem['base_bytes'] / mib:.1f} MiB)"
     )
     for k, xs in rss.items():
         mib = [x / 2**20 for x in xs]

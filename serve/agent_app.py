@@ -1,21 +1,27 @@
-"""Ray Serve app of the role-playing agent: OpenAI-compatible chat completions and a role-play endpoint.
+"""Ray Serve app of the role-playing agent: OpenAI-compatible chat completions, a role-play endpoint and a web page.
 
-Routes (all JSON; errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status):
+Routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; the OpenAPI
+document is at ``/openapi.json``, browsable at ``/docs``):
 
-- ``POST /v1/chat/completions``: OpenAI chat request with exactly one ``image_url`` part (a ``data:`` URL);
-  ``max_tokens``/``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``.
-  ``model`` picks the base model or one of ``adapters`` (Serve model multiplexing).
+- ``GET /``: the web page (talk with a character about an image; inter-role mode).
+- ``POST /v1/chat/completions``: OpenAI chat request with one ``image_url`` part (a ``data:`` URL);
+  ``max_tokens``/``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``,
+  ``stream`` (+ ``stream_options.include_usage``). ``model`` picks the base model or one of ``adapters``. With
+  a ``character`` field (a dataset name or inline profile; ``extra_body`` in the OpenAI SDK) the messages are a
+  role-play: earlier user/assistant turns become the history, rendered with the training template.
 - ``POST /v1/roleplay``: ``character`` (a name from the loaded dataset, or ``{name, profile, script?}``),
   ``other`` (same; omitted = a human), ``image``, ``image_info``, ``history`` (``[{speaker, text}]``),
-  ``message`` (the other party's last words; omitted = the role opens) -> ``{reply, character, usage, ...}``,
-  rendered with the training template.
-- ``GET /v1/models``, ``GET /v1/characters``, ``GET /v1/stats`` (batch-size histogram), ``GET /health``.
+  ``message`` (the other party's last words; omitted = the role opens), ``stream`` -> ``{reply, character,
+  usage, ...}``, rendered with the training template.
+- ``GET /v1/models``, ``GET /v1/characters`` (``?profile=true`` adds profiles), ``GET /v1/images`` and
+  ``GET /v1/images/{path}`` (the dataset's annotated images), ``GET /v1/stats``, ``GET /health``.
 
 Start: ``serve run serve/agent_cpu.yaml`` (tiny CPU model) or ``serve run serve/agent_gpu.yaml``.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import serve
@@ -25,35 +31,22 @@ from mmrole.serving import (
     RequestError,
     chat_response,
     decode_image,
+    load_dataset_assets,
     models_response,
     new_request_id,
     parse_chat,
     parse_roleplay,
+    roleplay_from_chat,
     roleplay_response,
     roleplay_sample,
 )
+from mmrole.serving.schemas import CharacterList, ChatCompletion, ModelList, RoleplayReply
+from mmrole.serving.streaming import chat_chunk, roleplay_chunk
 
-from .common import Engine, Job, Row, ServerBase, common_routes, json_response
+from .common import ServerBase, json_response
+from .engine import AdapterPool, Engine, Job, Row, is_lora_dir
 
-MAX_ADAPTERS_PER_REPLICA = 3  # LoRA agents kept loaded per replica (LRU); fixed by @serve.multiplexed
-
-
-def _load_characters(root: str | None):
-    """name -> Character from a dataset root ("demo": the generated demo dataset, in a temp dir)."""
-    if not root:
-        return {}, None
-    import tempfile
-
-    from mmrole.data.reader import load_dataset
-
-    tmp = None
-    if root == "demo":
-        from mmrole.data.demo import build_demo
-
-        tmp = tempfile.mkdtemp(prefix="mmrole-demo-")
-        root = f"{tmp}/MMRole_dataset"
-        build_demo(root, seed=0)
-    return dict(load_dataset(root).characters), tmp
+MAX_FULL_MODELS_PER_REPLICA = 2  # full-model entries of ``adapters`` kept loaded (LRU); fixed by @serve.multiplexed
 
 
 @serve.deployment(
@@ -64,61 +57,92 @@ def _load_characters(root: str | None):
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
 )
+@serve.ingress()
 class AgentServer(ServerBase):
-    """One replica: the base agent (+ LoRA agents on demand), batched decoding."""
+    """Role-playing agent: OpenAI-compatible chat, role-play turns rendered with the training template, batched
+    decoding shared by streamed and plain requests."""
+
+    title = "mmrole agent"
+    page = "agent.html"
 
     def __init__(self, config: dict):
         from mmrole.data.templates import load_roleplay_template
 
         cfg = AgentAppConfig.from_dict(config)
         self.template = load_roleplay_template(cfg.template_path)
-        self.characters, self._demo_tmp = _load_characters(cfg.dataset_root)
+        assets = load_dataset_assets(cfg.dataset_root)
+        self.characters, self.images, self._demo_tmp = assets.characters, assets.images, assets.tmp_dir
         self._setup(cfg)
+        loras = {n: p for n, p in cfg.adapters.items() if is_lora_dir(p)}
+        self._full_models = {n: p for n, p in cfg.adapters.items() if n not in loras}
+        if loras:
+            self.engine.pool = AdapterPool(self.engine, loras, cfg.max_adapters, cfg.max_adapter_bytes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run_batch(jobs)
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def _adapter(self, name: str) -> Engine:
-        model = dict(self.cfg.model, model_path=self.cfg.adapters[name])
+    @serve.multiplexed(max_num_models_per_replica=MAX_FULL_MODELS_PER_REPLICA)
+    async def _full_model(self, name: str) -> Engine:
+        model = dict(self.cfg.model, model_path=self._full_models[name])
         return await self._load_call(Engine.load, model, name, None)
 
-    async def _engine_for(self, name: str | None) -> Engine:
-        """The engine serving ``model`` (body field, else the Serve multiplex header)."""
+    async def _engine_for(self, name: str | None) -> tuple[Engine, str | None, str]:
+        """(engine, LoRA adapter or None, model name) serving ``model`` (body field, else the Serve multiplex
+        header). LoRA adapters share the base engine and load on first use, in their batch."""
         if not name:
             name = serve.get_multiplexed_model_id() or self.cfg.model_name
         if name == self.cfg.model_name:
-            return self.engine
-        if name in self.cfg.adapters:
-            return await self._adapter(name)
+            return self.engine, None, name
+        if self.engine.pool is not None and name in self.engine.pool.paths:
+            return self.engine, name, name
+        if name in self._full_models:
+            return await self._full_model(name), None, name
         raise RequestError(
             404, f"model {name[:80]!r} is not served here; see GET /v1/models", "model", "model_not_found"
         )
 
-    def routes(self):
-        return {
-            ("POST", "/v1/chat/completions"): (self._chat, True),
-            ("POST", "/v1/roleplay"): (self._roleplay, True),
-            ("GET", "/v1/models"): (self._models, True),
-            ("GET", "/v1/characters"): (self._characters, True),
-            **common_routes(self),
-        }
-
-    async def __call__(self, request) -> Any:
-        return await self._dispatch(request)
+    def add_routes(self, app) -> None:
+        self.route(
+            app,
+            "POST",
+            "/v1/chat/completions",
+            self._chat,
+            admit=True,
+            body="ChatCompletionRequest",
+            response_model=ChatCompletion,
+            stream_doc=True,
+            summary="OpenAI chat completion about an image (stream: true for SSE chunks)",
+        )
+        self.route(
+            app,
+            "POST",
+            "/v1/roleplay",
+            self._roleplay,
+            admit=True,
+            body="RoleplayRequest",
+            response_model=RoleplayReply,
+            stream_doc=True,
+            summary="one role-play turn of a dataset or inline character",
+        )
+        self.route(app, "GET", "/v1/models", self._models, response_model=ModelList, summary="served models")
+        self.route(
+            app, "GET", "/v1/characters", self._characters, response_model=CharacterList, summary="dataset roles"
+        )
+        self.route(app, "GET", "/v1/images", self._images, summary="the dataset's annotated images (a sample)")
+        self.route(app, "GET", "/v1/images/{path:path}", self._image, summary="one dataset image (bytes)")
 
     # -- handlers
-    async def _generate(
-        self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str
-    ) -> Row:
-        """Queue one reply; its image is decoded and its prompt encoded on the gen thread, in its batch."""
+    def _job(
+        self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str, adapter=None
+    ) -> Job:
+        """One reply row; its image is decoded and its prompt encoded on the gen thread, in its batch."""
 
         def prepare() -> dict:
             image = decode_image(image_bytes, self.limits, image_param)
             return engine.encode(sample, image, params, text_param)
 
-        return await self._submit(Job(engine, prepare, params))
+        return Job(engine, prepare, params, adapter=adapter)
 
     @staticmethod
     def _usage(row: Row) -> dict:
@@ -131,27 +155,58 @@ class AgentServer(ServerBase):
     async def _chat(self, request) -> Any:
         body = await self._read_json(request)
         inp = parse_chat(body, self.limits, self.defaults)
-        engine = await self._engine_for(inp.model)
+        engine, adapter, model_name = await self._engine_for(inp.model)
         rid = new_request_id()
-        sample = inp.sample(rid, self.template.system)
-        row = await self._generate(engine, sample, inp.image, inp.image_param, inp.params, "messages")
+        role = roleplay_from_chat(body, inp.turns, self.limits, self.characters)
+        sample = roleplay_sample(role, self.template, rid) if role else inp.sample(rid, self.template.system)
+        job = self._job(engine, sample, inp.image, inp.image_param, inp.params, "messages", adapter)
+        if inp.stream:
+            created = int(time.time())
+
+            def chunks(delta: str) -> list[dict]:
+                return [chat_chunk(rid, model_name, created, content=delta)]
+
+            def final(row: Row, rest: str) -> list[dict]:
+                done = chat_response(
+                    rid, model_name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
+                )
+                reason = done["choices"][0]["finish_reason"]
+                out = [chat_chunk(rid, model_name, created, content=rest, finish_reason=reason)]
+                if inp.include_usage:
+                    out.append(chat_chunk(rid, model_name, created, usage=done["usage"], with_choice=False))
+                return out
+
+            first = [chat_chunk(rid, model_name, created, role="assistant", content="")]
+            return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid}, opening=first)
+        row = await self._submit(job)
         out = chat_response(
-            rid, engine.name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
+            rid, model_name, row.text, row.prompt_tokens, row.completion_tokens, inp.params.max_new_tokens
         )
         return json_response(
-            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
         )
 
     async def _roleplay(self, request) -> Any:
         body = await self._read_json(request)
         inp, image, params = parse_roleplay(body, self.limits, self.defaults, self.characters)
-        engine = await self._engine_for(inp.model)
+        engine, adapter, model_name = await self._engine_for(inp.model)
         rid = new_request_id()
         sample = roleplay_sample(inp, self.template, inp.sample_id or rid)
-        row = await self._generate(engine, sample, image, "image", params, "message")
-        out = roleplay_response(rid, engine.name, inp, row.text, self._usage(row), row.history_dropped)
+        job = self._job(engine, sample, image, "image", params, "message", adapter)
+        if inp.stream:
+
+            def chunks(delta: str) -> list[dict]:
+                return [roleplay_chunk(rid, model_name, inp.character.name, delta)]
+
+            def final(row: Row, rest: str) -> list[dict]:
+                out = [roleplay_chunk(rid, model_name, inp.character.name, rest)] if rest else []
+                return out + [roleplay_response(rid, model_name, inp, row.text, self._usage(row), row.history_dropped)]
+
+            return await self._stream(job, chunks, final, {"x-mmrole-request-id": rid})
+        row = await self._submit(job)
+        out = roleplay_response(rid, model_name, inp, row.text, self._usage(row), row.history_dropped)
         return json_response(
-            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-request-id": rid})
+            out, headers=self._headers({"x-mmrole-batch-size": str(row.batch_size), "x-mmrole-request-id": rid})
         )
 
     async def _models(self, request) -> Any:
@@ -159,11 +214,29 @@ class AgentServer(ServerBase):
         return json_response(models_response(names, self.created), headers=self._headers())
 
     async def _characters(self, request) -> Any:
+        with_profile = request.query_params.get("profile", "").lower() in ("1", "true", "yes")
+        data = []
+        for c in self.characters.values():
+            card = {"name": c.name, "script": c.script, "group": c.group, "kind": c.kind, "language": c.language}
+            if with_profile:
+                card["profile"] = c.profile
+            data.append(card)
+        return json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def _images(self, request) -> Any:
         data = [
-            {"name": c.name, "script": c.script, "group": c.group, "kind": c.kind, "language": c.language}
-            for c in self.characters.values()
+            {"path": key, "role_info": ref.role_info, "place_info": ref.place_info, "scene_info": ref.scene_info}
+            for key, (_, ref) in self.images.items()
         ]
         return json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def _image(self, request) -> Any:
+        from starlette.responses import FileResponse
+
+        key = request.path_params["path"]
+        if key not in self.images:  # only listed files: no path from the request reaches the file system
+            raise RequestError(404, f"unknown dataset image {key[:120]!r}; see GET /v1/images", "path", "not_found")
+        return FileResponse(self.images[key][0], headers=self._headers())
 
     def __del__(self):
         self._shutdown()

@@ -1,5 +1,5 @@
-"""Shared pieces of the Serve apps: the batched model (:class:`Engine`, usable without Ray) and the HTTP shell
-(:class:`ServerBase`: routing, auth, body limits, JSON errors, batching, stats, health and shutdown).
+"""The HTTP shell shared by the Serve apps (:class:`ServerBase`): a FastAPI app per replica (Serve's ingress), with
+auth, body limits, the project's JSON errors, admission control, streaming, batching, stats, health and shutdown.
 
 Threads: the event loop only reads, parses and validates requests (cheap, no pixel decoding). Image decoding,
 tokenisation and generation all run on one "gen" thread, batch by batch. Why: with a small model, ``generate`` is
@@ -7,152 +7,51 @@ Python-bound and holds the GIL most of the time; when requests were also encoded
 was starved and most in-flight requests sat in preparation instead of the batch queue (batches of 2-5 at
 concurrency 32). Preparing inside the batch keeps the queue full, so batches fill up. It also keeps each
 tokenizer on a single thread (HF fast tokenizers are not safe to call concurrently).
+
+Streaming shares the batches: a streamed row is an ordinary batch row with a :class:`~serve.engine.TokenSink`
+that the generation thread feeds step by step, so streamed and plain requests decode together (Serve's batched
+generators would need every row of a batch to stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import html
 import logging
+import math
 import os
-import shutil
-import tempfile
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Optional
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
 
 from mmrole.serving import (
     AppConfig,
     BatchStats,
     RequestError,
-    apply_stops,
     body_too_large,
     check_bearer,
     check_content_length,
     header_value,
-    params_key,
     parse_json_object,
 )
+from mmrole.serving.schemas import ErrorResponse, Health, request_schemas
+from mmrole.serving.streaming import DONE, error_event, sse
 
-log = logging.getLogger("mmrole.serve")
+from .engine import Engine, Job, Row, TokenSink
 
-
-# ------------------------------------------------------------------------------------------------ engine
-
-
-def materialize_model_path(model: dict) -> tuple[dict, Optional[str]]:
-    """``model_path: tiny:<family>`` -> a freshly written tiny random-weight model in a temp dir (CPU demos and
-    tests need no download). Returns the VLMConfig dict and the temp dir to delete later (or None)."""
-    cfg = dict(model)
-    path = str(cfg.get("model_path", ""))
-    if not path.startswith("tiny:"):
-        return cfg, None
-    from mmrole.models import make_tiny_vlm
-
-    tmp = tempfile.mkdtemp(prefix="mmrole-tiny-")
-    make_tiny_vlm(tmp, family=path[5:] or "qwen2_5_vl", seed=0)
-    cfg["model_path"] = tmp
-    return cfg, tmp
-
-
-class Engine:
-    """A loaded VLM that encodes one request at a time and decodes many together; no Ray involved, so the
-    benchmark can call it in-process to measure what Serve adds."""
-
-    def __init__(self, vlm: Any, name: str, tmp_dir: Optional[str] = None):
-        self.vlm = vlm
-        self.name = name
-        self._tmp_dir = tmp_dir
-
-    @classmethod
-    def load(cls, model: dict, name: str, torch_threads: Optional[int] = None) -> Engine:
-        import torch
-
-        from mmrole.models import VLMConfig, build_vlm
-
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        cfg, tmp = materialize_model_path(model)
-        vlm = build_vlm(VLMConfig.from_dict(cfg))
-        return cls(vlm, name, tmp)
-
-    @property
-    def max_length(self) -> int:
-        return self.vlm.cfg.max_length
-
-    def encode(self, sample, image, params, param: str) -> dict:
-        """Prompt tokens + vision inputs; too long or unusable prompts -> 400 naming ``param``.
-
-        The room kept for the reply is the same as in offline ``VLM.generate`` (so serving drops the same
-        history lines as the offline jobs)."""
-        from mmrole.models import SampleRejected, SampleTooLong
-
-        reserve = min(params.max_new_tokens, self.max_length // 4)
-        try:
-            return self.vlm.encode(sample, image, with_target=False, reserve=reserve)
-        except SampleTooLong as e:
-            raise RequestError(
-                400,
-                f"'{param}': the prompt is too long for the model even with the whole history "
-                f"dropped ({e.length} tokens with the reply budget > {e.max_length})",
-                param,
-                "context_length_exceeded",
-            )
-        except SampleRejected as e:
-            raise RequestError(400, f"'{param}': {e.reason}", param, "rejected_input")
-
-    def generate(self, encoded: Sequence[dict], params: Sequence[Any]) -> list[str]:
-        """Reply texts in input order. Rows whose decoding settings match run as one padded batch; stop strings
-        are applied per row afterwards, so rows with different stops still share a batch."""
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault(params_key(p), []).append(i)
-        out: list[str] = [""] * len(encoded)
-        for idx in groups.values():
-            p = dataclasses.replace(params[idx[0]], stop=None)
-            texts = self.vlm.generate_encoded([encoded[i] for i in idx], p)
-            for i, t in zip(idx, texts):
-                out[i] = apply_stops(t, params[i].stop)
-        return out
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-    def close(self) -> None:
-        self.vlm = None
-        if self._tmp_dir:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-            self._tmp_dir = None
-
-    def __del__(self):  # called by Serve's multiplexer on eviction
-        self.close()
-
-
-@dataclass
-class Job:
-    """One decoding row submitted to the batcher. ``prepare`` (image decoding + encoding) runs on the gen thread
-    right before the batch decodes; it may raise :class:`RequestError`, which fails this row only."""
-
-    engine: Engine
-    prepare: Callable[[], dict]
-    params: Any
-    encoded: Optional[dict] = None  # set by prepare (kept for re-asks)
-
-
-@dataclass
-class Row:
-    """What the batcher returns for one job."""
-
-    text: str
-    batch_size: int
-    prompt_tokens: int
-    completion_tokens: int
-    history_dropped: int
-
-
-# ------------------------------------------------------------------------------------------------ server
+log = logging.getLogger("ray.serve")  # Serve's documented logger: lines land in the replica logs
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "bad input; error.param names the field"},
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    413: {"model": ErrorResponse, "description": "body or text too large"},
+    503: {"model": ErrorResponse, "description": "overloaded (see Retry-After) or unhealthy"},
+}
 
 
 def json_response(body: Any, status: int = 200, headers: Optional[dict] = None):
@@ -161,15 +60,21 @@ def json_response(body: Any, status: int = 200, headers: Optional[dict] = None):
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-Handler = Callable[[Any], Awaitable[Any]]
+def web_dir() -> str:
+    """The packaged static page (``mmrole/web``)."""
+    import mmrole
+
+    return os.path.join(os.path.dirname(os.path.abspath(mmrole.__file__)), "web")
 
 
 class ServerBase:
-    """HTTP shell shared by the agent and judge deployments. Subclasses define ``routes()`` and a
-    ``@serve.batch`` method ``_batch`` that awaits :meth:`_run_batch` (each class needs its own decorated method:
-    the batch queue belongs to the decorated function)."""
+    """HTTP shell shared by the agent and judge deployments. Subclasses add their routes in ``add_routes`` and
+    define a ``@serve.batch`` method ``_batch`` that awaits :meth:`_run_batch` (each class needs its own decorated
+    method: the batch queue belongs to the decorated function)."""
 
     cfg: AppConfig
+    title = "mmrole"
+    page = "agent.html"
 
     def _setup(self, cfg: AppConfig) -> None:
         from ray import serve
@@ -181,44 +86,183 @@ class ServerBase:
         self.created = int(time.time())
         self.pid = os.getpid()
         try:
-            ctx = serve.get_replica_context()
-            self.replica_id = ctx.replica_id.unique_id
-            max_ongoing = ctx._deployment_config.max_ongoing_requests
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (e.g. a unit test of the class)
-            self.replica_id, max_ongoing = f"local-{self.pid}", None
-        if max_ongoing is not None and max_ongoing < cfg.batching.max_batch_size:
-            log.warning(
-                "max_ongoing_requests=%s < max_batch_size=%s: batches will never be full",
-                max_ongoing,
-                cfg.batching.max_batch_size,
-            )
+            self.replica_id = f"local-{self.pid}"
         self._token = os.environ.get(cfg.api_token_env) or None
         self._gen = ThreadPoolExecutor(1, thread_name_prefix="mmrole-gen")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="mmrole-load")  # adapters load beside serving
         self._batch_started: Optional[float] = None
         self._fatal: Optional[str] = None
-        self._ongoing = 0  # requests inside a handler right now (stats excluded)
+        self._ongoing = 0  # admitted requests inside a handler or stream right now
+        self._admit = cfg.deployment.max_ongoing_requests
+        self._latency_s = 1.0  # moving average of admitted requests' durations (for Retry-After)
         self.engine = Engine.load(cfg.model, cfg.model_name, cfg.torch_threads)
         # Size the batcher from the config (the decorator's values are only defaults).
         self._batch.set_max_batch_size(cfg.batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._wait_now = cfg.batching.batch_wait_timeout_s
         log.info(
-            "replica %s ready: model %s, batch %d/%.3fs, auth %s",
+            "replica %s ready: model %s, batch %d/%.3fs, admits %d, auth %s",
             self.replica_id,
             cfg.model_name,
             cfg.batching.max_batch_size,
             cfg.batching.batch_wait_timeout_s,
+            self._admit,
             "on" if self._token else "off",
         )
 
     # -- to override
-    def routes(self) -> dict[tuple[str, str], tuple[Handler, bool]]:
-        """(method, path) -> (handler, needs auth)."""
+    def add_routes(self, app) -> None:
         raise NotImplementedError
 
     async def _batch(self, job: Job) -> Any:  # replaced by a @serve.batch method in subclasses
         raise NotImplementedError
+
+    # -- the ASGI app (Serve calls __serve_build_asgi_app__ after __init__)
+    def __serve_build_asgi_app__(self):
+        return self.build_http_app()
+
+    def build_http_app(self):
+        """The replica's FastAPI app: routes, OpenAPI (``/openapi.json``, ``/docs``), errors in the project's
+        JSON shape, per-route stats and access log."""
+        from fastapi import FastAPI
+        from fastapi.staticfiles import StaticFiles
+        from starlette.exceptions import HTTPException
+        from starlette.responses import HTMLResponse
+
+        app = FastAPI(
+            title=self.title,
+            version="1",
+            description=(type(self).__doc__ or "").strip(),
+            docs_url="/docs",
+            redoc_url=None,
+            openapi_url="/openapi.json",
+        )
+
+        async def on_request_error(request, exc: RequestError):
+            return json_response(exc.body(), exc.status, exc.headers)
+
+        async def on_http_error(request, exc: HTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            msg = {404: f"no route {request.url.path}; see GET /v1/models or /docs"}.get(exc.status_code)
+            err = RequestError(exc.status_code, msg or f"{exc.detail} ({request.method} {request.url.path})")
+            err.code = code
+            return json_response(err.body(), exc.status_code, dict(exc.headers or {}))
+
+        app.add_exception_handler(RequestError, on_request_error)
+        app.add_exception_handler(HTTPException, on_http_error)
+        app.add_middleware(ShellMiddleware, server=self)
+        with open(os.path.join(web_dir(), self.page), encoding="utf-8") as f:
+            page_html = f.read()
+
+        async def page(request: Request):
+            # <base> = the app's route prefix, so the page's relative URLs work under any prefix, slash or not.
+            base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+            return HTMLResponse(page_html.replace("<head>", f'<head>\n<base href="{base}">', 1))
+
+        app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+        app.mount("/static", StaticFiles(directory=web_dir()), name="static")
+        for path in ("/health", "/healthz"):
+            app.add_api_route(path, self._health, methods=["GET"], response_model=Health, summary="liveness (no auth)")
+        self.route(app, "GET", "/v1/stats", self._stats, summary="batch sizes, statuses by route, memory")
+        self.route(app, "GET", "/v1/limits", self._limits, summary="what one request may carry")
+        self.add_routes(app)
+        refs, defs = request_schemas()
+        base_openapi = app.openapi
+
+        def openapi():
+            doc = base_openapi()
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(defs)
+            return doc
+
+        app.openapi = openapi
+        return app
+
+    def route(
+        self,
+        app,
+        method: str,
+        path: str,
+        handler: Callable[[Any], Awaitable[Any]],
+        *,
+        auth: bool = True,
+        admit: bool = False,
+        body: Optional[str] = None,
+        response_model: Any = None,
+        stream_doc: bool = False,
+        summary: str = "",
+    ) -> None:
+        """Register ``handler(request)``: bearer auth, admission (``admit``: counted against the replica's limit,
+        503 beyond it) and the OpenAPI entry (``body``: request model name)."""
+
+        async def endpoint(request: Request):
+            if auth and not check_bearer(request.headers.get("authorization"), self._token):
+                raise RequestError(
+                    401,
+                    "missing or invalid bearer token (Authorization: Bearer <token>)",
+                    None,
+                    "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not admit:
+                return await handler(request)
+            return await self._admitted(handler, request)
+
+        extra: dict = {}
+        if body:
+            refs, _ = request_schemas()
+            extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": refs[body]}}}}
+        names = re.findall(r"{(\w+)(?::\w+)?}", path)
+        if names:  # the handler reads path parameters from the request; document them
+            extra["parameters"] = [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names
+            ]
+        if stream_doc:
+            extra.setdefault("responses", {})["200"] = {
+                "description": "JSON, or text/event-stream when stream is true",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        endpoint.__name__ = f"{method.lower()}_{path.strip('/').replace('/', '_') or 'root'}"
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            response_model=response_model,
+            responses=ERRORS if (auth or body) else None,
+            openapi_extra=extra or None,
+            summary=summary or None,
+        )
+
+    async def _admitted(self, handler, request) -> Any:
+        """Run an admitted request; beyond the limit answer 503 at once with ``Retry-After``. A streamed
+        response keeps its slot until the stream ends (or its client goes away)."""
+        if self._ongoing >= self._admit:
+            retry = max(1, math.ceil(self._latency_s))
+            raise RequestError(
+                503,
+                f"server busy: {self._ongoing} requests in progress on this replica; retry after {retry}s",
+                None,
+                "overloaded",
+                headers={"Retry-After": str(retry)},
+            )
+        self._ongoing += 1
+        t0 = time.monotonic()
+        handed_over = False
+
+        def release() -> None:
+            self._ongoing -= 1
+            self._latency_s = 0.8 * self._latency_s + 0.2 * (time.monotonic() - t0)
+
+        try:
+            resp = await handler(request)
+            if isinstance(resp, EventStream):
+                resp.on_close.append(release)
+                handed_over = True
+            return resp
+        finally:
+            if not handed_over:
+                release()
 
     # -- batching
     async def _run_batch(self, jobs: list[Job]) -> list[Any]:
@@ -232,6 +276,9 @@ class ServerBase:
             out: list[Any] = [None] * len(jobs)
             ready: list[int] = []
             for i, j in enumerate(jobs):
+                if j.sink is not None and j.sink.cancelled:  # its client left while it waited
+                    out[i] = RequestError(499, "client closed the request", None, "cancelled")
+                    continue
                 try:
                     if j.encoded is None:
                         j.encoded = j.prepare()
@@ -241,22 +288,33 @@ class ServerBase:
                 except Exception as e:  # a bug, not bad input: fail this row (500), not the whole batch
                     log.exception("preparing a row failed")
                     out[i] = e
-            by_engine: dict[int, list[int]] = {}
+            n_ready = len(ready)
+            groups: dict[tuple, list[int]] = {}  # one generate call per (engine, adapter)
             for i in ready:
-                by_engine.setdefault(id(jobs[i].engine), []).append(i)
-            for idx in by_engine.values():
+                groups.setdefault((id(jobs[i].engine), jobs[i].adapter), []).append(i)
+            for idx in groups.values():
                 eng = jobs[idx[0]].engine
-                texts = eng.generate([jobs[i].encoded for i in idx], [jobs[i].params for i in idx])
+                if eng.pool is not None:
+                    try:
+                        eng.pool.activate(jobs[idx[0]].adapter)
+                    except Exception as e:  # an unloadable adapter fails its rows, not the batch
+                        log.exception("activating adapter %s failed", jobs[idx[0]].adapter)
+                        for i in idx:
+                            out[i] = e
+                        continue
+                texts = eng.generate(
+                    [jobs[i].encoded for i in idx], [jobs[i].params for i in idx], [jobs[i].sink for i in idx]
+                )
                 for i, t in zip(idx, texts):
                     enc = jobs[i].encoded
                     out[i] = Row(
                         text=t,
-                        batch_size=len(ready),
+                        batch_size=n_ready,
                         prompt_tokens=int(len(enc["input_ids"])),
                         completion_tokens=min(eng.count_tokens(t), jobs[i].params.max_new_tokens),
                         history_dropped=int(enc.get("history_dropped", 0)),
                     )
-            return out, len(ready)
+            return out, n_ready
 
         try:
             out, n = await loop.run_in_executor(self._gen, work)
@@ -285,11 +343,71 @@ class ServerBase:
             raise res
         return res
 
+    async def _stream(
+        self,
+        job: Job,
+        chunks: Callable[[str], list[dict]],
+        final: Callable[[Row, str], list[dict]],
+        headers: dict,
+        opening: Optional[list[dict]] = None,
+    ):
+        """Submit a streamed row and answer ``text/event-stream``: ``chunks(delta)`` per new piece of text,
+        ``final(row, last_delta)`` at the end, then ``[DONE]``. Bad input found while preparing the row (e.g. a
+        corrupt image) is still a 4xx JSON answer: the response starts at the first token. A failure after that
+        ends the stream with an error event; a client that goes away stops its row."""
+        sink = TokenSink(asyncio.get_running_loop())
+        job.sink = sink
+        task = asyncio.ensure_future(self._submit(job))
+        first = await _next_event(sink, task)  # raises the row's RequestError before any byte is sent
+
+        async def events() -> AsyncIterator[bytes]:
+            sent = ""
+            item = first
+            try:
+                for c in opening or ():
+                    yield sse(c)
+                while True:
+                    if item is None:  # the row is done
+                        row = task.result()
+                        rest = row.text[len(sent) :] if row.text.startswith(sent) else ""
+                        for c in final(row, rest):
+                            yield sse(c)
+                        yield DONE
+                        return
+                    kind, text = item
+                    if kind == "text" and text.startswith(sent) and len(text) > len(sent):
+                        for c in chunks(text[len(sent) :]):
+                            yield sse(c)
+                        sent = text
+                    item = await _next_event(sink, task)
+            except (asyncio.CancelledError, GeneratorExit):
+                sink.cancelled = True
+                raise
+            except Exception as e:
+                log.warning("stream failed: %s: %s", type(e).__name__, e)
+                yield sse(error_event(e))
+                yield DONE
+            finally:
+                if not task.done():
+                    sink.cancelled = True  # stop_row (below) cancels the task and counts the disconnect
+
+        def stop_row() -> None:  # however the response ends (even before its first byte), the row stops
+            if not task.done():  # the client went away mid-stream
+                self.stats.streams_cancelled += 1
+                sink.cancelled = True
+                task.cancel()
+
+        resp = EventStream(
+            events(), media_type="text/event-stream", headers=self._headers({**headers, "cache-control": "no-cache"})
+        )
+        resp.on_close.append(stop_row)
+        return resp
+
     async def _load_call(self, fn: Callable, *args) -> Any:
         """Run a model load off the event loop (and off the gen thread, which keeps serving)."""
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
-    # -- HTTP
+    # -- HTTP helpers
     async def _read_json(self, request) -> dict:
         check_content_length(request.headers.get("content-length"), self.limits)
         buf = bytearray()
@@ -305,63 +423,15 @@ class ServerBase:
             h.update(extra)
         return h
 
-    async def _dispatch(self, request) -> Any:
-        path = request.scope.get("path", "/")
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        path = path.rstrip("/") or "/"
-        routes = self.routes()
-        route = routes.get((request.method, path))
+    async def _health(self) -> Any:
         try:
-            if path in ("/health", "/healthz"):  # no auth: for load balancers and probes
-                try:
-                    self.check_health()
-                except RuntimeError as e:
-                    raise RequestError(503, str(e), None, "unhealthy")
-                return json_response({"status": "ok", "replica": self.replica_id}, headers=self._headers())
-            if route is None:
-                if any(p == path for _, p in routes):
-                    raise RequestError(
-                        405, f"method {request.method} not allowed on {path}", None, "method_not_allowed"
-                    )
-                raise RequestError(404, f"no route {path}; see GET /v1/models", None, "not_found")
-            handler, needs_auth = route
-            if needs_auth and not check_bearer(request.headers.get("authorization"), self._token):
-                raise RequestError(
-                    401,
-                    "missing or invalid bearer token (Authorization: Bearer <token>)",
-                    None,
-                    "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            counted = path != "/v1/stats"
-            self._ongoing += counted
-            try:
-                resp = await handler(request)
-            finally:
-                self._ongoing -= counted
-            self.stats.record_status(200)
-            return resp
-        except RequestError as e:
-            self.stats.record_status(e.status)
-            return json_response(e.body(), e.status, self._headers(e.headers))
-        except Exception as e:  # a server fault, never the client's: 500 without internals
-            self.stats.record_status(500)
-            log.exception("request failed")
-            status = 503 if self._fatal else 500
-            return json_response(
-                {
-                    "error": {
-                        "message": f"internal error ({type(e).__name__})",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "internal_error",
-                    }
-                },
-                status,
-                self._headers(),
-            )
+            self.check_health()
+        except RuntimeError as e:
+            raise RequestError(503, str(e), None, "unhealthy")
+        return json_response({"status": "ok", "replica": self.replica_id}, headers=self._headers())
+
+    async def _limits(self, request) -> Any:
+        return json_response(dataclasses.asdict(self.limits), headers=self._headers())
 
     async def _stats(self, request) -> Any:
         body = {
@@ -370,9 +440,11 @@ class ServerBase:
             "model": self.cfg.model_name,
             "max_batch_size": self.cfg.batching.max_batch_size,
             "batch_wait_timeout_s": self.cfg.batching.batch_wait_timeout_s,
+            "admission_limit": self._admit,
             "rss_bytes": rss_bytes(),
             "auth": bool(self._token),
             "ongoing": self._ongoing,
+            "adapters": self.engine.pool.snapshot() if self.engine and self.engine.pool else None,
             **self.stats.snapshot(),
         }
         return json_response(body, headers=self._headers())
@@ -405,6 +477,93 @@ class ServerBase:
             pass
 
 
+class ShellMiddleware:
+    """Pure ASGI middleware: replica headers on every answer, a 500 in the project's JSON shape for server faults
+    (503 after a device fault), per-route status counts and one access-log line per request (the route template,
+    not the raw path)."""
+
+    def __init__(self, app, server: ServerBase):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        srv = self.server
+        t0 = time.perf_counter()
+        state = {"status": None}
+        replica = [
+            (b"x-mmrole-replica", header_value(srv.replica_id).encode()),
+            (b"x-mmrole-pid", str(srv.pid).encode()),
+        ]
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [h for h in replica if h[0] not in names]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapped)
+        except Exception as e:
+            log.exception("request failed")
+            if state["status"] is None:
+                status = 503 if srv._fatal else 500
+                body = {
+                    "error": {
+                        "message": f"internal error ({type(e).__name__})",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "internal_error",
+                    }
+                }
+                await json_response(body, status, srv._headers())(scope, receive, send_wrapped)
+        finally:
+            status = state["status"] or 499  # no answer started: the client went away
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:  # mounts and built-in routes carry no template; unknown paths are not listed
+                route = "<unmatched>" if status == 404 else scope.get("path", "")[len(scope.get("root_path", "")) :]
+            if route not in ("/v1/stats", "/health", "/healthz") and not route.startswith("/static"):
+                srv.stats.record_status(status, route)
+            log.info("route %s %s %s %.1fms", scope.get("method"), route, status, (time.perf_counter() - t0) * 1e3)
+
+
+async def _next_event(sink: TokenSink, task: asyncio.Future) -> Optional[tuple]:
+    """The next ``(kind, text)`` of a streamed row, or None once the row is done (its result or error is in
+    ``task``; a preparation error is raised here)."""
+    if task.done():
+        task.result()  # raises the row's error
+        return None
+    get = asyncio.ensure_future(sink.queue.get())
+    done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        item = get.result()
+        if item[0] == "error":
+            raise item[1]
+        return item
+    get.cancel()
+    task.result()
+    return None
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response that runs its ``on_close`` callbacks however it ends: completed, failed,
+    or cancelled because the client went away (even before the body started, when the body generator's own
+    ``finally`` would never run)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close: list[Callable[[], None]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for fn in self.on_close:
+                fn()
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (psutil when installed, else /proc)."""
     try:
@@ -428,5 +587,4 @@ def _is_fatal(e: BaseException) -> bool:
     return "CUDA" in text or "OutOfMemoryError" in text or "device-side assert" in text
 
 
-def common_routes(server: ServerBase) -> dict[tuple[str, str], tuple[Handler, bool]]:
-    return {("GET", "/v1/stats"): (server._stats, True)}
+__all__ = ["Engine", "Job", "Row", "ServerBase", "json_response", "rss_bytes", "web_dir"]

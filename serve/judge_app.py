@@ -8,7 +8,8 @@ of every other request. Each reply is parsed and re-asked exactly as the offline
 prompt via ``build_judge_sample``, same parser via ``result_from_reply``), so served and offline scores agree.
 
 Response: ``{sample_id, judge, results: [{metric, ok, parse_status, review, score: [A, B] | null, ratio, error,
-attempts, swapped}], parsed, failed}``. Also ``GET /v1/metrics``, ``/v1/models``, ``/v1/stats``, ``/health``.
+attempts, swapped}], parsed, failed}``. Also ``GET /`` (a page to score an answer), ``/v1/metrics``, ``/v1/models``, ``/v1/stats``, ``/health``,
+``/openapi.json`` and ``/docs``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from ray import serve
 
 from mmrole.eval.contract import B_ZERO_ERROR, build_judge_sample, result_from_reply
 from mmrole.eval.metrics import METRICS
-from mmrole.serving import JudgeAppConfig, decode_image, models_response, parse_score, score_response
+from mmrole.serving import JudgeAppConfig, decode_image, load_characters, models_response, parse_score, score_response
+from mmrole.serving.schemas import MetricList, ModelList, ScoreResponse
 
-from .agent_app import _load_characters
-from .common import Job, ServerBase, common_routes, json_response
+from .common import ServerBase, json_response
+from .engine import Job
 
 
 @serve.deployment(
@@ -36,8 +38,13 @@ from .common import Job, ServerBase, common_routes, json_response
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
 )
+@serve.ingress()
 class JudgeServer(ServerBase):
-    """One replica of the reward model; (sample, metric) judge calls of all requests are batched together."""
+    """Reward-model judge: scores an answer against a reference on the 8 MMRole metrics; the (sample, metric)
+    judge calls of all requests are batched together."""
+
+    title = "mmrole judge"
+    page = "judge.html"
 
     def __init__(self, config: dict):
         from mmrole.data.templates import load_roleplay_template
@@ -46,23 +53,26 @@ class JudgeServer(ServerBase):
         cfg = JudgeAppConfig.from_dict(config)
         self.judge_template = load_judge_template(cfg.judge_template_path)
         self.template = load_roleplay_template(cfg.template_path)
-        self.characters, self._demo_tmp = _load_characters(cfg.dataset_root)
+        self.characters, self._demo_tmp = load_characters(cfg.dataset_root)
         self._setup(cfg)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run_batch(jobs)
 
-    def routes(self):
-        return {
-            ("POST", "/v1/score"): (self._score, True),
-            ("GET", "/v1/models"): (self._models, True),
-            ("GET", "/v1/metrics"): (self._metrics, True),
-            **common_routes(self),
-        }
-
-    async def __call__(self, request) -> Any:
-        return await self._dispatch(request)
+    def add_routes(self, app) -> None:
+        self.route(
+            app,
+            "POST",
+            "/v1/score",
+            self._score,
+            admit=True,
+            body="ScoreRequest",
+            response_model=ScoreResponse,
+            summary="score an answer against a reference on the 8 metrics",
+        )
+        self.route(app, "GET", "/v1/models", self._models, response_model=ModelList, summary="served models")
+        self.route(app, "GET", "/v1/metrics", self._metrics, response_model=MetricList, summary="metric names")
 
     def _retry_params(self, attempt: int):
         """Re-ask settings of the offline VLMJudge: sampling, a new seed per attempt."""

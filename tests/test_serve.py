@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import shutil
 import socket
 import struct
 import sys
@@ -212,6 +214,23 @@ def test_openai_client_works(cluster):
         ],
     )
     assert resp.model == "nova-lora" and isinstance(resp.choices[0].message.content, str)
+    stats = httpx.get(cluster["agent"] + "/v1/stats", timeout=30).json()
+    assert stats["adapters"]["loaded"] == ["nova-lora"] and stats["adapters"]["bytes"] > 0  # on the one base
+    # Multi-turn messages with a character (extra_body) are a role-play: earlier turns become the history.
+    turns = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": IMG}}, {"type": "text", "text": "Hi!"}],
+        },
+        {"role": "assistant", "content": "Full sails!"},
+        {"role": "user", "content": "Where to?"},
+    ]
+    resp = oc.chat.completions.create(
+        model="mmrole-agent", max_tokens=4, messages=turns, extra_body={"character": "Captain Nova"}
+    )
+    assert resp.usage.prompt_tokens > 100  # the profile and the history are in the prompt
+    with pytest.raises(openai.NotFoundError):
+        oc.chat.completions.create(model="mmrole-agent", messages=turns, extra_body={"character": "Captain Nov"})
 
 
 def test_roleplay_endpoint(cluster, client):
@@ -338,7 +357,28 @@ def _bad_requests() -> list:
         ("string max_tokens", "/v1/chat/completions", chat_body(max_tokens="10"), 400, "max_tokens"),
         ("hot temperature", "/v1/chat/completions", chat_body(temperature=7), 400, "temperature"),
         ("n=3", "/v1/chat/completions", chat_body(n=3), 400, "n"),
-        ("stream", "/v1/chat/completions", chat_body(stream=True), 400, "stream"),
+        ("stream not bool", "/v1/chat/completions", chat_body(stream="yes"), 400, "stream"),
+        (
+            "stream_options without stream",
+            "/v1/chat/completions",
+            chat_body(stream_options={"include_usage": True}),
+            400,
+            "stream_options",
+        ),
+        (
+            "stream with corrupt image",
+            "/v1/chat/completions",
+            chat_body(image=data_url(png[: len(png) // 2]), stream=True),
+            400,
+            "messages[1].content[0].image_url.url",
+        ),
+        (
+            "stream prompt too long",
+            "/v1/chat/completions",
+            chat_body(text="the dark sea " * 800, stream=True),
+            400,
+            "messages",
+        ),
         ("prompt too long", "/v1/chat/completions", chat_body(text="the dark sea " * 800), 400, "messages"),
         (
             "control token",
@@ -375,11 +415,16 @@ def test_malformed_requests_get_4xx_and_replica_survives(cluster, client):
         assert err["message"] and err["type"] == "invalid_request_error", (name, err)
         if param is not None:
             assert err["param"] == param, (name, err)
-    assert client.get(base + "/v1/nope").status_code == 404
-    assert client.get(base + "/v1/chat/completions").status_code == 405
+    for path, status, code in [("/v1/nope", 404, "not_found"), ("/v1/chat/completions", 405, "method_not_allowed")]:
+        r = client.get(base + path)
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text
     after = client.get(base + "/v1/stats").json()
     assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
     assert "500" not in after["status"]
+    chat_route = after["routes"]["/v1/chat/completions"]
+    n_chat_bad = sum(1 for _, p, *_ in _bad_requests() if p == "/v1/chat/completions")
+    assert chat_route["4xx"] - before["routes"].get("/v1/chat/completions", {}).get("4xx", 0) >= n_chat_bad + 1
+    assert after["routes"]["<unmatched>"]["404"] >= 1
     assert client.get(base + "/health").status_code == 200
     r = client.post(base + "/v1/chat/completions", json=chat_body(max_tokens=4))
     assert r.status_code == 200 and r.headers["x-mmrole-pid"] == str(before["pid"])
@@ -460,12 +505,274 @@ def test_serve_judge_client(cluster):
         ServeJudge(cluster["judge"], "wrong").score_batch(reqs[:1])
 
 
+def test_openapi_schemas_and_pages(cluster, client):
+    from openapi_spec_validator import validate
+
+    from mmrole.serving import schemas
+
+    for app, paths in [
+        ("agent", ["/v1/chat/completions", "/v1/roleplay", "/v1/models", "/v1/characters", "/v1/stats"]),
+        ("judge", ["/v1/score", "/v1/metrics", "/v1/models", "/v1/stats"]),
+    ]:
+        doc = client.get(cluster[app] + "/openapi.json").json()  # no token needed for the document
+        validate(doc)
+        assert set(paths) <= set(doc["paths"]), sorted(doc["paths"])
+        assert client.get(cluster[app] + "/docs").status_code == 200
+        page = client.get(cluster[app] + "/")
+        assert page.status_code == 200 and f'<base href="/{app}/">' in page.text
+        assert client.get(cluster[app] + "/static/common.js").status_code == 200
+    chat = doc_of(client, cluster["agent"], "/v1/chat/completions")
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    # The documented request models accept the requests the tests send, and real responses fit the response models.
+    schemas.ChatCompletionRequest.model_validate(chat_body(stream=True, stream_options={"include_usage": True}))
+    r = client.post(cluster["agent"] + "/v1/chat/completions", json=chat_body(max_tokens=3))
+    schemas.ChatCompletion.model_validate(r.json())
+    body = {"character": "Captain Nova", "image": IMG, "message": "Hi", "max_tokens": 3}
+    schemas.RoleplayRequest.model_validate(body)
+    schemas.RoleplayReply.model_validate(client.post(cluster["agent"] + "/v1/roleplay", json=body).json())
+    schemas.CharacterList.model_validate(client.get(cluster["agent"] + "/v1/characters?profile=true").json())
+    schemas.ModelList.model_validate(client.get(cluster["agent"] + "/v1/models").json())
+    images = client.get(cluster["agent"] + "/v1/images").json()["data"]
+    assert images and client.get(cluster["agent"] + "/v1/images/" + images[0]["path"]).status_code == 200
+    r = client.get(cluster["agent"] + "/v1/images/../../etc/passwd")
+    assert r.status_code == 404
+
+
+def doc_of(client, base: str, path: str) -> dict:
+    return client.get(base + "/openapi.json").json()["paths"][path]["post"]
+
+
+def test_streaming_with_the_openai_client(cluster, client):
+    openai = pytest.importorskip("openai")
+    from mmrole.serving.schemas import ChatCompletionChunk
+
+    oc = openai.OpenAI(base_url=cluster["agent"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    msgs = chat_body()["messages"]
+    plain = oc.chat.completions.create(model="mmrole-agent", max_tokens=8, temperature=0, messages=msgs)
+    stream = oc.chat.completions.create(
+        model="mmrole-agent",
+        max_tokens=8,
+        temperature=0,
+        messages=msgs,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content  # greedy: streamed == whole reply
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    # Several streams at once share batches with each other (dynamic batching kept).
+    before = client.get(cluster["agent"] + "/v1/stats").json()
+
+    async def many():
+        ac = openai.AsyncOpenAI(base_url=cluster["agent"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        async def one(i):
+            s = await ac.chat.completions.create(
+                model="mmrole-agent",
+                max_tokens=8,
+                messages=chat_body(f"Picture {i}?")["messages"],
+                stream=True,
+            )
+            return [c async for c in s]
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    outs = asyncio.run(many())
+    assert all(o and o[-1].choices[0].finish_reason in ("stop", "length") for o in outs)
+    after = client.get(cluster["agent"] + "/v1/stats").json()
+    assert after["items"] - before["items"] == 8 and after["batches"] - before["batches"] < 8
+    # /v1/roleplay streams too: pieces, then the whole reply, then [DONE].
+    events = []
+    with client.stream(
+        "POST",
+        cluster["agent"] + "/v1/roleplay",
+        json={"character": "Captain Nova", "image": IMG, "message": "Ahoy!", "max_tokens": 8, "stream": True},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    import json
+
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    assert final["object"] == "roleplay.reply"
+    pieces = [json.loads(e)["delta"] for e in events[:-2]]
+    assert all(json.loads(e)["object"] == "roleplay.chunk" for e in events[:-2])
+    assert "".join(pieces) == final["reply"]
+
+
+def test_stream_client_disconnect_frees_its_slot(cluster, client):
+    base = cluster["agent"]
+    before = client.get(base + "/v1/stats").json()
+    body = chat_body(max_tokens=64, stream=True)
+    with httpx.Client(timeout=60) as c, c.stream("POST", base + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk arrived; now hang up mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        st = client.get(base + "/v1/stats").json()
+        if st["ongoing"] == 0 and st["streams_cancelled"] > before["streams_cancelled"]:
+            break
+        time.sleep(0.2)
+    assert st["ongoing"] == 0 and st["streams_cancelled"] > before["streams_cancelled"], st
+    assert client.post(base + "/v1/chat/completions", json=chat_body(max_tokens=3)).status_code == 200
+
+
+ARTIFACTS = Path(os.environ.get("MMROLE_TEST_ARTIFACTS", REPO / "tmp" / "artifacts"))
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1360,860",
+]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium driven by selenium (scripts/install_browser.sh installs both); screenshots go
+    to ARTIFACTS. Missing browser: fails under CI, skips elsewhere."""
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver_bin and webdriver):
+        msg = "chromium, chromedriver or selenium missing: run scripts/install_browser.sh, pip install selenium"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
+    drv.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser screenshots: {ARTIFACTS}")
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _wait(drv, cond, timeout=90):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, poll_frequency=0.2).until(cond)
+
+
+def _upload(drv, input_id: str, path: Path) -> None:
+    field = drv.find_element("id", input_id)
+    drv.execute_script("arguments[0].hidden = false;", field)  # the drop zone opens it; selenium types into it
+    field.send_keys(str(path))
+
+
+def _finished_replies(drv) -> list:
+    """(speaker, text) of bot bubbles whose stream ended."""
+    out = []
+    for b in drv.find_elements("css selector", "#log .msg.bot"):
+        if "streaming" not in b.get_attribute("class"):
+            out.append((b.find_element("css selector", ".who").text, b.find_element("css selector", ".text").text))
+    return out
+
+
+def test_agent_page_in_chromium(cluster, browser, tmp_path):
+    drv = browser
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(160, 120, (30, 90, 200)))
+    drv.get(cluster["agent"] + "/")
+    _wait(drv, lambda d: d.find_elements("css selector", "#char-list li[data-name]"))
+    drv.find_element("id", "char-search").send_keys("nova")
+    shown = [li.get_attribute("data-name") for li in drv.find_elements("css selector", "#char-list li[data-name]")]
+    assert shown == ["Captain Nova"], shown
+    drv.find_element("css selector", "#char-list li[data-name='Captain Nova']").click()
+    assert "Captain Nova" in drv.find_element("id", "profile").text
+    _upload(drv, "file", photo)
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image/png"))
+    drv.find_element("id", "message").send_keys("What a blue picture, captain!")
+    drv.find_element("id", "send").click()
+    _wait(drv, lambda d: _finished_replies(d))
+    (who, text), *_ = _finished_replies(drv)
+    assert who == "Captain Nova" and text.strip(), (who, text)
+    assert drv.find_element("id", "chat-error").text == ""
+    assert [e.text for e in drv.find_elements("css selector", "#log .msg.me .text")] == [
+        "What a blue picture, captain!"
+    ]
+    drv.save_screenshot(str(ARTIFACTS / "agent_chat.png"))
+    # A second turn carries the history; "Start over" clears it.
+    drv.find_element("id", "message").send_keys("Tell me more.")
+    drv.find_element("id", "send").click()
+    _wait(drv, lambda d: len(_finished_replies(d)) == 2)
+    drv.find_element("id", "reset").click()
+    assert drv.find_elements("css selector", "#log .msg") == []
+    # Inter-role: two characters talk about a dataset image for 3 turns.
+    drv.find_element("css selector", "#dataset-images summary").click()
+    _wait(drv, lambda d: d.find_elements("css selector", "#image-grid img"))
+    drv.find_element("css selector", "#image-grid img").click()
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image"))
+    drv.find_element("css selector", "input[name=mode][value=inter]").click()
+    from selenium.webdriver.support.ui import Select
+
+    Select(drv.find_element("id", "other")).select_by_value("Professor Quill")
+    turns = drv.find_element("id", "turns")
+    turns.clear()
+    turns.send_keys("3")
+    drv.find_element("id", "run-inter").click()
+    _wait(drv, lambda d: len(_finished_replies(d)) == 3 and not d.find_element("id", "stop").is_enabled())
+    speakers = [w for w, _ in _finished_replies(drv)]
+    assert speakers == ["Captain Nova", "Professor Quill", "Captain Nova"], speakers
+    assert drv.find_element("id", "chat-error").text == ""
+    drv.save_screenshot(str(ARTIFACTS / "agent_inter_role.png"))
+
+
+def test_judge_page_in_chromium_with_auth(cluster, browser, tmp_path):
+    drv = browser
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(120, 120, (220, 180, 40)))
+    drv.get(cluster["judge"] + "/")
+    _wait(drv, lambda d: d.find_element("id", "token-box").is_displayed())  # auth on: the page asks once
+    drv.find_element("id", "token").send_keys(TOKEN)
+    drv.find_element("id", "token-save").click()
+    assert drv.execute_script("return sessionStorage.getItem('mmrole.token')") == TOKEN
+    drv.find_element("id", "question").send_keys("You are Captain Nova. What do you see?")
+    drv.find_element("id", "answer").send_keys("A golden star, crew!")
+    drv.find_element("id", "reference").send_keys("A yellow square on the deck.")
+    _upload(drv, "file", photo)
+    _wait(drv, lambda d: (d.find_element("id", "preview").get_attribute("src") or "").startswith("data:image"))
+    drv.find_element("id", "score").click()
+    _wait(drv, lambda d: len(d.find_elements("css selector", "#results .metric")) == 8)
+    from mmrole.eval.metrics import METRICS
+
+    shown = [m.get_attribute("data-metric") for m in drv.find_elements("css selector", "#results .metric")]
+    assert shown == list(METRICS)
+    assert len(drv.find_elements("css selector", "#results .bar")) == 16  # answer and reference per metric
+    assert drv.find_element("id", "score-error").text == ""
+    drv.save_screenshot(str(ARTIFACTS / "judge_scores.png"))
+
+
 def test_overload_gets_503_while_admitted_succeed(cluster, client):
     url = cluster["judge"] + "/v1/score"
     body = {"question": "Q?", "answer": "A", "reference": "B", "image": IMG}
     out = asyncio.run(_post_many(url, [body] * 40, headers={"Authorization": f"Bearer {TOKEN}"}))
     codes = [r.status_code for r, _ in out]
     assert set(codes) <= {200, 503}, codes
+    ours = [r for r, _ in out if r.status_code == 503 and r.headers.get("content-type") == "application/json"]
+    assert ours, "the app's own admission limit answered no 503"  # before Serve's queue filled
+    for r in ours:
+        assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+    stats = client.get(cluster["judge"] + "/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert stats["routes"]["/v1/score"]["503"] >= len(ours) and stats["overloaded"] >= len(ours)
     # Serve may refuse a few more than max_ongoing + max_queued would admit (its router counts optimistically).
     assert codes.count(503) >= 10 and codes.count(200) >= 4, codes
     slowest_ok = max(t for r, t in out if r.status_code == 200)

@@ -28,6 +28,7 @@ from mmrole.serving import (
     parse_generation,
     parse_roleplay_fields,
     parse_score,
+    parse_stream,
     probe_image,
     result_from_item,
     roleplay_sample,
@@ -168,9 +169,19 @@ def test_generation_params():
         ({"stop": [1]}, "stop"),
         ({"stop": ["a"] * 5}, "stop"),
         ({"n": 2}, "n"),
-        ({"stream": True}, "stream"),
     ]:
         assert err(parse_generation, body, LIMITS, DEFAULTS).param == param, body
+    assert parse_stream({}) == (False, False)
+    assert parse_stream({"stream": True}) == (True, False)
+    assert parse_stream({"stream": True, "stream_options": {"include_usage": True}}) == (True, True)
+    for body, param in [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+        ({"stream": True, "stream_options": []}, "stream_options"),
+    ]:
+        assert err(parse_stream, body).param == param, body
     assert apply_stops("hello END world", ["END", "wor"]) == "hello"
     assert apply_stops("hello", ["x"]) == "hello"
 
@@ -330,7 +341,7 @@ def test_engine_batches_like_single_rows(tmp_path):
     sys.path.insert(0, str(REPO))
     from mmrole.data.records import Sample
     from mmrole.models import make_tiny_vlm, tiny_image
-    from serve.common import Engine
+    from serve.engine import Engine
 
     eng = Engine.load({"model_path": str(make_tiny_vlm(tmp_path / "m")), "device": "cpu"}, "tiny")
     texts = ["Hi.", "Tell me a long story about the sea and the old king.", "Red or blue?"]
@@ -372,4 +383,177 @@ def test_engine_batches_like_single_rows(tmp_path):
         k=0,
     )
     assert err(eng.encode, too_long, tiny_image(0), params[0], "messages").code == "context_length_exceeded"
+    # Streaming: rows with a sink get their text step by step and end with the same reply; the plain row in the
+    # same batch is unchanged; a cancelled row stops decoding (its reply is shorter).
+    import asyncio
+
+    from serve.engine import TokenSink
+
+    loop = asyncio.new_event_loop()
+    try:
+        sinks = [TokenSink(loop), None, TokenSink(loop)]
+        same = [GenerationParams(max_new_tokens=12, min_new_tokens=12)] * 3
+        enc = [eng.encode(s, tiny_image(i), same[0], "messages") for i, s in enumerate(samples)]
+        whole = eng.generate(enc, same)
+        streamed = eng.generate(enc, same, sinks)
+        assert streamed == whole
+        loop.run_until_complete(asyncio.sleep(0))
+        pieces = [sinks[0].queue.get_nowait()[1] for _ in range(sinks[0].queue.qsize())]
+        assert len(pieces) > 1 and pieces[-1] == whole[0]
+        assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # each push extends the last one
+        gone = TokenSink(loop)
+        gone.cancelled = True  # the client left before decoding: its row stops at the first step
+        cut = eng.generate(enc[:2], same[:2], [gone, None])
+        assert cut[1] == whole[1] and len(eng.vlm.tokenizer(cut[0])["input_ids"]) < 12
+    finally:
+        loop.close()
     eng.close()
+
+
+def test_chat_messages_map_to_roleplay_history(demo_root):
+    from mmrole.data.reader import load_dataset
+    from mmrole.data.templates import load_roleplay_template
+    from mmrole.serving import roleplay_from_chat
+
+    characters = dict(load_dataset(demo_root).characters)
+    img = url(png())
+    msgs = [
+        {"role": "system", "content": "ignored when a character is given"},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi!"}],
+        },
+        {"role": "assistant", "content": "Full sails!"},
+        {"role": "user", "content": "Where to, captain?"},
+    ]
+    body = {"messages": msgs, "character": "Captain Nova", "image_info": {"scene_info": "a red square"}}
+    inp = parse_chat(body, LIMITS, DEFAULTS)
+    rp = roleplay_from_chat(body, inp.turns, LIMITS, characters)
+    assert [(t.speaker, t.text) for t in rp.history] == [("human", "Hi!"), ("Captain Nova", "Full sails!")]
+    assert rp.message == "Where to, captain?" and rp.other is None and rp.image_info.scene_info == "a red square"
+    s = roleplay_sample(rp, load_roleplay_template(None), "x")
+    assert "Full sails!" in s.user_text and "Where to, captain?" in s.user_text and s.role == "Captain Nova"
+    assert roleplay_from_chat({"messages": msgs}, inp.turns, LIMITS, characters) is None
+    assert err(roleplay_from_chat, dict(body, character="Captain Nov"), inp.turns, LIMITS, characters).param == (
+        "character"
+    )
+    assert err(roleplay_from_chat, dict(body, image_info={"x": 1}), inp.turns, LIMITS, characters).param == (
+        "image_info"
+    )
+
+
+def test_stream_events():
+    from mmrole.serving.streaming import DONE, chat_chunk, error_event, sse, text_delta
+
+    assert text_delta("Hel", "Hello") == "lo" and text_delta("Hex", "Hello") == ""
+    c = chat_chunk("r1", "m", 5, content="x", finish_reason="stop")
+    assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"content": "x"}
+    u = chat_chunk(
+        "r1", "m", 5, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, with_choice=False
+    )
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 3
+    assert sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode() and DONE == b"data: [DONE]\n\n"
+    assert error_event(RequestError(400, "bad", "image"))["error"]["param"] == "image"
+    assert error_event(RuntimeError("secret path /x"))["error"] == {
+        "message": "generation failed (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": "stream_failed",
+    }
+
+
+def _lora(base: str, out: Path, seed: int) -> str:
+    """A LoRA adapter with random (non-zero) B matrices, so that it changes the replies."""
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+
+    vlm = build_vlm(VLMConfig(model_path=base, device="cpu", lora=LoRASettings(r=4)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in vlm.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(vlm.save(out))
+
+
+def test_adapters_share_one_base_and_are_lru_evicted(tmp_path):
+    """Several LoRA adapters on one base model: each row decodes as its own adapter would offline, the base
+    rows are unchanged, and the pool evicts the least recently used adapter beyond its count."""
+    sys.path.insert(0, str(REPO))
+    from mmrole.data.records import Sample
+    from mmrole.models import VLMConfig, build_vlm, make_tiny_vlm, tiny_image
+    from serve.engine import AdapterPool, Engine
+
+    base = str(make_tiny_vlm(tmp_path / "m"))
+    dirs = {"a": _lora(base, tmp_path / "a", 1), "b": _lora(base, tmp_path / "b", 2)}
+    eng = Engine.load({"model_path": base, "device": "cpu"}, "tiny")
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    sample = Sample(
+        id="0",
+        system="sys",
+        user_text="Hi there.",
+        image="",
+        target="",
+        role="r",
+        other_role="o",
+        script="",
+        dialogue_type="chat",
+        k=0,
+    )
+    enc = [eng.encode(sample, tiny_image(0), params, "messages")]
+    base_text = eng.generate(enc, [params])
+    eng.pool = AdapterPool(eng, dirs, max_count=1)
+    got = {}
+    for name in ("a", "b", None, "a"):
+        eng.pool.activate(name)
+        got[name] = eng.generate(enc, [params])
+    for name in ("a", "b"):
+        offline = build_vlm(VLMConfig(model_path=dirs[name], device="cpu"))
+        assert got[name] == offline.generate_encoded(enc, params), name
+    assert got[None] == base_text and got["a"] != base_text and got["a"] != got["b"]
+    snap = eng.pool.snapshot()
+    assert snap["loaded"] == ["a"] and snap["loads"] == 3 and snap["evictions"] == 2
+    size = (Path(dirs["a"]) / "adapter_model.safetensors").stat().st_size
+    assert 0.8 * size <= snap["bytes"] <= 1.2 * size  # one adapter costs its own weights, not a base copy
+    pool = AdapterPool(eng, dirs, max_count=4, max_bytes=int(1.5 * size))  # the byte cap evicts too
+    eng.vlm.model.delete_adapter("a")
+    eng.pool = pool
+    pool.activate("a")
+    pool.activate("b")
+    assert pool.snapshot()["loaded"] == ["b"] and pool.evictions == 1
+    eng.close()
+
+
+def test_stream_ends_with_error_event_or_refuses_before_the_first_byte():
+    """The streaming shell of the replicas (serve.common.ServerBase._stream) with a batcher whose row fails: bad
+    input found before the first token is a RequestError (a 4xx JSON answer), a failure after it ends the stream
+    with an error event and [DONE], never a hung connection."""
+    import asyncio
+    import json
+
+    sys.path.insert(0, str(REPO))
+    from serve.common import EventStream, ServerBase
+    from serve.engine import Job
+
+    srv = ServerBase.__new__(ServerBase)  # the shell only: no model, no Ray
+    srv.stats, srv.replica_id, srv.pid = BatchStats(), "r", 1
+
+    async def fails_after_a_token(job):
+        job.sink.push("Hello")
+        await asyncio.sleep(0.01)
+        raise RuntimeError("device lost")
+
+    async def refuses(job):
+        raise RequestError(400, "'image': not a readable image", "image", "invalid_image")
+
+    async def run(submit):
+        srv._submit = submit
+        resp = await srv._stream(Job(None, dict, None), lambda d: [{"delta": d}], lambda row, rest: [], {})
+        assert isinstance(resp, EventStream)
+        return [c async for c in resp.body_iterator]
+
+    events = asyncio.run(run(fails_after_a_token))
+    assert json.loads(events[0][6:]) == {"delta": "Hello"}
+    assert json.loads(events[1][6:])["error"]["code"] == "stream_failed" and events[-1] == b"data: [DONE]\n\n"
+    assert err(asyncio.run, run(refuses)).param == "image"

@@ -266,7 +266,13 @@ class VLM:
         return out
 
     @torch.inference_mode()
-    def generate_encoded(self, encoded: list[dict], params: Optional[GenerationParams] = None) -> list[str]:
+    def generate_encoded(
+        self,
+        encoded: list[dict],
+        params: Optional[GenerationParams] = None,
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+    ) -> list[str]:
         """Generate from already-encoded prompts (``encode(..., with_target=False)``).
 
         Rows that share an image and a long token prefix (``cfg.share_prefix``, native Qwen families) are decoded
@@ -274,11 +280,22 @@ class VLM:
         lines, so the thousands of profile/history tokens are processed once instead of 8 times, and decoding
         attends to each prefix once per step for all its rows (:mod:`.shared_prefix`). All such groups of a
         batch decode in one ``generate`` call; the other rows go through one left-padded batch. Greedy replies
-        are the same either way."""
+        are the same either way.
+
+        ``streamer`` (a transformers ``BaseStreamer``) gets the prompt ids, then each step's new token of every row,
+        rows in input order; ``stopping_criteria`` may end rows early (e.g. a client gone). With either, all rows
+        decode as one padded batch (no shared-prefix groups), so the streamer's row order is the input order."""
         params = params or GenerationParams()
         if not encoded:
             return []
         texts: list[Optional[str]] = [None] * len(encoded)
+        if streamer is not None or stopping_criteria is not None:
+            batch = self.to_device(self.pad_batch(encoded, padding_side="left"))
+            batch.pop("labels", None)
+            extra = {"streamer": streamer, "stopping_criteria": stopping_criteria}
+            return self._run_generate(
+                lambda kw: self._new_tokens(self.model.generate(**batch, **kw, **extra), batch), params
+            )
         groups, plain = self.shared_prefix_groups(encoded)
         if groups:  # every group in one generate call: the per-step cost is shared by all their rows
             group_rows = [([encoded[i] for i in rows], prefix_len) for rows, prefix_len in groups]
