@@ -13,7 +13,9 @@ def test_too_long_prompt_and_bad_image_fail_alone(tiny_models, demo_prepared):
     from mmrole.ray_eval import AnswerWorker
 
     samples = list(iter_samples(demo_prepared, "test"))[:3]
-    long = replace(samples[1], user_text=samples[1].user_text + " and on" * 3000, history_lines=[], prompt_tail="")
+    long = replace(
+        samples[1], user_text=samples[1].user_text + " and on" * 3000, history_lines=[], prompt_head="", prompt_tail=""
+    )
     missing = replace(samples[2], image="no/such/image.png")
     rows = [s.to_row() for s in (samples[0], long, missing)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
