@@ -122,3 +122,22 @@ def test_old_signature_and_defaults(tmp_path):
 def test_bad_tracking_config_names_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _job(tmp_path, override)
+
+
+def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
+    """W&B in its offline mode (no key, no network): the run's records land in <run_dir>/wandb/offline-run-*."""
+    pytest.importorskip("wandb", reason="the tracking extra (pip install 'mmrole[tracking]')")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = _job(tmp_path, "report_to=[wandb]", "tracking.wandb_project=proj", "train.lr=0.003")
+    sink = MetricsSink.for_job(cfg, cfg.run_dir, attempt="a1")
+    (tracker,) = sink.trackers
+    assert tracker.run.settings.mode == "offline" and tracker.run.config["train"]["lr"] == 0.003
+    sink.write(_step(1, 3.0))
+    sink.write({"step": 1, "eval_loss": 2.5})
+    final = _commit_fake(cfg.run_dir, 1)
+    sink.close()
+    (log,) = (cfg.run_dir / "wandb").glob("offline-run-*/*.wandb")
+    data = log.read_bytes()
+    for needle in ("train/loss", "eval/loss", str(final / ckpt.HF_DIR), "proj"):
+        assert needle.encode() in data, needle

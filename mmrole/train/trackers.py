@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -190,7 +191,7 @@ class WandbTracker(Tracker):
         key = "wandb_run_id"
         run_id = _ids(run_dir).get(key)
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             _save_id(run_dir, key, run_id)
         self.run = wandb.init(
             project=project,
