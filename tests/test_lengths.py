@@ -86,3 +86,18 @@ def test_rows_without_images_are_counted_not_dropped(demo_prepared, tiny_models,
     assert "image not found" in rep.not_measured_examples[0][1]
     with pytest.raises(PreparedDataError):
         measure_lengths(tmp_path / "missing", tiny_models["agent"])
+
+
+def test_padding_and_packing_token_counts():
+    from mmrole.train.lengths import packed_tokens, padded_tokens
+
+    lengths = [5, 3, 8, 2, 7, 1]
+    assert padded_tokens(lengths, 1) == sum(lengths)
+    assert padded_tokens(lengths, 2) == 2 * 5 + 2 * 8 + 2 * 7
+    assert padded_tokens(lengths, 4) == 4 * 8 + 2 * 7
+    # First-fit decreasing into rows of 10: [8, 2], [7, 3], [5, 1] -> 3 packs of 10 tokens computed.
+    assert packed_tokens(lengths, 10) == (30, 3)
+    assert packed_tokens(lengths, 10, buffer=3) == (30, 3)  # [8], [5, 3] then [7, 2, 1]
+    assert packed_tokens(lengths, 10, buffer=1) == (60, 6)  # no window to choose from: one row per pack
+    with pytest.raises(ValueError, match="longer than max_length"):
+        packed_tokens(lengths, 7)

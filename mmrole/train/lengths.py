@@ -196,3 +196,31 @@ def format_length_report(rep: LengthReport, max_lengths: Sequence[int] = DEFAULT
             f"rejects {k['rejected_too_long']} as too long{ex}"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- padding waste
+
+
+def padded_tokens(lengths: Sequence[int], micro_batch: int) -> int:
+    """Tokens computed when consecutive rows form micro-batches of ``micro_batch`` padded to their longest row."""
+    total = 0
+    for i in range(0, len(lengths), micro_batch):
+        chunk = lengths[i : i + micro_batch]
+        total += len(chunk) * max(chunk)
+    return total
+
+
+def packed_tokens(lengths: Sequence[int], max_length: int, buffer: Optional[int] = None) -> tuple[int, int]:
+    """(tokens computed, packs) when rows are packed first-fit-decreasing into rows of ``max_length`` tokens, each
+    pack computed at its full ``max_length`` (fixed-size micro-batches: the worst case; varlen attention computes
+    only the real tokens). ``buffer``: plan packs over windows of that many consecutive rows, as a streaming loader
+    does (None: the whole list at once). Rows longer than ``max_length`` must be filtered out first."""
+    from mmrole.models.encoding import plan_packs
+
+    if any(n > max_length for n in lengths):
+        raise ValueError(f"packed_tokens: rows longer than max_length {max_length}; filter them first")
+    step = buffer or max(len(lengths), 1)
+    packs = 0
+    for i in range(0, len(lengths), step):
+        packs += len(plan_packs(list(lengths[i : i + step]), max_length))
+    return packs * max_length, packs
