@@ -548,9 +548,11 @@ def main(argv=None) -> int:
     print()
     print(f"device: {name}; peak used for MFU: {f'{peak:g} TFLOP/s dense bf16' if peak else 'unknown (--peak-tflops)'}")
     if p:
+        unit, div = ("B", 1e9) if p["total"] >= 1e8 else ("M", 1e6)
         print(
-            f"model: {p['total'] / 1e9:.3f} B parameters (LM {p['lm_non_embedding'] / 1e9:.3f} B + embedding "
-            f"{p['embedding'] / 1e9:.3f} B + vision {p['vision'] / 1e9:.3f} B), {str(dtype).replace('torch.', '')}"
+            f"model: {p['total'] / div:.3f} {unit} parameters (LM {p['lm_non_embedding'] / div:.3f} {unit} + "
+            f"embedding {p['embedding'] / div:.3f} {unit} + vision {p['vision'] / div:.3f} {unit}), "
+            f"{str(dtype).replace('torch.', '')}"
         )
     print(
         f"micro-batch: {len(lengths)} samples packed into {sum(lengths)} tokens (budget {args.tokens}; sample lengths "
