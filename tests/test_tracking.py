@@ -4,6 +4,7 @@ attempt continues the same MLflow run; bad ``report_to`` / ``tracking`` keys are
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,9 @@ def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
     final = _commit_fake(cfg.run_dir, 1)
     sink.close()
     (log,) = (cfg.run_dir / "wandb").glob("offline-run-*/*.wandb")
+    needles = [n.encode() for n in ("train/loss", "eval/loss", str(final / ckpt.HF_DIR), "proj")]
+    deadline = time.time() + 30  # wandb's service process may still be flushing the run file after finish()
+    while not all(n in log.read_bytes() for n in needles) and time.time() < deadline:
+        time.sleep(0.5)
     data = log.read_bytes()
-    for needle in ("train/loss", "eval/loss", str(final / ckpt.HF_DIR), "proj"):
-        assert needle.encode() in data, needle
+    assert [n for n in needles if n not in data] == []
