@@ -8,8 +8,16 @@
 3. Peak memory per train worker, per encoder actor and of the whole run (sum of PSS over the driver and every
    process of the embedded Ray cluster), at 1x and at 10x the data: the pipeline streams, so memory must not grow
    with the dataset.
+4. Padding waste (tokens computed / real tokens) on the length distribution of the shared MMRole sample
+   (/work/shared/mmrole-sample, or $MMROLE_SAMPLE_DIR): its dialogues rendered by `mmrole data prepare`, the text
+   tokenized by the tiny model's tokenizer (a locally trained BPE, so absolute lengths are an estimate of Qwen's),
+   plus a fixed image-token count per sample (--image-tokens, default 391: a 640x480 COCO image at Qwen2.5-VL's
+   default pixel budget is resized to 644x476 = 23 x 17 merged patches). Rows in a seeded shuffled order; padded
+   micro-batches of b rows vs first-fit-decreasing packing into rows of max_length tokens, each pack counted at its
+   full max_length (the worst case; varlen attention computes only the real tokens), planned over a streaming
+   buffer of --pack-buffer rows. Target: packed <= 1.05.
 
-    python bench/bench_train.py [--rows 64] [--scale 10] [--out runs/bench]
+    python bench/bench_train.py [--rows 64] [--scale 10] [--out runs/bench] [--padding-only]
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _table import print_table  # noqa: E402
 
 from mmrole.ray_env import default_torch_extensions_dir  # noqa: E402
 
@@ -201,12 +211,64 @@ def ray_run(
     }
 
 
+def sample_lengths(out: Path, model_dir: Path, sample_dir: Path, image_tokens: int, seed: int = 0) -> list[int]:
+    """Token lengths of the shared sample's rendered training samples (text by the tiny tokenizer + image tokens)."""
+    import random
+
+    from mmrole.data.prepare import PrepareConfig, prepare
+    from mmrole.data.prepared import iter_samples
+    from mmrole.models import VLMConfig
+    from mmrole.models.encoding import SampleRejected, build_encoder
+
+    prepared = out / "sample_prepared"
+    if not (prepared / "manifest.json").is_file():
+        prepare(sample_dir, prepared, PrepareConfig(require_images=False))  # the sample ships no images
+    enc = build_encoder(VLMConfig(model_path=str(model_dir), max_length=10**9))
+    lengths, rejected = [], 0
+    for s in iter_samples(prepared, "train"):
+        try:
+            lengths.append(len(enc.encode(s, None)["input_ids"]) + image_tokens)
+        except SampleRejected:
+            rejected += 1
+    if rejected:
+        print(f"  {rejected} sample(s) of the shared sample could not be encoded and are left out", flush=True)
+    random.Random(seed).shuffle(lengths)  # training sees a shuffled order
+    return lengths
+
+
+def padding_rows(lengths: list[int], buffer: int) -> list[tuple[str, str]]:
+    """(setup, waste) rows: padded micro-batches vs packing, on the same rows."""
+    from mmrole.train.lengths import packed_tokens, padded_tokens
+
+    real = sum(lengths)
+    rows = [(f"padded micro-batches of {b} rows", f"{padded_tokens(lengths, b) / real:.3f}") for b in (1, 2, 4, 8, 16)]
+    for max_length in (8192, 16384):
+        kept = [n for n in lengths if n <= max_length]
+        for buf in (buffer, None):
+            computed, packs = packed_tokens(kept, max_length, buf)
+            where = f"buffer {buf} rows" if buf else "whole set"
+            rows.append(
+                (
+                    f"packed into {max_length}-token rows, FFD over {where} ({packs} packs)",
+                    f"{computed / sum(kept):.3f}",
+                )
+            )
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=64, help="rows of the 1x dataset")
     ap.add_argument("--scale", type=int, default=10, help="size of the large dataset, in multiples of --rows")
     ap.add_argument("--out", default="runs/bench", help="work folder (data, model, runs, results JSON)")
     ap.add_argument("--lr", type=float, default=2e-3)
+    default_sample = os.environ.get(
+        "MMROLE_SAMPLE_DIR", str(Path(__file__).resolve().parents[2] / "shared/mmrole-sample")
+    )
+    ap.add_argument("--sample-dir", default=default_sample, help="the shared MMRole sample (padding waste)")
+    ap.add_argument("--image-tokens", type=int, default=391, help="image tokens per sample (padding waste)")
+    ap.add_argument("--pack-buffer", type=int, default=256, help="rows a streaming packer plans over")
+    ap.add_argument("--padding-only", action="store_true", help="only the padding-waste table (no Ray run)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +277,30 @@ def main(argv=None) -> int:
     from mmrole.train.synthetic import write_prepared
 
     model = make_tiny_vlm(out / "tiny-qwen2_5_vl", "qwen2_5_vl", seed=0)
+    waste_rows = []
+    if Path(args.sample_dir).is_dir():
+        print("padding waste on the shared sample ...", flush=True)
+        lengths = sample_lengths(out, model, Path(args.sample_dir), args.image_tokens)
+        waste_rows = padding_rows(lengths, args.pack_buffer)
+        q = sorted(lengths)
+        print(
+            f"\n{len(lengths)} samples, tokens per sample: min {q[0]}, median {q[len(q) // 2]}, "
+            f"p95 {q[int(0.95 * (len(q) - 1))]}, max {q[-1]} (incl. {args.image_tokens} image tokens)\n"
+        )
+        print("padding waste = tokens computed / real tokens (target for packing: <= 1.05)")
+        print_table(waste_rows)
+    else:
+        print(f"padding waste skipped: no shared sample at {args.sample_dir} (--sample-dir)", flush=True)
+    if args.padding_only:
+        return 0
     d1 = write_prepared(out / "data_1x", args.rows, seed=0)
     d10 = write_prepared(out / f"data_{args.scale}x", args.rows * args.scale, seed=0)
-    results: dict = {"rows_1x": args.rows, "scale": args.scale, "cpu_count": os.cpu_count()}
+    results: dict = {
+        "rows_1x": args.rows,
+        "scale": args.scale,
+        "cpu_count": os.cpu_count(),
+        "padding_waste": waste_rows,
+    }
 
     print("plain torch loop ...", flush=True)
     results["plain"] = plain_loop(model, d1, micro=2, lr=args.lr)

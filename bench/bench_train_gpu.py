@@ -1,37 +1,54 @@
 #!/usr/bin/env python
-"""Single-GPU training throughput of a realistic-size random-weight Qwen2.5-VL (about 2.2B parameters) in bf16:
-prints tokens/s, samples/s, step time, peak memory and MFU.
+"""Single-GPU training throughput of a realistic-size random-weight Qwen2.5-VL (about 2.2B parameters) in bf16 with
+packed micro-batches (8-16k tokens): several setups measured side by side in one process, printed as a Markdown
+table of tokens/s, ratio to plain torch, MFU, step time and peak memory.
 
-    python bench/bench_train_gpu.py [--steps 10] [--seq-len 2048] [--image-size 448] [--micro-batch 2]
-                                    [--engine deepspeed|torch] [--zero 2] [--grad-ckpt] [--peak-tflops 989]
+    python bench/bench_train_gpu.py [--configs torch:sdpa,ds2:sdpa,...] [--tokens 16384] [--sample-len 2048]
+                                    [--steps 6] [--warmup 2] [--peak-tflops 989.4] [--json out.json]
+    python bench/bench_train_gpu.py --dry-run-cpu     # same code path, tiny model, fp32 on CPU (checks the script)
 
-Needs a CUDA GPU and refuses to run without one (``--smoke-cpu`` runs the same code path on CPU with a tiny model
-and fp32, to check the script itself). Default shape: the Qwen2.5-VL-3B language model cut to 20 layers
-(hidden 2048, MLP 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings) and its vision tower cut to 16
-blocks (hidden 1280, window attention with full attention every 4th block); one 448x448 image per sample
-(1024 patches -> 256 image tokens) plus text up to --seq-len tokens.
+A setup is ``ENGINE[:option...]``: ENGINE is ``torch`` (plain torch, bf16 parameters, fused AdamW) or ``ds0``..``ds3``
+(DeepSpeed ZeRO stage, the engine of mmrole.ray_train in one process: bf16 with fp32 master weights, client AdamW).
+Options: ``sdpa`` | ``fa2`` | ``eager`` (attention; fa2 = flash-attention 2 varlen, needs the flash_attn package),
+``liger`` (Liger kernels: RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy that never materialises the
+16k x 152k logits; needs liger_kernel), ``ckpt`` (activation checkpointing), ``bucket=N`` (DeepSpeed reduce /
+allgather bucket, elements), ``nooverlap`` (DeepSpeed overlap_comm off), ``pad`` (the same samples as a padded
+batch instead of one packed row). A setup whose package is missing is reported as skipped, not dropped.
 
-``--engine deepspeed`` (default) is the training stack of mmrole.ray_train (DeepSpeed ZeRO, bf16 with fp32
-master weights, client torch AdamW) in one process; ``--engine torch`` is plain torch with bf16 parameters and
-fused AdamW (pure bf16, no master weights) for comparison.
+Samples: lengths drawn uniformly in [0.5, 1.5] x --sample-len (seed 0), each <vision_start> + the image tokens of one
+--image-size image + <vision_end> + text, packed in order into one row of at most --tokens tokens (position ids
+restart per sample, so attention never crosses samples: varlen flash-attention with fa2, a block-diagonal mask with
+sdpa). All text tokens are supervised but each sample's first one.
 
-MFU = model FLOPs per second / peak dense bf16 FLOPs of the GPU. Model FLOPs per sample (forward + backward,
-recomputation from gradient checkpointing not counted): 6 x (parameters used per token) x tokens for the
-language model (the input embedding is a lookup and not counted; the LM head is), 6 x vision parameters x
-patches for the vision tower, plus attention scores: 12 x layers x hidden x seq^2 (language model, full square as
-in the usual MFU convention) and 12 x hidden x patches x attended patches per vision block.
+MFU = model FLOPs / step time / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989.4 TFLOP/s; --peak-tflops
+overrides). Model FLOPs count only useful work, forward + backward (recomputation from checkpointing not counted):
+6 x (language-model parameters + LM head) per real token (the input embedding is a lookup); attention within each
+sample only and causal: 6 x layers x hidden x sum(s_i^2) (the PaLM convention, 12 x layers x hidden x s^2 over the
+full square, is printed too); the vision tower 6 x block parameters per patch + 6 x merger parameters per merged
+token + 12 x hidden x attended pairs (full attention per image in full blocks, 64-patch windows otherwise).
+Padding in ``pad`` setups is computed but not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
+import json
 import os
+import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmrole.ray_env import default_torch_extensions_dir  # noqa: E402
+
+# DeepSpeed JIT-builds its ops (CPU: the shm comm op) into this cache; one per venv avoids rebuilds.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
 
 # Peak dense bf16 tensor FLOP/s by device-name substring (first match wins; --peak-tflops overrides).
 PEAK_TFLOPS = [
@@ -57,7 +74,7 @@ IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 def model_config(args):
     from transformers import Qwen2_5_VLConfig
 
-    if args.smoke_cpu:
+    if args.dry_run_cpu:
         text = dict(
             vocab_size=1000,
             hidden_size=64,
@@ -119,23 +136,93 @@ def model_config(args):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def make_batch(cfg, args, device, dtype):
-    """``micro_batch`` samples: <vision_start> image tokens <vision_end> + random text, all supervised but the
-    image tokens; pixel values random (the vision tower's cost does not depend on their values)."""
+DEFAULT_CONFIGS = (
+    "torch:sdpa,ds2:sdpa,torch:fa2,ds2:fa2,ds2:fa2:liger,ds2:fa2:liger:bucket=200000000,ds2:fa2:liger:ckpt"
+)
+
+
+@dataclass
+class Setup:
+    spec: str
+    engine: str = "torch"  # torch | ds
+    zero: int = 2
+    attn: str = "sdpa"
+    liger: bool = False
+    ckpt: bool = False
+    bucket: int | None = None
+    overlap: bool = True
+    pad: bool = False
+
+
+def parse_setup(spec: str) -> Setup:
+    """``ENGINE[:option...]`` -> Setup; raises SystemExit naming the bad part."""
+    parts = spec.strip().split(":")
+    s = Setup(spec.strip())
+    eng = parts[0]
+    if eng == "torch":
+        s.engine = "torch"
+    elif eng in ("ds0", "ds1", "ds2", "ds3"):
+        s.engine, s.zero = "ds", int(eng[2])
+    else:
+        raise SystemExit(f"--configs {spec!r}: engine {eng!r} must be torch or ds0..ds3")
+    attn = {"sdpa": "sdpa", "fa2": "flash_attention_2", "eager": "eager"}
+    for opt in parts[1:]:
+        if opt in attn:
+            s.attn = attn[opt]
+        elif opt == "liger":
+            s.liger = True
+        elif opt == "ckpt":
+            s.ckpt = True
+        elif opt == "pad":
+            s.pad = True
+        elif opt == "nooverlap":
+            s.overlap = False
+        elif opt.startswith("bucket="):
+            s.bucket = int(float(opt.split("=", 1)[1]))
+        else:
+            raise SystemExit(f"--configs {spec!r}: unknown option {opt!r}")
+    if s.engine == "torch" and (s.bucket or not s.overlap):
+        raise SystemExit(f"--configs {spec!r}: bucket/nooverlap are DeepSpeed options")
+    return s
+
+
+def missing_package(s: Setup) -> str | None:
+    if s.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn not installed"
+    if s.liger and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel not installed"
+    return None
+
+
+def sample_lengths(args, n_img: int) -> list[int]:
+    """Sample lengths (tokens) filling one micro-batch of at most --tokens tokens, in order."""
+    rng = random.Random(0)
+    out: list[int] = []
+    lo = max(n_img + 10, int(0.5 * args.sample_len))
+    hi = max(lo, int(1.5 * args.sample_len))
+    while True:
+        n = rng.randint(lo, hi)
+        if sum(out) + n > args.tokens:
+            break
+        out.append(n)
+    if not out:
+        raise SystemExit(f"--tokens {args.tokens} holds no sample of length >= {lo}")
+    return out
+
+
+def make_samples(cfg, args, lengths: list[int]) -> tuple[list[dict], dict]:
+    """One dict per sample: input_ids, labels (image tokens and the first token unsupervised), token types, pixels."""
     import torch
 
     side = args.image_size // 14
     side -= side % 2
     patches = side * side
     n_img = patches // 4
-    text_len = args.seq_len - n_img - 2
-    if text_len < 8:
-        raise SystemExit(f"--seq-len {args.seq_len} leaves no room for text after {n_img} image tokens")
     g = torch.Generator().manual_seed(0)
-    vocab = cfg.text_config.vocab_size
-    rows = []
-    for _ in range(args.micro_batch):
-        text = torch.randint(0, min(vocab, 150000) - 10, (text_len,), generator=g)
+    vocab = min(cfg.text_config.vocab_size, 150000) - 10
+    out = []
+    for n in lengths:
+        text = torch.randint(0, vocab, (n - n_img - 2,), generator=g)
         ids = torch.cat(
             [
                 torch.tensor([cfg.vision_start_token_id]),
@@ -144,43 +231,99 @@ def make_batch(cfg, args, device, dtype):
                 text,
             ]
         )
-        rows.append(ids)
-    input_ids = torch.stack(rows)
-    labels = input_ids.clone()
-    labels[input_ids == cfg.image_token_id] = -100
-    mm = (input_ids == cfg.image_token_id).long()
-    pix = torch.randn(patches * args.micro_batch, 3 * 2 * 14 * 14, generator=g)
-    grid = torch.tensor([[1, side, side]] * args.micro_batch)
+        labels = ids.clone()
+        labels[ids == cfg.image_token_id] = -100
+        labels[0] = -100  # no sample's first token is predicted (in a packed row its predecessor is another sample)
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "mm_token_type_ids": (ids == cfg.image_token_id).long(),
+                "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=g),
+                "image_grid_thw": torch.tensor([[1, side, side]]),
+            }
+        )
+    return out, {"patches": patches, "image_tokens": n_img}
+
+
+def packed_batch(model, samples: list[dict], device, dtype) -> dict:
+    """One row: per-sample M-RoPE positions plus a text position row restarting at 0 (what VLM.pack_batch does)."""
+    import torch
+
+    text_pos, mrope = [], []
+    for e in samples:
+        pos, _ = model.model.get_rope_index(
+            e["input_ids"][None], mm_token_type_ids=e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
+        )
+        mrope.append(pos)
+        text_pos.append(torch.arange(len(e["input_ids"]))[None, None])
     batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_token_type_ids": mm,
-        "pixel_values": pix,
-        "image_grid_thw": grid,
+        "input_ids": torch.cat([e["input_ids"] for e in samples])[None],
+        "labels": torch.cat([e["labels"] for e in samples])[None],
+        "mm_token_type_ids": torch.cat([e["mm_token_type_ids"] for e in samples])[None],
+        "position_ids": torch.cat([torch.cat(text_pos, dim=2), torch.cat(mrope, dim=2)], dim=0),
+        "pixel_values": torch.cat([e["pixel_values"] for e in samples]),
+        "image_grid_thw": torch.cat([e["image_grid_thw"] for e in samples]),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    return batch, {"patches": patches, "image_tokens": n_img, "text_tokens": text_len + 2, "seq": args.seq_len}
+    return _to(batch, device, dtype) | {"use_cache": False}
+
+
+def padded_batch(cfg, samples: list[dict], device, dtype) -> dict:
+    import torch
+
+    width = max(len(e["input_ids"]) for e in samples)
+
+    def pad(k: str, value: int):
+        return torch.stack([torch.nn.functional.pad(e[k], (0, width - len(e[k])), value=value) for e in samples])
+
+    batch = {
+        "input_ids": pad("input_ids", 0),
+        "labels": pad("labels", -100),
+        "mm_token_type_ids": pad("mm_token_type_ids", 0),
+        "attention_mask": torch.stack([(torch.arange(width) < len(e["input_ids"])).long() for e in samples]),
+        "pixel_values": torch.cat([e["pixel_values"] for e in samples]),
+        "image_grid_thw": torch.cat([e["image_grid_thw"] for e in samples]),
+    }
+    return _to(batch, device, dtype) | {"use_cache": False}
+
+
+def _to(batch: dict, device, dtype) -> dict:
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 
 def count_params(model) -> dict:
-    vis = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual."))
+    def is_vis(n: str) -> bool:
+        return ".visual." in f".{n}" or n.startswith("visual.")
+
+    vis = sum(p.numel() for n, p in model.named_parameters() if is_vis(n))
+    merger = sum(p.numel() for n, p in model.named_parameters() if is_vis(n) and ".merger." in f".{n}")
     emb = model.get_input_embeddings().weight.numel()
     total = sum(p.numel() for p in model.parameters())
-    return {"total": total, "vision": vis, "embedding": emb, "lm_non_embedding": total - vis - emb}
+    return {
+        "total": total,
+        "vision": vis,
+        "vision_merger": merger,
+        "embedding": emb,
+        "lm_non_embedding": total - vis - emb,
+    }
 
 
-def flops_per_sample(cfg, params: dict, shape: dict) -> float:
+def model_flops(cfg, params: dict, lengths: list[int], patches: int) -> tuple[float, float]:
+    """(useful FLOPs of one step, the same with PaLM-convention full-square attention), forward + backward."""
     t, v = cfg.text_config, cfg.vision_config
-    s, h, layers = shape["seq"], t.hidden_size, t.num_hidden_layers
-    lm_head = t.vocab_size * h  # tied with the embedding, but a real matmul
-    lm = 6 * (params["lm_non_embedding"] + lm_head) * s + 12 * layers * h * s * s
-    p = shape["patches"]
-    window = min(p, (v.window_size // v.patch_size) ** 2)
+    h, layers = t.hidden_size, t.num_hidden_layers
+    tokens = sum(lengths)
+    dense = 6 * (params["lm_non_embedding"] + t.vocab_size * h) * tokens  # LM head: tied, but a real matmul
+    sq = sum(n * n for n in lengths)
+    attn_causal = 6 * layers * h * sq
+    attn_palm = 12 * layers * h * sq
+    n_img = len(lengths)
+    blocks = params["vision"] - params["vision_merger"]
+    window = min(patches, (v.window_size // v.patch_size) ** 2)
     full = len(v.fullatt_block_indexes)
-    vit = 6 * params["vision"] * p + 12 * v.hidden_size * p * (full * p + (v.depth - full) * window)
-    return float(lm + vit)
+    pairs = full * patches * patches + (v.depth - full) * patches * window
+    vit = n_img * (6 * blocks * patches + 6 * params["vision_merger"] * patches // 4 + 12 * v.hidden_size * pairs)
+    return float(dense + attn_causal + vit), float(dense + attn_palm + vit)
 
 
 def peak_tflops(name: str, override) -> float | None:
@@ -192,56 +335,33 @@ def peak_tflops(name: str, override) -> float | None:
     return None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compile)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per sample, image tokens included")
-    ap.add_argument("--image-size", type=int, default=448)
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=20)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--vision-depth", type=int, default=16)
-    ap.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed")
-    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
-    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~1/3 more compute)")
-    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, flash_attention_2, eager)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the GPU (for MFU)")
-    ap.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+def apply_liger(model) -> None:
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
+    _apply_liger_kernel_to_instance(model=model)
+
+
+def run_setup(s: Setup, args, cfg, lengths, device, dtype) -> dict:
+    """Build the model for one setup, train --warmup + --steps steps on the same micro-batch, time them."""
     import torch
-
-    if not torch.cuda.is_available() and not args.smoke_cpu:
-        print(
-            "bench_train_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). Nothing was run. On CPU use bench/bench_train.py.",
-            file=sys.stderr,
-        )
-        return 2
-    if args.smoke_cpu:
-        args.image_size, args.seq_len, args.micro_batch = min(args.image_size, 56), min(args.seq_len, 64), 1
-        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    device = torch.device("cuda", 0) if not args.smoke_cpu else torch.device("cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cfg = model_config(args)
-    t0 = time.time()
+    from mmrole.train.ds_config import split_decay
+
     torch.manual_seed(0)
+    t0 = time.time()
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=args.attn)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=s.attn)
     model.train()
-    if args.grad_ckpt:
+    if s.liger:
+        apply_liger(model)
+    if s.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     params = count_params(model)
     build_s = time.time() - t0
-    batch, shape = make_batch(cfg, args, device, dtype)
-
-    from mmrole.train.ds_config import split_decay
-
+    samples, shape = make_samples(cfg, args, lengths)
+    batch = padded_batch(cfg, samples, device, dtype) if s.pad else packed_batch(model, samples, device, dtype)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay = split_decay((n, p.ndim) for n, p in named)
     by = dict(named)
@@ -250,34 +370,34 @@ def main(argv=None) -> int:
         {"params": [by[n] for n in no_decay], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
-    if args.engine == "deepspeed":
+    engine = None
+    if s.engine == "ds":
         import deepspeed
 
         from mmrole.train.config import TrainSettings, batch_geometry
         from mmrole.train.ds_config import build_deepspeed_config
 
-        for k, v in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29561"),
-        ):
-            os.environ.setdefault(k, v)
         ts = TrainSettings(
-            micro_batch_size=args.micro_batch,
-            global_batch_size=args.micro_batch,
-            zero_stage=args.zero,
+            micro_batch_size=1,
+            global_batch_size=1,
+            zero_stage=s.zero,
             precision="bf16" if device.type == "cuda" else "fp32",
         )
-        ds_cfg = build_deepspeed_config(ts, batch_geometry(args.micro_batch, args.micro_batch, 1), device.type)
+        ds_cfg = build_deepspeed_config(ts, batch_geometry(1, 1, 1), device.type)
+        z = ds_cfg["zero_optimization"]
+        if s.bucket and s.zero >= 1:
+            z["reduce_bucket_size"] = s.bucket
+            if "allgather_bucket_size" in z:
+                z["allgather_bucket_size"] = s.bucket
+        if not s.overlap:
+            z["overlap_comm"] = False
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
 
         def step():
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            return loss
+            return loss.detach()
     else:
 
         def step():
@@ -286,71 +406,163 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss
+            return loss.detach()
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    losses = []
     for _ in range(args.warmup):
-        step()
+        losses.append(step())
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times = []
     for _ in range(args.steps):
         sync()
         t = time.perf_counter()
-        loss = step()
+        losses.append(step())
         sync()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss.detach()))
     st = statistics.median(times)
-    toks = args.micro_batch * shape["seq"]
-    fl = flops_per_sample(cfg, params, shape) * args.micro_batch / st
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
-    peak = peak_tflops(name, args.peak_tflops)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    rows = [
-        ("device", name),
-        (
-            "engine",
-            f"{args.engine}"
-            + (f" ZeRO-{args.zero}" if args.engine == "deepspeed" else "")
-            + f", {str(dtype).replace('torch.', '')}, attn={args.attn}"
-            + (", grad ckpt" if args.grad_ckpt else ""),
-        ),
-        (
-            "parameters",
-            f"{params['total'] / 1e9:.3f} B (LM {params['lm_non_embedding'] / 1e9:.3f} B + embedding "
-            f"{params['embedding'] / 1e9:.3f} B + vision {params['vision'] / 1e9:.3f} B)",
-        ),
-        (
-            "batch",
-            f"{args.micro_batch} x {shape['seq']} tokens ({shape['image_tokens']} image tokens from "
-            f"{shape['patches']} patches per sample)",
-        ),
-        ("step time (median)", f"{st * 1000:.1f} ms over {args.steps} steps (model built in {build_s:.1f}s)"),
-        (
-            "tokens/s",
-            f"{toks / st:,.0f} (text {args.micro_batch * shape['text_tokens'] / st:,.0f}, image "
-            f"{args.micro_batch * shape['image_tokens'] / st:,.0f})",
-        ),
-        ("samples/s", f"{args.micro_batch / st:.2f}"),
-        ("model TFLOP/s", f"{fl / 1e12:.1f}"),
-        (
-            "MFU",
-            f"{100 * fl / (peak * 1e12):.1f}% of {peak:g} TFLOP/s"
-            if peak
-            else "unknown peak for this device: pass --peak-tflops",
-        ),
-        ("peak memory", f"{mem:.1f} GiB" if mem == mem else "n/a"),
-        ("loss", f"{losses[0]:.3f} -> {losses[-1]:.3f}"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k.ljust(w)} | {v}")
-    return 0
+    useful, palm = model_flops(cfg, params, lengths, shape["patches"])
+    computed = len(lengths) * max(lengths) if s.pad else sum(lengths)
+    res = {
+        "setup": s.spec,
+        "status": "ok",
+        "step_s": st,
+        "tokens_per_s": sum(lengths) / st,
+        "computed_tokens": computed,
+        "real_tokens": sum(lengths),
+        "samples": len(lengths),
+        "model_flops": useful,
+        "model_flops_palm": palm,
+        "tflops": useful / st / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "losses": [float(x) for x in losses],
+        "build_s": build_s,
+        "params": params,
+    }
+    engine = model = opt = batch = None  # free this setup before the next one is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def table(results: list[dict], peak: float | None) -> list[str]:
+    base = next((r for r in results if r["status"] == "ok" and r["setup"].startswith("torch")), None)
+    head = ["setup", "tokens/s", "x torch", "MFU", "MFU (PaLM conv.)", "step", "peak mem", "loss", "status"]
+    rows = []
+    for r in results:
+        if r["status"] != "ok":
+            rows.append([r["setup"], "-", "-", "-", "-", "-", "-", "-", r["status"]])
+            continue
+        st = r["step_s"]
+        mfu = f"{100 * r['model_flops'] / st / (peak * 1e12):.1f}%" if peak else "n/a"
+        palm = f"{100 * r['model_flops_palm'] / st / (peak * 1e12):.1f}%" if peak else "n/a"
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
+        loss = f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+        pad = (
+            f", pad {r['computed_tokens'] / r['real_tokens']:.2f}x" if r["computed_tokens"] != r["real_tokens"] else ""
+        )
+        rows.append(
+            [r["setup"], f"{r['tokens_per_s']:,.0f}", ratio, mfu, palm, f"{st * 1000:.0f} ms", mem, loss, "ok" + pad]
+        )
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    return [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated setups (see above)")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per setup")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per packed micro-batch (upper bound)")
+    ap.add_argument("--sample-len", type=int, default=2048, help="mean sample length, image tokens included")
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--vision-depth", type=int, default=16)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the GPU (for MFU)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="tiny model, fp32, CPU: checks the script itself")
+    args = ap.parse_args(argv)
+    setups = [parse_setup(x) for x in args.configs.split(",") if x.strip()]
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.dry_run_cpu:
+        print(
+            "bench_train_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Nothing was run. Use --dry-run-cpu to check the script, or "
+            "bench/bench_train.py on CPU.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.dry_run_cpu:
+        args.image_size, args.tokens, args.sample_len = 56, min(args.tokens, 256), min(args.sample_len, 64)
+        args.steps, args.warmup = min(args.steps, 1), min(args.warmup, 1)
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    device = torch.device("cuda", 0) if not args.dry_run_cpu else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if any(s.engine == "ds" for s in setups):
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("MASTER_PORT", "29561")
+    cfg = model_config(args)
+    side = args.image_size // 14
+    side -= side % 2
+    lengths = sample_lengths(args, side * side // 4)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run, tiny model)"
+    peak = peak_tflops(name, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    results = []
+    for s in setups:
+        why = missing_package(s)
+        if why:
+            results.append({"setup": s.spec, "status": f"skipped: {why}"})
+            print(f"[bench] {s.spec}: skipped ({why})", flush=True)
+            continue
+        print(f"[bench] {s.spec} ...", flush=True)
+        try:
+            r = run_setup(s, args, cfg, lengths, device, dtype)
+            results.append(r)
+            # One line per setup as it finishes, so a run cut short by a timeout still leaves its figures.
+            print(f"[bench] {s.spec}: {r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.1f} TFLOP/s", flush=True)
+        except Exception as e:  # one setup failing (OOM, a kernel refusing the shape) must not hide the others
+            msg = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            results.append({"setup": s.spec, "status": msg})
+            print(f"[bench] {s.spec}: {msg}", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ok = [r for r in results if r["status"] == "ok"]
+    p = ok[0]["params"] if ok else None
+    print()
+    print(f"device: {name}; peak used for MFU: {f'{peak:g} TFLOP/s dense bf16' if peak else 'unknown (--peak-tflops)'}")
+    if p:
+        unit, div = ("B", 1e9) if p["total"] >= 1e8 else ("M", 1e6)
+        print(
+            f"model: {p['total'] / div:.3f} {unit} parameters (LM {p['lm_non_embedding'] / div:.3f} {unit} + "
+            f"embedding {p['embedding'] / div:.3f} {unit} + vision {p['vision'] / div:.3f} {unit}), "
+            f"{str(dtype).replace('torch.', '')}"
+        )
+    print(
+        f"micro-batch: {len(lengths)} samples packed into {sum(lengths)} tokens (budget {args.tokens}; sample lengths "
+        f"{min(lengths)}-{max(lengths)}, each with one {args.image_size}px image); median of {args.steps} steps"
+    )
+    print()
+    print("\n".join(table(results, peak)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "peak_tflops": peak, "results": results}, indent=2))
+    return 0 if ok or not setups else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # Fetch them here, for the device's Python 3.12 (its image has torch, peft and tokenizers, but no deepspeed):
 #   P="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
 #   .venv/bin/python -m pip download --no-deps $P -d .whl transformers==5.24.0 hjson pydantic==2.14.4 \
-#       pydantic-core==2.50.5 annotated-types typing-inspection
+#       pydantic-core==2.50.5 annotated-types typing-inspection liger-kernel
 #   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
 # Writes its logs under $OUT (default /tmp/mmrole-gpu-checks). On the device tool: carry [".whl"].
 #
@@ -27,8 +27,13 @@ transformers.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__ver
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k "cuda or shared_prefix or greedy" \
   2>&1 | tail -8 | tee "$OUT/pytest.txt"
 
-# Training throughput of a ~2.2B Qwen2.5-VL shape: DeepSpeed ZeRO-2 (the Ray Train stack) vs plain torch, then ZeRO-3.
-for engine in "--engine deepspeed --zero 2" "--engine torch" "--engine deepspeed --zero 3"; do
-  echo "== bench_train_gpu.py $engine" | tee -a "$OUT/bench_train_gpu.txt"
-  timeout 150 python3 bench/bench_train_gpu.py $engine --steps 10 2>&1 | tail -13 | tee -a "$OUT/bench_train_gpu.txt"
-done
+# Training throughput of a ~2.2B Qwen2.5-VL shape with packed micro-batches (16k, then 8k tokens): plain torch vs
+# DeepSpeed ZeRO-2 (the Ray Train stack's engine), sdpa vs flash-attention varlen, Liger kernels, bucket size,
+# activation checkpointing; setups whose package is missing (flash_attn, liger_kernel) are listed as skipped.
+# One Markdown table per run (tokens/s, x torch, MFU against 989.4 TFLOP/s dense bf16 on H100/H200).
+echo "== bench_train_gpu.py --tokens 16384" | tee -a "$OUT/bench_train_gpu.txt"
+timeout 330 python3 bench/bench_train_gpu.py --tokens 16384 --steps 6 --json "$OUT/bench_train_gpu_16k.json" 2>&1 \
+  | grep -v -i warn | tail -16 | tee -a "$OUT/bench_train_gpu.txt"
+echo "== bench_train_gpu.py --tokens 8192" | tee -a "$OUT/bench_train_gpu.txt"
+timeout 150 python3 bench/bench_train_gpu.py --tokens 8192 --steps 6 --configs torch:sdpa,ds2:sdpa,ds2:fa2:liger \
+  --json "$OUT/bench_train_gpu_8k.json" 2>&1 | grep -v -i warn | tail -10 | tee -a "$OUT/bench_train_gpu.txt"

@@ -4,6 +4,7 @@ reward-model data builder, and the shipped YAML configs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -179,15 +180,17 @@ def test_commit_marks_then_renames(tmp_path):
     ok, why = ckpt.verify(final)
     assert ok, why
     marker = json.loads((final / ckpt.COMPLETE).read_text())
-    assert marker["files"] == {"hf/model.safetensors": 5, "trainer_state.json": (final / ckpt.STATE).stat().st_size}
+    assert sorted(marker["files"]) == ["hf/model.safetensors", "trainer_state.json"]
+    assert marker["files"]["hf/model.safetensors"] == {"size": 5, "sha256": hashlib.sha256(b"x" * 5).hexdigest()}
     # A damaged checkpoint is not used: resume falls back to the previous complete one.
     _write_ckpt(tmp_path, 10)
     (tmp_path / "checkpoints/step_00000010/hf/model.safetensors").write_bytes(b"short")
     assert not ckpt.verify(tmp_path / "checkpoints/step_00000010")[0]
     assert ckpt.latest_complete(tmp_path).step == 5
-    # Re-committing the same step replaces it without a gap.
+    # Re-committing the same step goes to a new revision; the old one goes only once the new one is in place.
     again = _write_ckpt(tmp_path, 5, token="b")
-    assert ckpt.verify(again)[0] and not list(again.parent.glob(".trash-*"))
+    assert again.name == "step_00000005.r1" and ckpt.verify(again)[0]
+    assert not (again.parent / "step_00000005").exists() and not list(again.parent.glob(".trash-*"))
 
 
 def test_partial_checkpoints_do_not_count(tmp_path):

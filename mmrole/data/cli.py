@@ -1,4 +1,4 @@
-"""``mmrole data validate|prepare|demo``."""
+"""``mmrole data validate|prepare|demo|lengths``."""
 
 from __future__ import annotations
 
@@ -119,8 +119,28 @@ def register_datagen(dsub) -> None:
     ec.set_defaults(func=_export_card)
 
 
+def _lengths(args) -> int:
+    from mmrole.models.config import VLMConfig
+    from mmrole.train.lengths import DEFAULT_MAX_LENGTHS, format_length_report, measure_lengths
+
+    from .prepared import PreparedDataError
+
+    cfg = VLMConfig(model_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    try:
+        rep = measure_lengths(args.prepared, cfg, split=args.split, limit=args.limit)
+    except PreparedDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    max_lengths = args.max_length or list(DEFAULT_MAX_LENGTHS)
+    if args.json:
+        print(json.dumps(rep.to_json(max_lengths), indent=2, ensure_ascii=False))
+    else:
+        print(format_length_report(rep, max_lengths))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="dataset tools: validate, prepare, demo")
+    p = sub.add_parser("data", help="dataset tools: validate, prepare, demo, generate, import-card, export-card, lengths")
     dsub = p.add_subparsers(dest="data_command", required=True)
 
     v = dsub.add_parser("validate", help="check a published-layout MMRole dataset root")
@@ -168,3 +188,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_demo)
 
     register_datagen(dsub)
+    ln = dsub.add_parser(
+        "lengths", help="token-length distribution of a prepared split for a model, and what a max_length keeps"
+    )
+    ln.add_argument("prepared", help="output folder of `mmrole data prepare`")
+    ln.add_argument("--model", required=True, help="model (or adapter) folder whose processor encodes the rows")
+    ln.add_argument("--split", default="train")
+    ln.add_argument(
+        "--max-length",
+        type=int,
+        action="append",
+        help="report what this max_length keeps (repeatable; default 1024, 2048, 4096, 8192)",
+    )
+    ln.add_argument("--limit", type=int, default=None, help="measure only the first N rows")
+    ln.add_argument("--min-pixels", type=int, default=None, help="image budget, as model.min_pixels in training")
+    ln.add_argument("--max-pixels", type=int, default=None, help="image budget, as model.max_pixels in training")
+    ln.add_argument("--json", action="store_true", help="print the report as JSON")
+    ln.set_defaults(func=_lengths)

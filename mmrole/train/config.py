@@ -16,6 +16,8 @@ from mmrole.models.config import VLMConfig
 KINDS = ("agent", "reward_model")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+REPORT_TO = ("tensorboard", "mlflow", "wandb")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_SPLIT = {"agent": "train", "reward_model": "rm_train"}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -95,6 +97,17 @@ class DebugSettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Experiment trackers named in ``report_to`` (metrics.jsonl is always written)."""
+
+    experiment: str = "mmrole"  # MLflow experiment name; the W&B project when wandb_project is empty
+    mlflow_tracking_uri: str = ""  # "" = a local MLflow file store in <run_dir>/mlruns (no server needed)
+    wandb_project: str = ""
+    wandb_entity: Optional[str] = None
+    wandb_mode: str = "auto"  # auto = online if WANDB_API_KEY is set, else offline (files in <run_dir>/wandb)
+
+
+@dataclass
 class TrainJobConfig:
     """A whole training job (agent or reward model)."""
 
@@ -109,6 +122,8 @@ class TrainJobConfig:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     ray: RaySettings = field(default_factory=RaySettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of tensorboard, mlflow, wandb
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     def __post_init__(self):
         validate(self)
@@ -167,6 +182,13 @@ def validate(c: TrainJobConfig) -> None:
         "checkpoint.num_to_keep",
         "must be >= 1 (a run always keeps its newest complete checkpoint)",
     )
+    need(
+        all(r in REPORT_TO for r in c.report_to) and len(set(c.report_to)) == len(c.report_to),
+        "report_to",
+        f"must be a list of distinct trackers from {REPORT_TO}, got {c.report_to!r}",
+    )
+    need(c.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode", f"must be one of {WANDB_MODES}")
+    need(bool(c.tracking.experiment), "tracking.experiment", "must not be empty")
     need(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
     need(
         s.min_workers is None or 1 <= s.min_workers <= s.num_workers,

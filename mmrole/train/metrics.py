@@ -4,6 +4,7 @@ sinks (stdout line, metrics.jsonl, TensorBoard). Pure: the shell feeds it number
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,41 +60,87 @@ def progress_line(d: dict, total_steps: int) -> str:
 
 
 class MetricsSink:
-    """Append metrics to ``<run_dir>/metrics.jsonl`` and (when tensorboardX is importable) ``<run_dir>/tb``.
+    """Append metrics to ``<run_dir>/metrics.jsonl`` and forward every record to the experiment trackers.
 
-    Each record carries an ``attempt`` id so steps redone after a failure are visible in the file."""
+    Each record carries an ``attempt`` id so steps redone after a failure are visible in the file. Trackers
+    (:mod:`mmrole.train.trackers`): ``report_to`` names them (tensorboard, mlflow, wandb); without it,
+    ``tensorboard`` says whether TensorBoard is on (the older signature). ``config`` is logged once; on
+    :meth:`close` the final model (the newest committed checkpoint's ``hf/`` folder) is logged too."""
 
-    def __init__(self, run_dir: str | Path, attempt: str, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(
+        self,
+        run_dir: str | Path,
+        attempt: str,
+        tensorboard: bool = True,
+        report_to: Optional[list[str]] = None,
+        tracking: Any = None,
+        config: Optional[dict] = None,
+        run_name: Optional[str] = None,
+    ):
+        from mmrole.train.trackers import build_trackers
+
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.attempt = attempt
         self._f = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
+        names = list(report_to) if report_to is not None else (["tensorboard"] if tensorboard else [])
+        self.trackers = build_trackers(names, self.run_dir, run_name or self.run_dir.name, tracking)
+        if config is not None:
+            self._each("log_config", config)
+
+    @classmethod
+    def for_job(cls, cfg: Any, run_dir: str | Path, attempt: str) -> MetricsSink:
+        """The sink of a training job: trackers from ``cfg.report_to`` / ``cfg.tracking``, the config logged."""
+        return cls(
+            run_dir,
+            attempt,
+            report_to=cfg.report_to,
+            tracking=cfg.tracking,
+            config=cfg.to_dict(),
+            run_name=cfg.run_name,
+        )
+
+    def _each(self, method: str, *args) -> None:
+        """Call every tracker; one that fails is reported (stderr and metrics.jsonl) and dropped, so a tracker
+        outage never stops training and is never silent."""
+        for t in list(self.trackers):
             try:
-                from tensorboardX import SummaryWriter
+                getattr(t, method)(*args)
+            except Exception as e:
+                self.trackers.remove(t)
+                msg = f"{t.name} failed in {method} ({type(e).__name__}: {e}); it is off for the rest of the run"
+                print(f"[mmrole] tracker {msg}", file=sys.stderr)
+                self._append({"event": "tracker_error", "tracker": t.name, "error": msg})
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
-            except Exception:  # tensorboardX missing or unusable: the jsonl file is the record
-                self._tb = None
-
-    def write(self, record: dict) -> None:
+    def _append(self, record: dict) -> dict:
         rec = {"time": time.time(), "attempt": self.attempt, **record}
         self._f.write(json.dumps(rec, sort_keys=True) + "\n")
         self._f.flush()
-        if self._tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+        return rec
+
+    def write(self, record: dict) -> None:
+        """One record (step metrics, ``{"step": N, "eval_loss": x}``, an event) to the file and every tracker."""
+        self._each("log_record", self._append(record))
 
     def event(self, kind: str, **fields) -> None:
-        """A non-step record (start, resume, checkpoint, end)."""
+        """A non-step record (start, resume, checkpoint, eval, end)."""
         self.write({"event": kind, **fields})
 
+    def final_model(self) -> tuple[Optional[str], dict]:
+        """(path of the newest committed checkpoint's HF model, its step) as the driver will publish it."""
+        from mmrole.train.checkpoint import HF_DIR, latest_complete
+
+        e = latest_complete(self.run_dir, verify_files=False)
+        if e is None:
+            return None, {}
+        return str(e.path / HF_DIR), {"final_step": e.step, "final_model_link": str(self.run_dir / "final_model")}
+
     def close(self) -> None:
+        path, fields = self.final_model()
+        self._each("log_final", path, fields)
+        self._each("close")
         self._f.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
