@@ -13,19 +13,27 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmrole.eval.job_config import GenerateJobConfig, load_job_config  # noqa: E402
+from mmrole.config import ConfigError, config_error_message, config_to_yaml, resolve_paths
+from mmrole.eval.job_config import GenerateJobConfig, load_job_config
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML config")
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (paths made absolute) and exit"
+    )
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pool.batch_size=16")
     args = ap.parse_args(argv)
-    cfg = load_job_config(GenerateJobConfig, args.config, args.overrides)
+    try:  # relative paths become absolute here, on the driver: the replicas run elsewhere
+        cfg = resolve_paths(load_job_config(GenerateJobConfig, args.config, args.overrides))
+    except ConfigError as e:
+        print(config_error_message(e), file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
     print("resolved config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_generate
