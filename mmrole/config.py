@@ -39,13 +39,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        for a in args:
-            if a is type(None):
-                continue
+        candidates = [a for a in args if a is not type(None)]
+        shaped = None  # the error of the candidate whose shape fits the value (its message names the inner key)
+        for a in candidates:
             try:
                 return coerce(value, a, where)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                fits = (dataclasses.is_dataclass(a) and isinstance(value, dict)) or (
+                    typing.get_origin(a) in (list, tuple) and isinstance(value, (list, tuple))
+                )
+                if len(candidates) == 1 or (fits and shaped is None):
+                    shaped = e
+        if shaped is not None:
+            raise shaped
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -270,24 +276,37 @@ def resolve_path(value: str, kind: str, key: str, base: Optional[Path] = None, s
     return resolved
 
 
-def resolve_paths(cfg, base: Optional[Path] = None, submitted: Optional[bool] = None, prefix: str = ""):
+def resolve_paths(cfg, base: Optional[Path] = None, submitted: Optional[bool] = None):
     """Resolve every ``path_field`` of the config dataclass ``cfg`` (and of its nested configs) in place, on the
-    driver, so workers running elsewhere get absolute paths. Returns ``cfg``."""
+    driver, so workers running elsewhere get absolute paths. Returns ``cfg``; one ConfigError lists every key
+    that cannot be resolved."""
+    errors: list[str] = []
+    _resolve_into(cfg, base, submitted, "", errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def _resolve_into(cfg, base, submitted, prefix: str, errors: list[str]) -> None:
     if not dataclasses.is_dataclass(cfg):
-        return cfg
+        return
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}{'.' if prefix else ''}{f.name}"
         kind = f.metadata.get("path")
         if kind and value in f.metadata.get("literals", ()):
             continue
-        if kind and isinstance(value, str):
-            setattr(cfg, f.name, resolve_path(value, kind, key, base, submitted))
-        elif kind and isinstance(value, list):
-            setattr(cfg, f.name, [resolve_path(v, kind, f"{key}[{i}]", base, submitted) for i, v in enumerate(value)])
-        elif dataclasses.is_dataclass(value):
-            resolve_paths(value, base, submitted, key)
-    return cfg
+        try:
+            if kind and isinstance(value, str):
+                setattr(cfg, f.name, resolve_path(value, kind, key, base, submitted))
+            elif kind and isinstance(value, list):
+                setattr(
+                    cfg, f.name, [resolve_path(v, kind, f"{key}[{i}]", base, submitted) for i, v in enumerate(value)]
+                )
+            elif dataclasses.is_dataclass(value):
+                _resolve_into(value, base, submitted, key, errors)
+        except ConfigError as e:
+            errors.append(str(e))
 
 
 # ----------------------------------------------------------------------------------------------- CLI helpers
