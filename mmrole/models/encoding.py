@@ -255,7 +255,7 @@ class SampleEncoder:
         }
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        raw = getattr(self.tokenizer, "_tokenizer", None) if self.native else None
+        raw = getattr(self.tokenizer, "backend_tokenizer", None) if self.native else None
         # Qwen tokenizers are plain byte-level BPE: calling the Rust tokenizer directly gives the same ids at about
         # half the cost of the HF wrapper. Other tokenizers may add behaviour in the wrapper, so they go through it.
         if raw is not None:
