@@ -12,14 +12,13 @@ One judge call per (sample, metric). Results go to an append-only store ``<out>/
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from mmrole.config import ConfigError, config_error_message, config_to_yaml, resolve_paths
-from mmrole.eval.job_config import ScoreJobConfig, load_job_config
+from mmrole.config_cli import job_config_from_argv
+from mmrole.eval.job_config import ScoreJobConfig
 
 
 def write_report(out: Path, bootstrap: int, seed: int) -> str:
@@ -33,21 +32,9 @@ def write_report(out: Path, bootstrap: int, seed: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML config")
-    ap.add_argument(
-        "--print-config", action="store_true", help="print the resolved config (paths made absolute) and exit"
-    )
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. judge.max_retries=1")
-    args = ap.parse_args(argv)
-    try:  # relative paths become absolute here, on the driver: the replicas run elsewhere
-        cfg = resolve_paths(load_job_config(ScoreJobConfig, args.config, args.overrides))
-    except ConfigError as e:
-        print(config_error_message(e), file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
+    cfg, exit_code = job_config_from_argv(ScoreJobConfig, argv, __doc__, "judge.max_retries=1")
+    if cfg is None:
+        return exit_code
     print("resolved config:\n" + json.dumps(asdict(cfg), indent=2, default=str), flush=True)
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_score

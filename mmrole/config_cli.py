@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 import yaml
 
@@ -114,3 +115,29 @@ def register(sub) -> None:
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides (Serve configs: <app>.<key>=value)")
     s.add_argument("--kind", choices=KINDS, default=None, help="config kind (default: detected from the keys)")
     s.set_defaults(func=cmd_show)
+
+
+def job_config_from_argv(cls, argv: Optional[list[str]], description: str, example: str):
+    """The command line every config-driven job shares: ``--config FILE [--print-config] [key=value ...]``.
+
+    Returns ``(config, None)`` to run the job, or ``(None, exit_code)``: 0 after ``--print-config``, 2 after a
+    config error (printed as ``config error: <dotted.key>: <what is wrong>``). Relative paths are made absolute
+    here, on the driver, because the Ray workers run elsewhere."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML config")
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (paths made absolute) and exit"
+    )
+    ap.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    args = ap.parse_args(argv)
+    from mmrole.config import load_config_file
+
+    try:
+        cfg = resolve_paths(load_config_file(cls, args.config, args.overrides))
+    except ConfigError as e:
+        print(config_error_message(e), file=sys.stderr)
+        return None, 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return None, 0
+    return cfg, None
