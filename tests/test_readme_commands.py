@@ -19,10 +19,12 @@ PYTHONPATH, no ``RAY_*`` variables) plus free ports for ``scripts/local_head.sh`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,6 +171,30 @@ def command_env(clone: Path, head_dir: Path) -> dict:
     return env
 
 
+def run_block(script: str, cwd: Path, env: dict, timeout_s: float) -> tuple[int, str]:
+    """Run a block as one bash script in its own process group; on timeout the whole group is killed (a job
+    left running would hold its Ray instance)."""
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            time.sleep(5)
+        out, _ = proc.communicate()
+        return -1, f"{out}\n<timed out after {timeout_s}s>"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
@@ -187,17 +213,9 @@ def test_marked_commands_run_verbatim(tmp_path):
             todo = block
             script = "set -eo pipefail\n" + "\n".join(f"echo '$ '{shlex.quote(c)}\n{c}" for c in todo)
             t0 = time.monotonic()
-            r = subprocess.run(
-                ["bash", "-c", script],
-                cwd=clone,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=BLOCK_TIMEOUT_S,
-            )
+            rc, output = run_block(script, clone, env, BLOCK_TIMEOUT_S)
             timings.append((source, todo[0][:60], time.monotonic() - t0))
-            assert r.returncode == 0, f"{source}: block failed (exit {r.returncode}):\n{r.stdout[-8000:]}"
+            assert rc == 0, f"{source}: block failed (exit {rc}):\n{output[-8000:]}"
             done.update(todo)
         # the smoke run the docs promise, embedded and submitted
         run = clone / "runs" / "smoke-agent"
