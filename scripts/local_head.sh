@@ -49,7 +49,9 @@ start() {
       --num-cpus="$CPUS" --temp-dir="$HEAD_DIR/ray" --disable-usage-stats \
       >"$HEAD_DIR/head.log" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  # Ready when the Jobs API answers with our token (it comes up after the node itself).
+  # Ready when the Jobs API accepts a job: it answers (even with our token) before the node's dashboard agent,
+  # which runs the jobs, has registered ("No available agent to submit job"). The probe is a no-op job
+  # (`mmrole-head-ready-*` in `ray job list`).
   for _ in $(seq 1 240); do
     if ! running; then
       echo "ray start failed; see $HEAD_DIR/head.log:" >&2
@@ -57,8 +59,9 @@ start() {
       exit 1
     fi
     if grep -q "Ray runtime started" "$HEAD_DIR/head.log" 2>/dev/null \
-      && RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" "$RAY_BIN" job list \
-        --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1; then
+      && RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" "$RAY_BIN" job submit --no-wait \
+        --address "http://127.0.0.1:$DASH_PORT" --submission-id "mmrole-head-ready-$(date +%s%N)" -- true \
+        >/dev/null 2>&1; then
       echo "# local Ray head up (pid $(cat "$PIDFILE"), logs $HEAD_DIR/head.log); stop: scripts/local_head.sh stop" >&2
       print_env
       return 0
