@@ -9,12 +9,15 @@
 # The head runs in the foreground of a background process (`ray start --block`), so stopping it is one signal to
 # one pid. Its token is generated once into $MMROLE_HEAD_DIR/auth_token (mode 600); nothing is written to
 # ~/.ray. Override ports and the state folder with MMROLE_HEAD_DIR, MMROLE_HEAD_PORT (GCS, 6379),
-# MMROLE_DASHBOARD_PORT (Jobs API + dashboard, 8265), MMROLE_HEAD_CPUS (logical CPUs, default max(4, cores)).
+# MMROLE_DASHBOARD_PORT (Jobs API + dashboard, 8265), MMROLE_AGENT_PORT (dashboard agent, 52365),
+# MMROLE_CLIENT_PORT (Ray Client, 10001), MMROLE_HEAD_CPUS (logical CPUs, default max(4, cores)).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HEAD_DIR="${MMROLE_HEAD_DIR:-/tmp/mmrole-head-$(id -u)}"   # short: Ray's socket paths live under it
 GCS_PORT="${MMROLE_HEAD_PORT:-6379}"
 DASH_PORT="${MMROLE_DASHBOARD_PORT:-8265}"
+AGENT_PORT="${MMROLE_AGENT_PORT:-52365}"     # the dashboard agent (runs the jobs); taken = jobs never start
+CLIENT_PORT="${MMROLE_CLIENT_PORT:-10001}"   # Ray Client server
 CPUS="${MMROLE_HEAD_CPUS:-$(python3 -c 'import os; print(max(4, os.cpu_count() or 1))')}"
 RAY_BIN="$(pwd)/.venv/bin/ray"
 [ -x "$RAY_BIN" ] || RAY_BIN="$(command -v ray)"
@@ -46,6 +49,7 @@ start() {
     RAY_DASHBOARD_STARTUP_TIMEOUT_S="${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-180}" \
     nohup "$RAY_BIN" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+      --dashboard-agent-listen-port="$AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
       --num-cpus="$CPUS" --temp-dir="$HEAD_DIR/ray" --disable-usage-stats \
       >"$HEAD_DIR/head.log" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
@@ -68,7 +72,8 @@ start() {
     fi
     sleep 1
   done
-  echo "the local head did not come up in 240 s; see $HEAD_DIR/head.log" >&2
+  echo "the local head did not accept a job in 240 s (a port in use? MMROLE_AGENT_PORT); see $HEAD_DIR/head.log" >&2
+  stop
   exit 1
 }
 

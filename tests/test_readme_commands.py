@@ -112,7 +112,7 @@ def test_marked_blocks_are_found_and_hold_no_placeholders():
         assert block, f"{source}: an empty marked block"
         for c in block:
             # placeholders are for people; a marked command must run as written
-            code = c.split(" #")[0]  # trailing comments may say anything
+            code = code_of(c)  # trailing comments may say anything
             assert not re.search(r"\[key=value|\bDATASET_ROOT\b|<[a-z ]+>|\.\.\.", code), f"{source}: {c}"
 
 
@@ -124,9 +124,15 @@ def test_markers_are_not_dangling(tmp_path):
     ok = tmp_path / "ok.md"
     ok.write_text(f"{MD_MARK}\n```bash\na \\\n  --b   # x\n# comment\nc\n```\n```bash\nnot marked\n```\n")
     assert markdown_blocks(ok) == [["a --b   # x", "c"]]
+    assert code_of("mmrole data demo out   # a comment") == code_of("mmrole data demo out") == "mmrole data demo out"
 
 
 # ------------------------------------------------------------------------------------------------ running them
+
+
+def code_of(command: str) -> str:
+    """A command without its trailing comment (two commands that differ only there are the same)."""
+    return command.split(" #")[0].strip()
 
 
 def fresh_copy(dest: Path) -> Path:
@@ -152,7 +158,7 @@ def fresh_copy(dest: Path) -> Path:
 def command_env(clone: Path, head_dir: Path) -> dict:
     from test_job_submission import _free_ports
 
-    gcs, dash = _free_ports(2)
+    gcs, dash, agent, client = _free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MMROLE_"))}
     env.update(
         {
@@ -166,6 +172,8 @@ def command_env(clone: Path, head_dir: Path) -> dict:
             "MMROLE_HEAD_DIR": str(head_dir),
             "MMROLE_HEAD_PORT": str(gcs),
             "MMROLE_DASHBOARD_PORT": str(dash),
+            "MMROLE_AGENT_PORT": str(agent),
+            "MMROLE_CLIENT_PORT": str(client),
         }
     )
     return env
@@ -208,7 +216,7 @@ def test_marked_commands_run_verbatim(tmp_path):
     timings = []
     try:
         for source, block in marked_blocks(clone):
-            if all(c in done for c in block):  # a block is one shell: run all of it, or none if all ran before
+            if all(code_of(c) in done for c in block):  # a block is one shell: all of it, or none if all ran
                 continue
             todo = block
             script = "set -eo pipefail\n" + "\n".join(f"echo '$ '{shlex.quote(c)}\n{c}" for c in todo)
@@ -216,7 +224,7 @@ def test_marked_commands_run_verbatim(tmp_path):
             rc, output = run_block(script, clone, env, BLOCK_TIMEOUT_S)
             timings.append((source, todo[0][:60], time.monotonic() - t0))
             assert rc == 0, f"{source}: block failed (exit {rc}):\n{output[-8000:]}"
-            done.update(todo)
+            done.update(code_of(c) for c in todo)
         # the smoke run the docs promise, embedded and submitted
         run = clone / "runs" / "smoke-agent"
         assert (run / "final_model" / "config.json").is_file()
