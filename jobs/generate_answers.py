@@ -12,23 +12,18 @@ with an OpenAI-compatible endpoint (``agent.openai.base_url``, ``agent.openai.mo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmrole.eval.job_config import GenerateJobConfig, load_job_config  # noqa: E402
+from mmrole.config_cli import job_config_from_argv
+from mmrole.eval.job_config import GenerateJobConfig
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML config")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pool.batch_size=16")
-    args = ap.parse_args(argv)
-    cfg = load_job_config(GenerateJobConfig, args.config, args.overrides)
+    cfg, exit_code = job_config_from_argv(GenerateJobConfig, argv, __doc__, "pool.batch_size=16")
+    if cfg is None:
+        return exit_code
     print("resolved config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_generate

@@ -14,15 +14,13 @@ redoes failures); when complete, writes ``<set>_reviews/<model>/``,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmrole.eval.job_config import ScoreJobConfig, load_job_config  # noqa: E402
+from mmrole.config_cli import job_config_from_argv
+from mmrole.eval.job_config import ScoreJobConfig
 
 
 def write_report(out: Path, bootstrap: int, seed: int) -> str:
@@ -36,11 +34,9 @@ def write_report(out: Path, bootstrap: int, seed: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML config")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. judge.max_retries=1")
-    args = ap.parse_args(argv)
-    cfg = load_job_config(ScoreJobConfig, args.config, args.overrides)
+    cfg, exit_code = job_config_from_argv(ScoreJobConfig, argv, __doc__, "judge.max_retries=1")
+    if cfg is None:
+        return exit_code
     print("resolved config:\n" + json.dumps(asdict(cfg), indent=2, default=str), flush=True)
     from mmrole.ray_env import init_ray
     from mmrole.ray_eval import run_score

@@ -12,11 +12,8 @@ in "[Scores]: (A, B)"), read from the prepared ``rm_train`` split.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmrole.train.cli import main  # noqa: E402
+from mmrole.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], kind="reward_model"))

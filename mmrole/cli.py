@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "mmrole.data.cli",  # mmrole data validate|prepare|demo
     "mmrole.models.cli",  # mmrole model tiny|merge
     "mmrole.eval.cli",  # mmrole eval report
+    "mmrole.config_cli",  # mmrole config show
 )
 
 

@@ -9,6 +9,7 @@ DeepSpeed here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -38,13 +39,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        for a in args:
-            if a is type(None):
-                continue
+        candidates = [a for a in args if a is not type(None)]
+        shaped = None  # the error of the candidate whose shape fits the value (its message names the inner key)
+        for a in candidates:
             try:
                 return coerce(value, a, where)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                fits = (dataclasses.is_dataclass(a) and isinstance(value, dict)) or (
+                    typing.get_origin(a) in (list, tuple) and isinstance(value, (list, tuple))
+                )
+                if len(candidates) == 1 or (fits and shaped is None):
+                    shaped = e
+        if shaped is not None:
+            raise shaped
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -103,31 +110,47 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def build_dataclass(cls, d: dict, source: str = "", prefix: str = ""):
-    """``cls(**d)`` with every field coerced to its type; unknown keys are an error naming ``prefix.key``."""
+    """``cls(**d)`` with every field coerced to its type; unknown keys are an error naming ``prefix.key``.
+
+    Errors read ``<dotted.key>: <what is wrong>``, followed by `` (in <source>)`` when a source is given."""
+    try:
+        return _build(cls, d, prefix)
+    except ConfigError as e:
+        if source:
+            raise ConfigError(f"{e} (in {source})") from None
+        raise
+
+
+def _build(cls, d: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
-    where = (source + ": ") if source else ""
+
+    def dotted(k: str) -> str:
+        return f"{prefix}{'.' if prefix else ''}{k}"
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping for {cls.__name__}, got {d!r}")
     unknown = sorted(set(d) - set(names))
     if unknown:
-        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in unknown)
-        raise ConfigError(f"{where}unknown key(s) {keys}; {cls.__name__} has {sorted(names)}")
+        keys = ", ".join(dotted(k) for k in unknown)
+        raise ConfigError(f"{dotted(unknown[0])}: unknown key(s) {keys}; {cls.__name__} has {sorted(names)}")
     kw = {}
     for k, v in d.items():
-        kw[k] = coerce(v, hints[k], f"{where}{prefix}{'.' if prefix else ''}{k}")
+        kw[k] = coerce(v, hints[k], dotted(k))
     missing = [
         n
         for n, f in names.items()
         if n not in kw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        keys = ", ".join(f"{prefix}{'.' if prefix else ''}{k}" for k in missing)
-        raise ConfigError(f"{where}missing required key(s) {keys}")
+        keys = ", ".join(dotted(k) for k in missing)
+        raise ConfigError(f"{dotted(missing[0])}: missing required key(s) {keys}")
     try:
         return cls(**kw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}{e}") from None
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:  # e.g. VLMConfig's own checks
-        raise ConfigError(f"{where}{prefix or cls.__name__}: {e}") from None
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -191,3 +214,104 @@ def load_config_file(
 def config_to_yaml(cfg) -> str:
     """A config dataclass as YAML (``--print-config``)."""
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------- paths
+#
+# Ray workers (Train workers, Data actors, Serve replicas) do not run in the driver's working directory, so a
+# relative path in a config must become absolute on the driver before the config travels. Config dataclasses
+# mark their path fields with ``path_field(kind=...)``; ``resolve_paths`` resolves every marked field.
+
+PATH_KINDS = ("input", "output", "model")
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit`
+
+
+def path_field(kind: str = "input", literals: tuple = (), **kwargs):
+    """A dataclass field holding a filesystem path: ``input`` (read), ``output`` (written) or ``model`` (a local
+    model dir, a Hugging Face hub id or ``tiny:<family>``). ``literals`` are values that are not paths (e.g.
+    ``demo``); other keyword arguments go to ``dataclasses.field``."""
+    if kind not in PATH_KINDS:
+        raise ValueError(f"path kind must be one of {PATH_KINDS}, got {kind!r}")
+    return dataclasses.field(metadata={"path": kind, "literals": tuple(literals)}, **kwargs)
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a ``ray job submit``: it runs in a temporary copy of the submitted working dir."""
+    return bool(os.environ.get(_SUBMITTED_JOB_ENV))
+
+
+def _looks_like_local_path(value: str, base: Path) -> bool:
+    """For ``model`` paths: a hub id is ``name`` or ``namespace/name``; anything that exists locally, starts with
+    ``./``, ``../``, ``~`` or ``/``, or has more than one ``/`` is a path."""
+    if value.startswith("tiny:"):
+        return False
+    if value.startswith(("./", "../", "~", "/", ".\\", "..\\")) or value in (".", ".."):
+        return True
+    return value.count("/") > 1 or (base / value).exists()
+
+
+def resolve_path(value: str, kind: str, key: str, base: Optional[Path] = None, submitted: Optional[bool] = None):
+    """``value`` made absolute against ``base`` (default: the working directory); hub ids and ``tiny:`` specs
+    are returned unchanged. In a submitted job a relative output, or a relative input missing from the job's
+    working-dir copy, is a ConfigError naming ``key``."""
+    if not value:
+        return value
+    base = Path(base) if base is not None else Path.cwd()
+    if kind == "model" and not _looks_like_local_path(value, base):
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    resolved = os.path.normpath(base / expanded)
+    submitted = in_submitted_job() if submitted is None else submitted
+    if submitted:
+        exists = os.path.exists(resolved)
+        if kind == "output" or not exists:
+            why = "would be lost when the job ends" if kind == "output" else "does not exist"
+            raise ConfigError(
+                f"{key}: {value!r} is relative; under `ray job submit` the job runs in a temporary copy of the "
+                f"working dir ({base}), where it {why}: give an absolute path on storage every node shares "
+                f"(e.g. {key}=$PWD/{value})"
+            )
+    return resolved
+
+
+def resolve_paths(cfg, base: Optional[Path] = None, submitted: Optional[bool] = None):
+    """Resolve every ``path_field`` of the config dataclass ``cfg`` (and of its nested configs) in place, on the
+    driver, so workers running elsewhere get absolute paths. Returns ``cfg``; one ConfigError lists every key
+    that cannot be resolved."""
+    errors: list[str] = []
+    _resolve_into(cfg, base, submitted, "", errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def _resolve_into(cfg, base, submitted, prefix: str, errors: list[str]) -> None:
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{'.' if prefix else ''}{f.name}"
+        kind = f.metadata.get("path")
+        if kind and value in f.metadata.get("literals", ()):
+            continue
+        try:
+            if kind and isinstance(value, str):
+                setattr(cfg, f.name, resolve_path(value, kind, key, base, submitted))
+            elif kind and isinstance(value, list):
+                setattr(
+                    cfg, f.name, [resolve_path(v, kind, f"{key}[{i}]", base, submitted) for i, v in enumerate(value)]
+                )
+            elif dataclasses.is_dataclass(value):
+                _resolve_into(value, base, submitted, key, errors)
+        except ConfigError as e:
+            errors.append(str(e))
+
+
+# ----------------------------------------------------------------------------------------------- CLI helpers
+
+
+def config_error_message(err: ConfigError) -> str:
+    """The one console format of a config error: ``config error: <dotted.key>: <what is wrong>``."""
+    return f"config error: {err}"

@@ -29,3 +29,8 @@ def require(path: Path) -> Path:
 def sample_eval_dir() -> Path:
     """The published eval/ folder of the sample (answers, reviews, results of three models)."""
     return require(mmrole_sample_dir() / "eval")
+
+
+def paper_roleplay_template() -> Path:
+    """The original paper's role-play wording as a template (kept with the sample, not in this repository)."""
+    return require(mmrole_sample_dir() / "original" / "paper_roleplay.yaml")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from sample_data import paper_roleplay_template
 
 from mmrole.cli import main as cli_main
 from mmrole.data.demo import build_demo
@@ -21,7 +22,6 @@ from mmrole.data.render import RenderStats, expand_dialogue
 from mmrole.data.templates import TemplateError, load_roleplay_template
 from mmrole.data.validate import validate
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_ROLES = {
     "Albus Dumbledore",
     "Hermione Granger",
@@ -100,7 +100,7 @@ def test_expansion_rule_ids_and_history(sample_dir):
 def test_paper_template_reproduces_published_test_samples(sample_dir):
     """A swapped template (the paper's wording) renders exactly the published test questions."""
     ds = load_dataset(sample_dir)
-    t = load_roleplay_template(FIXTURES / "paper_roleplay.yaml")
+    t = load_roleplay_template(paper_roleplay_template())
     rendered = {s.id: s for d in ds.iter_dialogues() for s in expand_dialogue(d, ds.characters, t)}
     compared = 0
     for f in sorted((sample_dir / "eval" / "in-test_answers" / "mmrole-agent").glob("*_test.json")):
@@ -133,13 +133,13 @@ def test_read_published_test_split(sample_dir):
 
 def test_own_template_differs_and_template_errors(sample_dir, tmp_path):
     ours = load_roleplay_template()
-    paper = load_roleplay_template(FIXTURES / "paper_roleplay.yaml")
+    paper = load_roleplay_template(paper_roleplay_template())
     assert ours.opening != paper.opening and ours.system != paper.system
     bad = tmp_path / "bad.yaml"
     bad.write_text("system: hi\n")
     with pytest.raises(TemplateError, match="missing key"):
         load_roleplay_template(bad)
-    text = (FIXTURES / "paper_roleplay.yaml").read_text().replace("{role}:", "{rolee}:")
+    text = (paper_roleplay_template()).read_text().replace("{role}:", "{rolee}:")
     bad.write_text(text)
     with pytest.raises(TemplateError, match="rolee"):
         load_roleplay_template(bad)

@@ -140,7 +140,9 @@ def _lengths(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="dataset tools: validate, prepare, demo, generate, import-card, export-card, lengths")
+    p = sub.add_parser(
+        "data", help="dataset tools: validate, prepare, demo, generate, import-card, export-card, lengths"
+    )
     dsub = p.add_subparsers(dest="data_command", required=True)
 
     v = dsub.add_parser("validate", help="check a published-layout MMRole dataset root")

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from mmrole.config import ConfigError, load_config_file
+from mmrole.config import ConfigError, load_config_file, path_field
 from mmrole.models.config import GenerationParams, VLMConfig
 
 from .judges import OpenAIJudgeConfig
@@ -67,8 +67,8 @@ class GenerateJobConfig:
 
     model_name: str  # the answers are written under <set>_answers/<model_name>/
     agent: AgentSettings
-    data: str  # a folder written by `mmrole data prepare`
-    out: str = "outputs/eval"
+    data: str = path_field("input")  # a folder written by `mmrole data prepare`
+    out: str = path_field("output", default="outputs/eval")
     split: str = "test"
     sets: list[str] = field(default_factory=lambda: ["in-test", "out-test"])
     max_samples: Optional[int] = None
@@ -90,7 +90,7 @@ class JudgeSettings:
     openai: Optional[OpenAIJudgeConfig] = None  # kind=openai
     serve_url: str = ""  # kind=serve, e.g. http://127.0.0.1:8000/judge
     serve_token_env: str = "MMROLE_API_TOKEN"
-    template: Optional[str] = None  # judge prompt template YAML (default: packaged)
+    template: Optional[str] = path_field("input", default=None)  # judge prompt template YAML (default: packaged)
 
     def __post_init__(self):
         if self.kind not in JUDGE_KINDS:
@@ -107,12 +107,12 @@ class JudgeSettings:
 class ScoreJobConfig:
     """``jobs/score_answers.py``: score a model's answers with a judge, write reviews, results and report."""
 
-    eval_dir: str  # holds <set>_answers/<model_name>/<type>_test.json
-    images_root: str
+    eval_dir: str = path_field("input")  # holds <set>_answers/<model_name>/<type>_test.json
+    images_root: str = path_field("input")
     judge: JudgeSettings
     model_name: str = ""  # one model, or
     models: Optional[list[str]] = None  # several, scored in one run (one pool of judge replicas)
-    out: str = ""  # default: eval_dir
+    out: str = path_field("output", default="")  # default: eval_dir
     metrics: Optional[list[str]] = None  # default: all 8
     swap: bool = False  # position-bias run (A and B shown the other way round; separate store)
     retry_failed: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from mmrole.config import build_dataclass
+from mmrole.config import build_dataclass, path_field
 
 # Families handled natively (our own encoder, processor built without a video processor).
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -54,7 +54,9 @@ class LoRASettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Optional[list[str] | str] = None
-    adapter_path: Optional[str] = None  # load an existing adapter (trainable) instead of a fresh one
+    adapter_path: Optional[str] = path_field(
+        "input", default=None
+    )  # load an existing adapter (trainable) instead of a fresh one
     modules_to_save: Optional[list[str]] = None  # extra fully-trained modules saved with the adapter
     bias: str = "none"
 
@@ -67,7 +69,8 @@ class LoRASettings:
 class VLMConfig:
     """How to load a VLM and turn samples into tensors."""
 
-    model_path: str
+    # a local model dir (relative paths are resolved on the driver), a hub id, or tiny:<family> (Serve demos)
+    model_path: str = path_field("model")
     family: str = "auto"  # qwen2_vl | qwen2_5_vl | qwen3_vl | generic | auto (from config.model_type)
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -23,15 +23,16 @@ META_KEYS = ("id", "num_text_tokens", "num_image_tokens", "history_kept", "histo
 # Per-token keys and their padding values; any other 1-D per-token array from a generic processor pads with 0.
 TOKEN_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 # Qwen's control tokens: sample text containing them would be read as structure (an injected turn, or an image
-# placeholder with no image features behind it), so such samples are refused.
+# placeholder with no image features behind it), so such samples are refused. The order is that of their ids in
+# Qwen's vocabulary (the tiny test models take their first ids from it).
 CONTROL_TOKENS = (
+    "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
     "<|vision_start|>",
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
-    "<|endoftext|>",
 )
 
 
@@ -255,7 +256,7 @@ class SampleEncoder:
         }
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        raw = getattr(self.tokenizer, "_tokenizer", None) if self.native else None
+        raw = getattr(self.tokenizer, "backend_tokenizer", None) if self.native else None
         # Qwen tokenizers are plain byte-level BPE: calling the Rust tokenizer directly gives the same ids at about
         # half the cost of the HF wrapper. Other tokenizers may add behaviour in the wrapper, so they go through it.
         if raw is not None:

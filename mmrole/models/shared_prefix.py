@@ -157,7 +157,9 @@ def _attend(
     if _fused_lse(q):
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
+        out, lse = _CPU_FLASH(
+            q, k, v, dropout_p=0.0, is_causal=False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+        )
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if mask is not None:
@@ -167,7 +169,8 @@ def _attend(
     return torch.matmul(probs, v), lse
 
 
-# torch's CPU flash-attention op, which returns (output, log-sum-exp); private, hence looked up defensively.
+# torch's CPU flash-attention op, which returns (output, log-sum-exp); private, hence looked up defensively and
+# called by keyword (docs/internals.md; tests/test_internals.py::test_cpu_flash_attention_op_returns_lse).
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -296,6 +299,21 @@ _switched: dict[int, tuple[object, int]] = {}
 _switch_lock = threading.Lock()
 
 
+def attn_implementation(config) -> Optional[str]:
+    """The attention implementation a config selects (transformers keeps it in ``_attn_implementation``; there is
+    no public getter; docs/internals.md)."""
+    return config._attn_implementation
+
+
+def set_decoder_attn_implementation(model, name: Optional[str]) -> None:
+    """Switch only the decoder's attention (not the vision tower's) with transformers' public
+    ``set_attn_implementation`` (a dict keyed by sub-config for a VLM)."""
+    if getattr(model.config, "text_config", None) is not None:
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
+
+
 @contextlib.contextmanager
 def shared_prefix_decoding(model, cache) -> Iterator[None]:
     """Within the block, ``model``'s decoder attends through :func:`shared_prefix_attention` with ``cache``'s
@@ -303,9 +321,10 @@ def shared_prefix_decoding(model, cache) -> Iterator[None]:
     _register()
     cfg = decoder_config(model)
     with _switch_lock:
-        before, users = _switched.get(id(cfg), (cfg._attn_implementation, 0))
+        before, users = _switched.get(id(cfg), (attn_implementation(cfg), 0))
         _switched[id(cfg)] = (before, users + 1)
-        cfg._attn_implementation = ATTN_NAME
+        if users == 0:
+            set_decoder_attn_implementation(model, ATTN_NAME)
     token = _ACTIVE.set(cache)
     try:
         yield
@@ -316,4 +335,4 @@ def shared_prefix_decoding(model, cache) -> Iterator[None]:
             if users > 1:
                 _switched[id(cfg)] = (before, users - 1)
             else:
-                cfg._attn_implementation = before
+                set_decoder_attn_implementation(model, before)

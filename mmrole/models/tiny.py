@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 from .config import NATIVE_FAMILIES
+from .encoding import CONTROL_TOKENS
 
 # Qwen chat markers and vision placeholders; the order fixes their ids (0..N-1) in the tiny vocabulary.
 QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+    *CONTROL_TOKENS,
     "<|object_ref_start|>",
     "<|object_ref_end|>",
     "<|box_start|>",
@@ -141,12 +136,11 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
     t_sec = half // 4
     h_sec = (half - t_sec) // 2
     mrope = [t_sec, h_sec, half - t_sec - h_sec]
+    # Qwen2-VL and Qwen2.5-VL: the same text decoder with sectioned M-RoPE
+    text = dict(common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0})
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        text = dict(
-            common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
-        )
         vision = dict(
             depth=2,
             embed_dim=32,
@@ -162,9 +156,6 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
-        text = dict(
-            common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
-        )
         vision = dict(
             depth=2,
             hidden_size=32,

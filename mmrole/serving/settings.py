@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-from mmrole.config import ConfigError, build_dataclass
-from mmrole.models.config import GenerationParams
+from mmrole.config import ConfigError, build_dataclass, path_field
+from mmrole.models.config import GenerationParams, VLMConfig
 
 TOKEN_ENV = "MMROLE_API_TOKEN"
 
@@ -139,8 +139,12 @@ class AppConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
-    dataset_root: Optional[str] = None  # characters for /v1/roleplay; "demo" builds the demo dataset
-    template_path: Optional[str] = None  # role-play template (None: $MMROLE_ROLEPLAY_TEMPLATE or packaged)
+    # Path fields are marked but not resolved at build time: each replica reads them in its own copy of the app's
+    # working dir (runtime_env), which is where a relative path in a Serve config points.
+    # characters for /v1/roleplay; "demo" builds the demo dataset
+    dataset_root: Optional[str] = path_field("input", literals=("demo",), default=None)
+    # role-play template (None: $MMROLE_ROLEPLAY_TEMPLATE or packaged)
+    template_path: Optional[str] = path_field("input", default=None)
     api_token_env: str = TOKEN_ENV  # bearer-token auth is on when this variable is set and non-empty
     torch_threads: Optional[int] = None
     stuck_batch_s: float = 600.0  # a batch running longer than this makes check_health fail (replica restarts)
@@ -151,6 +155,7 @@ class AppConfig:
         self.deployment = DeploymentSettings.from_dict(self.deployment)
         if not self.model.get("model_path"):
             raise ValueError("model.model_path is required (a model dir, a hub id, or tiny:<family>)")
+        VLMConfig.from_dict(self.model)  # typos and wrong types fail at deploy time, naming model.<key>
         GenerationParams.from_dict(self.generation)  # typos fail at deploy time, not at the first request
         if self.deployment.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError(
@@ -193,7 +198,7 @@ class JudgeAppConfig(AppConfig):
     ``retry_temperature`` and seed ``seed + attempt``)."""
 
     model_name: str = "mmrole-judge"
-    judge_template_path: Optional[str] = None
+    judge_template_path: Optional[str] = path_field("input", default=None)
     max_retries: int = 2
     retry_temperature: float = 0.7
 

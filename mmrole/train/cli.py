@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Optional
 
+from mmrole.config import config_error_message, resolve_paths
+
 from .config import ConfigError, load_config
 
 
@@ -16,18 +18,18 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
         "DeepSpeed. Extra arguments are dotted overrides, e.g. train.lr=2e-5 run_name=x.",
     )
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (paths made absolute) and exit"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, defaults={"kind": kind})
+        # relative paths become absolute here, on the driver: the workers run elsewhere
+        cfg = resolve_paths(load_config(args.config, args.overrides, defaults={"kind": kind}))
+        if cfg.kind != kind:
+            raise ConfigError(f"kind: {cfg.kind!r} config ({args.config}); this job trains kind={kind!r}")
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if cfg.kind != kind:
-        print(
-            f"config error: {args.config} is a kind={cfg.kind!r} config; this job trains kind={kind!r}", file=sys.stderr
-        )
+        print(config_error_message(e), file=sys.stderr)
         return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -37,6 +39,6 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     try:
         summary = run_training(cfg)
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
-        print(f"config error: {e}", file=sys.stderr)
+        print(config_error_message(e), file=sys.stderr)
         return 2
     return 0 if summary.ok else 1

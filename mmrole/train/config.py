@@ -10,7 +10,7 @@ from typing import Optional
 
 import yaml
 
-from mmrole.config import ConfigError, build_dataclass, load_config_file
+from mmrole.config import ConfigError, build_dataclass, load_config_file, path_field
 from mmrole.models.config import VLMConfig
 
 KINDS = ("agent", "reward_model")
@@ -26,7 +26,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class DataSettings:
     """Where the prepared shards are and how the Ray Data pipeline encodes and shuffles them."""
 
-    prepared: str = ""  # output folder of `mmrole data prepare` (holds manifest.json)
+    prepared: str = path_field("input", default="")  # output folder of `mmrole data prepare` (holds manifest.json)
     split: str = ""  # "" = train for the agent, rm_train for the reward model
     max_rows: Optional[int] = None  # use only the first N rows (smoke runs, benchmarks)
     shuffle_seed: int = 0  # block order and local shuffle differ per epoch but are reproducible from this
@@ -115,7 +115,9 @@ class TrainJobConfig:
     model: VLMConfig
     data: DataSettings
     kind: str = "agent"  # agent | reward_model
-    output_dir: str = "runs"  # storage path: the run lives in output_dir/run_name (shared FS on a cluster)
+    output_dir: str = path_field(
+        "output", default="runs"
+    )  # storage path: the run lives in output_dir/run_name (shared FS on a cluster)
     tiny_model: Optional[str] = None  # create a random-weight tiny model of this family at model.model_path if absent
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
