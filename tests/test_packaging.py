@@ -19,7 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 # Imported only inside a feature that its extra installs (the import is guarded or lazy).
-EXTRA_IMPORTS = {"bitsandbytes": "qlora", "matplotlib": "plots", "psutil": "test"}
+EXTRA_IMPORTS = {
+    "bitsandbytes": "qlora",
+    "matplotlib": "plots",
+    "psutil": "test",
+    "mlflow": "tracking",
+    "wandb": "tracking",
+}
 
 
 def _requirements(extras=()) -> list[Requirement]:

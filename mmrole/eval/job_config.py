@@ -39,7 +39,7 @@ class AgentSettings(VLMConfig):
     """The answering agent: a local model (``kind: local``, the :class:`VLMConfig` fields) or an OpenAI-compatible
     endpoint (``kind: openai`` with ``openai.model``, ``openai.base_url``, ...)."""
 
-    model_path: str = ""
+    model_path: str = path_field("model", literals=("",), default="")  # empty for kind: openai
     kind: str = "local"
     openai: Optional[OpenAIAgentConfig] = None
 
