@@ -42,7 +42,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
             "scaling.min_workers=1",
             "model.lora.r=16",
             "model.freeze_vision=true",
-            "data.encode_concurrency=[2, 3]",
+            "data.encode_actors=3",
             "train.max_steps=null",
             "checkpoint.every_steps=7",
         ],
@@ -50,7 +50,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)  # "2e-5" is a string to PyYAML
     assert cfg.run_name == "x" and cfg.train.betas == [0.9, 0.99] and cfg.scaling.min_workers == 1
     assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.freeze_vision is True
-    assert cfg.data.encode_concurrency == [2, 3] and cfg.checkpoint.every_steps == 7
+    assert cfg.data.encode_actors == 3 and cfg.checkpoint.every_steps == 7
     assert cfg.split == "train" and cfg.run_dir == Path("runs").resolve() / "x"
     # Round trip through YAML gives the same config.
     again = TrainJobConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
@@ -132,8 +132,8 @@ def test_schedule_warmup_cosine_constant():
 def test_batch_geometry_keeps_global_batch_when_world_changes():
     assert batch_geometry(256, 4, 8).grad_accum == 8
     assert batch_geometry(256, 4, 4).grad_accum == 16  # elastic shrink: more accumulation, same global batch
-    g = batch_geometry(256, 4, 6)
-    assert g.global_batch_size == 264  # nearest achievable (callers log it)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 256 .* 4 x 6 = 24; use 240 or 264"):
+        batch_geometry(256, 4, 6)  # refused with the sizes that fit, never silently changed
     geo = batch_geometry(8, 2, 2)
     # 23 rows -> 11 per worker -> 6 micro-batches/epoch; 2 epochs -> 12 micro -> 6 steps with accumulation 2
     assert total_optimizer_steps(23, 2, geo) == 6 and total_optimizer_steps(23, 2, geo, max_steps=4) == 4
@@ -280,31 +280,30 @@ def test_rows_roundtrip_ragged_images(tiny_encoder):
     )
 
 
-def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
-    """The encoder actor class, called directly: a corrupt image and a too-long sample become rejects."""
-    import pyarrow as pa
+def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
+    """Rows by index, encoded in request order; a corrupt image and a too-long sample become rejects (by id)."""
+    import pyarrow.parquet as pq
 
-    from mmrole.ray_data_ingest import EncodeRows
-    from mmrole.train.rows import decode_table
-    from mmrole.train.synthetic import sample_rows, write_prepared
+    from mmrole.train.row_encoder import RowEncoder
+    from mmrole.train.synthetic import write_prepared
 
     _, model_dir = tiny_encoder
-    prep = write_prepared(tmp_path / "prep", 5, corrupt=[1])
-    rows = sample_rows(5)
-    rows[1]["image"] = "corrupt_00001.png"
-    rows[3]["target"] = "word " * 2000  # cannot fit max_length even without history
-    actor = EncodeRows(
-        {"model_path": str(model_dir), "max_length": 512}, str(prep / "images"), str(tmp_path / "rej"), "train"
-    )
-    out = actor(pa.Table.from_pylist(rows))
-    assert [r["id"] for r in decode_table(out)] == ["syn_00000", "syn_00002", "syn_00004"]
-    none = actor(pa.Table.from_pylist([rows[1]]))
-    assert none.num_rows == 0 and none.schema == out.schema
+    prep = write_prepared(tmp_path / "prep", 6, corrupt=[1])
+    shard = next((prep / "train").glob("*.parquet"))
+    table = pq.read_table(shard)
+    targets = table.column("target").to_pylist()
+    targets[3] = "word " * 2000  # cannot fit max_length even without history
+    pq.write_table(table.set_column(table.schema.get_field_index("target"), "target", [targets]), shard)
+    enc = RowEncoder({"model_path": str(model_dir), "max_length": 512}, str(prep), "train", 5, str(tmp_path / "rej"))
+    assert enc.rows.n_rows == 5  # max_rows: the first rows in manifest order
+    out = enc.encode_rows([4, 3, 2, 1, 0])
+    assert [s["id"] for s in out.samples] == ["syn_00004", "syn_00002", "syn_00000"]
+    assert [(r["id"], r["stage"]) for r in out.rejected] == [("syn_00003", "too_long"), ("syn_00001", "image")]
+    assert out.rejected[0]["length"] > 512
     lines = [json.loads(x) for f in (tmp_path / "rej").glob("*.jsonl") for x in f.read_text().splitlines()]
     by_id = {r["id"]: r for r in lines}
     assert by_id["syn_00001"]["stage"] == "image" and "corrupt_00001.png" in by_id["syn_00001"]["reason"]
-    assert by_id["syn_00003"]["stage"] == "too_long"
-    assert len(lines) == 3  # the corrupt row twice (two calls), the long one once
+    assert len(lines) == 2
 
 
 # ----------------------------------------------------------------------------------------------- metrics/rejects

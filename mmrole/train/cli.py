@@ -32,6 +32,15 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from .finished import finished_run
+
+    done = finished_run(cfg)
+    if done is not None:  # checked before importing Ray/torch: a finished run answers at once
+        print(
+            f"[mmrole] run {cfg.run_name} is already complete: step {done['final_step']}, model "
+            f"{done['final_model']} ({cfg.run_dir}); nothing to do (change run_name or the config to train again)"
+        )
+        return 0
     from mmrole.ray_train import run_training  # imports ray/deepspeed/torch: only when actually training
 
     try:
