@@ -485,3 +485,107 @@ def test_relative_paths_refused_under_ray_job_submit(monkeypatch):
     with pytest.raises(ValueError, match="output_dir"):
         _check_paths_for_cluster(cfg)
     _check_paths_for_cluster(TrainJobConfig.from_dict(base(output_dir="/shared/runs")))
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+def test_epoch_order_is_a_pure_function_and_resume_continues_the_prefix():
+    from mmrole.train.data_order import epoch_permutation, micro_batches_left, rank_micro_batches
+
+    p0, p1 = epoch_permutation(50, 7, 0), epoch_permutation(50, 7, 1)
+    assert np.array_equal(p0, epoch_permutation(50, 7, 0)) and not np.array_equal(p0, p1)
+    assert sorted(p0.tolist()) == list(range(50))
+
+    def share(world, rank, start=0):
+        return list(rank_micro_batches(50, 7, 0, start, world, rank, micro_batch=3))
+
+    # 2 ranks: equal shares, disjoint, and after each micro-batch round the consumed rows are a prefix.
+    a, b = share(2, 0), share(2, 1)
+    assert len(a) == len(b) == micro_batches_left(50, 0, 2, 3) == 9
+    for mb_a, mb_b in zip(a, b):
+        assert mb_a.end_position == mb_b.end_position
+        consumed = {r for m in a[: a.index(mb_a) + 1] + b[: b.index(mb_b) + 1] for r in m.rows}
+        assert consumed == set(p0[: mb_a.end_position].tolist())
+    # Stopped after 4 rounds and resumed at the same world size: exactly the rows of the uninterrupted run.
+    pos = a[3].end_position
+    assert share(2, 0, pos) == a[4:] and share(2, 1, pos) == b[4:]
+    # Elastic: resumed at 3 ranks, no row of the epoch is trained twice.
+    before = {r for m in a[:4] + b[:4] for r in m.rows}
+    after = [r for rank in range(3) for m in share(3, rank, pos) for r in m.rows]
+    assert len(after) == len(set(after)) and not before & set(after)
+    assert len(before) + len(after) >= 50 - 3  # at most world-1 rows left over
+
+
+# ----------------------------------------------------------------------------------------------- fail fast
+
+
+def test_preflight_refuses_a_run_whose_rows_are_all_too_long(tiny_encoder, tmp_path, capsys):
+    """Every row longer than model.max_length: the run fails before Ray starts, "ok": false, naming the reason and
+    the key to change; the token-length figures are printed."""
+    import time
+
+    from mmrole.ray_train import run_training
+    from mmrole.train.synthetic import write_prepared
+
+    _, model_dir = tiny_encoder
+    prep = write_prepared(tmp_path / "prep", 40)
+    cfg = TrainJobConfig.from_dict(
+        base(
+            run_name="toolong",
+            output_dir=str(tmp_path / "runs"),
+            model={"model_path": str(model_dir), "max_length": 24},
+            data={"prepared": str(prep)},
+            train={"global_batch_size": 4, "micro_batch_size": 2},
+            scaling={"num_workers": 2},
+        )
+    )
+    t0 = time.time()
+    s = run_training(cfg, quiet=True)
+    assert time.time() - t0 < 60
+    assert not s.ok and s.final_model is None
+    assert "too_long" in s.error and "model.max_length" in s.error and "40 of the first 40" in s.error
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["ok"] is False and summary["error"] == s.error
+    assert "token lengths of the first 40 rows (max_length 24)" in capsys.readouterr().out
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_reject_verdict_cap_and_zero_steps():
+    from mmrole.train.preflight import reject_verdict
+
+    assert reject_verdict(10, 100, {"image": 5}, 0.05) is None
+    msg = reject_verdict(10, 100, {"too_long": 6, "image": 1}, 0.05)
+    assert "7 of 100 rows rejected" in msg and "'too_long'" in msg and "model.max_length" in msg
+    assert "trained 0 steps" in reject_verdict(0, 100, {}, 0.05)
+
+
+def test_finished_run_answers_without_starting_ray(tmp_path):
+    """Re-running a finished command: the driver sees summary.json/final.json and returns at once (no Ray)."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = TrainJobConfig.from_dict(base(run_name="done", output_dir=str(tmp_path / "runs")))
+    run = cfg.run_dir
+    (run / "checkpoints" / "step_00000004" / "hf").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "final.json").write_text(json.dumps({"step": 4, "hf_model": str(run / "checkpoints/step_00000004/hf")}))
+    (run / "summary.json").write_text(json.dumps({"ok": True, "final_step": 4, "final_model": str(run / "fm")}))
+    conf = tmp_path / "c.yaml"
+    conf.write_text(cfg.to_yaml())
+    code = (
+        "import sys; from mmrole.train.cli import main; rc = main(['--config', sys.argv[1]]); "
+        "print('imported:', sorted(m for m in ('ray', 'torch', 'deepspeed') if m in sys.modules)); sys.exit(rc)"
+    )
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code, str(conf)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "already complete: step 4" in out.stdout and "imported: []" in out.stdout
+    assert time.time() - t0 < 20  # under 5 s on an idle machine: no Ray, no torch
+    (run / "config.yaml").write_text(cfg.to_yaml().replace("lr: 1.0e-05", "lr: 2.0e-05"))
+    from mmrole.train.finished import finished_run
+
+    assert finished_run(cfg) is None  # another config: not the same run, train
