@@ -215,6 +215,11 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
             f"{cfg.data.prepared} [{cfg.split}]: {source.n_rows} rows make no optimizer step with a "
             f"global batch of {geo.global_batch_size}; lower train.global_batch_size or add data"
         )
+    from mmrole.models.processor import resolve_family, resolve_model_paths
+    from mmrole.train.packing import pack_samples
+
+    family = resolve_family(resolve_model_paths(cfg.model.model_path)[1], cfg.model.family, cfg.model.trust_remote_code)
+    print(f"[mmrole] packing: {'on' if pack_samples(cfg, family) else 'off'} ({family})", flush=True)
     try:
         _preflight(cfg, source.n_rows)
     except PreflightError as e:

@@ -31,6 +31,7 @@ from mmrole.train.config import TrainJobConfig, batch_geometry, total_optimizer_
 from mmrole.train.data_order import MicroBatchPlan, rank_micro_batches
 from mmrole.train.ds_config import build_deepspeed_config, resolve_precision, split_decay
 from mmrole.train.metrics import MetricsSink, StepStats, progress_line
+from mmrole.train.packing import pack_samples, packed_batch
 from mmrole.train.rejects import REJECTS_DIR
 from mmrole.train.rows import batch_token_counts
 from mmrole.train.schedule import make_schedule
@@ -166,6 +167,7 @@ class SFTRecipe:
             dist_init_required=False,
         )
         self._resume(plan)
+        self.packing = pack_samples(self.cfg, self.vlm.family)
         self.build_s = time.time() - t_build
 
     def _build_model(self, weights_from: Optional[Path]):
@@ -256,6 +258,7 @@ class SFTRecipe:
             micro_batch=self.geo.micro_batch_size,
             total_steps=self.total_steps,
             precision=self.precision,
+            packing=self.packing,
             zero_stage=self.cfg.train.zero_stage,
             device=str(self.device),
             model_build_s=round(self.build_s, 2),
@@ -317,6 +320,14 @@ class SFTRecipe:
         while buffered:
             yield buffered.pop(0)
 
+    def model_batch(self, rows: list[dict]) -> dict:
+        """Encoded samples -> one model batch: packed rows (``data.packing``) or right-padded samples."""
+        if self.packing:
+            return packed_batch(self.vlm, rows, self.cfg.model.max_length)
+        batch = self.vlm.pad_batch(rows)
+        batch.pop("id", None)
+        return batch
+
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, micro: list[list[dict]]) -> StepTotals:
         """Forward/backward over this rank's ``micro`` (one list of encoded samples per micro-batch; an empty list
@@ -330,8 +341,7 @@ class SFTRecipe:
         totals = StepTotals()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for rows in micro:
-            batch = self.vlm.to_device(self.vlm.pad_batch(rows or [self.encoders.filler]))
-            batch.pop("id", None)
+            batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
             summed = summed_token_loss(engine, batch)
             if not rows:
                 summed = summed * 0.0

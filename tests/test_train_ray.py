@@ -134,7 +134,7 @@ def _rows_by_step(run_dir: Path) -> dict[int, list[str]]:
             r = json.loads(line)
             out[(r["step"], r["rank"])] = [i for ids in r["ids"] for i in ids]
     steps: dict[int, list[str]] = {}
-    for (step, rank), ids in sorted(out.items()):
+    for (step, _rank), ids in sorted(out.items()):
         steps.setdefault(step, []).extend(ids)
     return steps
 

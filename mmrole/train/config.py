@@ -35,6 +35,9 @@ class DataSettings:
     # Fail fast: rows encoded on the driver before Ray starts (token-length figures; a run whose first rows are
     # all rejected stops here), and the largest share of rejected rows a run may have and still be "ok".
     preflight_rows: int = 256
+    # Pack each micro-batch's samples into rows of at most model.max_length tokens (no attention across samples);
+    # null = on where the model family supports it (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), true = required.
+    packing: Optional[bool] = None
     max_reject_ratio: float = 0.05
 
 
