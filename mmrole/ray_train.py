@@ -171,6 +171,39 @@ def _preflight(cfg: TrainJobConfig, n_rows: int) -> None:
     check_preflight(rep, cfg.data.max_reject_ratio)
 
 
+def memory_estimate(cfg: TrainJobConfig, gpus_per_node: int = 8) -> str:
+    """DeepSpeed's per-GPU estimate of model-state memory (params, grads, Adam) for this model, ZeRO stage and
+    world size; the model is built on the meta device (no weights read)."""
+    import contextlib
+    import io
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mmrole.models.processor import resolve_model_paths
+
+    base = resolve_model_paths(cfg.model.model_path)[1]
+    hf_cfg = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    world = cfg.scaling.num_workers
+    per_node = min(world, gpus_per_node)
+    nodes = -(-world // per_node)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if cfg.train.zero_stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+
+            estimate_zero3_model_states_mem_needs_all_cold(total, largest, per_node, nodes)
+        else:
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+            estimate_zero2_model_states_mem_needs_all_cold(total, per_node, nodes)
+    return out.getvalue().strip()
+
+
 def _fail(run_dir: Path, t_start: float, counts: dict, error: str) -> TrainSummary:
     summary = TrainSummary(ok=False, run_dir=str(run_dir), counts=counts, wall_s=round(time.time() - t_start, 2))
     summary.error = error
@@ -220,6 +253,8 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
 
     family = resolve_family(resolve_model_paths(cfg.model.model_path)[1], cfg.model.family, cfg.model.trust_remote_code)
     print(f"[mmrole] packing: {'on' if pack_samples(cfg, family) else 'off'} ({family})", flush=True)
+    if cfg.scaling.use_gpu:
+        print("[mmrole] DeepSpeed memory estimate:\n" + memory_estimate(cfg), flush=True)
     try:
         _preflight(cfg, source.n_rows)
     except PreflightError as e:

@@ -129,6 +129,7 @@ class SFTRecipe:
         self.encoders = None
         self.last_metrics: dict = {}
         self.resume_plan: Optional[ckpt.ResumePlan] = None
+        self.hf_ds_config = None
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,9 +152,19 @@ class SFTRecipe:
         dist.barrier()
 
         t_build = time.time()
+        ds_config = build_deepspeed_config(self.cfg.train, self.geo, self.device.type)
+        self.hf_ds_config = None
+        if self.cfg.train.zero_stage == 3:
+            # transformers' DeepSpeed integration: from_pretrained builds the model inside deepspeed.zero.Init, so
+            # every parameter is partitioned as it is created and no rank ever holds the full weights.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay referenced while the model is built
         weights_from = plan.checkpoint / ckpt.HF_DIR if plan.mode == "weights" else None
         self.vlm = self._build_model(weights_from)
-        self.trainable = self.vlm.num_parameters(trainable_only=True)  # before ZeRO-3 partitions the parameters
+        params = [p for p in self.vlm.model.parameters() if p.requires_grad]
+        self.trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+        self.partitioned_at_build = bool(params) and all(hasattr(p, "ds_id") for p in params)
         opt, groups = self._optimizer()
         schedule = self.schedule
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -163,7 +174,7 @@ class SFTRecipe:
             # A plain function, not the schedule object: LambdaLR checkpoints the attributes of callable objects
             # and would restore the old schedule; this way a resumed run follows the current config's schedule.
             lr_scheduler=lambda o: LambdaLR(o, lambda step: schedule(step)),
-            config=build_deepspeed_config(self.cfg.train, self.geo, self.device.type),
+            config=ds_config,
             dist_init_required=False,
         )
         self._resume(plan)
@@ -263,6 +274,7 @@ class SFTRecipe:
             device=str(self.device),
             model_build_s=round(self.build_s, 2),
             trainable_params=self.trainable,
+            partitioned_at_build=self.partitioned_at_build,
             n_rows=self.n_rows,
         )
         if plan is not None and plan.checkpoint is not None:
@@ -525,6 +537,11 @@ class SFTRecipe:
             self.report({"step": latest.step, "checkpoint": str(latest.path), "already_complete": True}, latest.path)
 
     def close(self) -> None:
+        if self.hf_ds_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self.hf_ds_config = None
         if self.encoders is not None:
             self.encoders.close()
         if self.sink is not None:

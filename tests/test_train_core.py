@@ -99,6 +99,7 @@ def test_missing_file_and_required_keys(tmp_path):
         "agent_7b_8gpu.yaml",
         "reward_model_7b_8gpu.yaml",
         "agent_7b_lora_1gpu.yaml",
+        "agent_32b_16gpu.yaml",
     ],
 )
 def test_shipped_configs_load(name):
@@ -113,6 +114,22 @@ def test_shipped_configs_load(name):
         assert cfg.model.lora is not None and cfg.scaling.num_workers == 1
     if name.startswith("smoke"):
         assert cfg.train.zero_stage == 2 and cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+    if "32b" in name:
+        t = cfg.train
+        assert cfg.scaling.num_workers == 16 and t.zero_stage == 3 and t.precision == "bf16"
+        assert batch_geometry(t.global_batch_size, t.micro_batch_size, 16).grad_accum == 16
+        ds = build_deepspeed_config(t, batch_geometry(256, 1, 16), "cuda")
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["train_batch_size"] == 256
+
+
+def test_memory_estimate_for_a_16_gpu_run(tiny_encoder):
+    """DeepSpeed's estimator on the meta-device model: per-GPU figures for 2 nodes x 8 GPUs."""
+    from mmrole.ray_train import memory_estimate
+
+    _, model_dir = tiny_encoder
+    cfg = load_config(CONFIGS / "agent_32b_16gpu.yaml", [f"model.model_path={model_dir}"])
+    text = memory_estimate(cfg)
+    assert "per GPU" in text and "2 nodes, 8 GPUs per node" in text
 
 
 # ----------------------------------------------------------------------------------------------- schedule/geometry

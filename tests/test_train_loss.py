@@ -86,7 +86,15 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
         micro = [recipe.encoders.local.encode_rows(rows).samples for rows in micro_rows[rank]]
         totals = recipe.train_step(micro)
         gn = float(recipe.engine.get_global_grad_norm())
-        out.append({"loss": totals.loss_sum, "grad_norm": gn, "samples": totals.samples})
+        out.append(
+            {
+                "loss": totals.loss_sum,
+                "grad_norm": gn,
+                "samples": totals.samples,
+                "partitioned": recipe.partitioned_at_build,
+                "packing": recipe.packing,
+            }
+        )
         recipe.close()
     if rank == 0:
         Path(result_dir, f"world{world}.json").write_text(json.dumps(out))
@@ -107,14 +115,14 @@ def test_ranks_and_accumulation_give_the_same_step(tiny_models, tmp_path):
 
     prep, samples = _encoded(tiny_models, tmp_path)
 
-    def cfg(name: str, world: int, micro: int) -> dict:
+    def cfg(name: str, world: int, micro: int, zero: int = 2) -> dict:
         return TrainJobConfig.from_dict(
             {
                 "run_name": name,
                 "output_dir": str(tmp_path / "runs"),
                 "model": {"model_path": tiny_models["agent"], "max_length": 512},
                 "data": {"prepared": str(prep), "encode_actors": 0},
-                "train": {"global_batch_size": 8, "micro_batch_size": micro, "zero_stage": 2, "grad_clip": 0.0},
+                "train": {"global_batch_size": 8, "micro_batch_size": micro, "zero_stage": zero, "grad_clip": 0.0},
                 "scaling": {"num_workers": world},
             }
         ).to_dict()
@@ -124,6 +132,7 @@ def test_ranks_and_accumulation_give_the_same_step(tiny_models, tmp_path):
     one = [
         (cfg("a4", 1, 2), [[[0, 1], [2, 3], [4, 5], [6, 7]]]),
         (cfg("a1", 1, 8), [[ROWS]]),
+        (cfg("z3", 1, 2, zero=3), [[[0, 1], [2, 3], [4, 5], [6, 7]]]),
     ]
     two = [(cfg("w2", 2, 2), [[[0, 1], [2, 3]], [[4, 5], [6, 7]]])]
     mp.spawn(_recipe_worker, args=(1, _free_port(), one, str(tmp_path)), nprocs=1, join=True)
@@ -132,9 +141,12 @@ def test_ranks_and_accumulation_give_the_same_step(tiny_models, tmp_path):
     r2 = json.loads((tmp_path / "world2.json").read_text())
     ref = r1[1]
     assert ref["samples"] == 8 and r1[0]["samples"] == 8 and r2[0]["samples"] == 8
-    for r in (r1[0], r2[0]):
+    for r in (r1[0], r2[0], r1[2]):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+    assert all(r["packing"] for r in r1 + r2)  # Qwen2.5-VL packs by default
+    # ZeRO-3 builds the model inside deepspeed.zero.Init: every parameter is partitioned from the start.
+    assert r1[2]["partitioned"] and not r1[0]["partitioned"]
 
 
 def test_packed_batch_gives_the_same_loss_and_grads(tiny_models, tmp_path):

@@ -60,6 +60,9 @@ class TrainSettings:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # Gradient accumulation dtype for bf16 runs: fp32 (DeepSpeed data_types.grad_accum_dtype; ZeRO-1/3 accumulate
+    # in fp32; ZeRO-2 in DeepSpeed 0.19 reduces in the model dtype into fp32 partitions) or "model" (bf16).
+    grad_accum_dtype: str = "fp32"
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeedCPUAdam; JIT-builds cpu_adam)
     seed: int = 0
     log_every: int = 1  # optimizer steps between progress lines (metrics.jsonl gets every step)
@@ -161,6 +164,7 @@ def validate(c: TrainJobConfig) -> None:
     need(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+    need(t.grad_accum_dtype in ("fp32", "model"), "train.grad_accum_dtype", "must be fp32 or model")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
     need(not (t.offload_optimizer and t.zero_stage == 0), "train.offload_optimizer", "needs zero_stage >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
