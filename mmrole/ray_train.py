@@ -61,6 +61,7 @@ class TrainSummary:
     counts: dict = field(default_factory=dict)
     wall_s: float = 0.0
     error: Optional[str] = None
+    eval_loss: Optional[float] = None  # validation loss at the end (data.eval_rows)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -242,8 +243,11 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
         print(f"[mmrole] created a random-weight tiny {cfg.tiny_model} model at {cfg.model.model_path}", flush=True)
 
     source = ingest.resolve_source(cfg.data.prepared, cfg.split, cfg.data.max_rows)
+    n_train = source.n_rows - cfg.data.eval_rows
+    if n_train < 1:
+        raise ConfigError(f"data.eval_rows: {cfg.data.eval_rows} leaves no rows to train on ({source.n_rows} selected)")
     geo = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.scaling.num_workers)
-    if total_optimizer_steps(source.n_rows, cfg.train.epochs, geo, cfg.train.max_steps) == 0:
+    if total_optimizer_steps(n_train, cfg.train.epochs, geo, cfg.train.max_steps) == 0:
         raise ValueError(
             f"{cfg.data.prepared} [{cfg.split}]: {source.n_rows} rows make no optimizer step with a "
             f"global batch of {geo.global_batch_size}; lower train.global_batch_size or add data"
@@ -271,7 +275,7 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     )
     trainer = (EmbeddedTorchTrainer if embedded else TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "n_rows": source.n_rows},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "n_rows": n_train},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -301,7 +305,9 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     }
     if error is None:
         error = reject_verdict(final.step if final else 0, source.n_rows, by_stage, cfg.data.max_reject_ratio)
+    evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
     summary = TrainSummary(
+        eval_loss=evals[-1] if evals else None,
         ok=error is None,
         run_dir=str(run_dir),
         final_step=final.step if final else 0,

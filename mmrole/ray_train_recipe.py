@@ -115,7 +115,8 @@ class SFTRecipe:
     def __init__(self, cfg: TrainJobConfig, run_dir: Path, n_rows: int, worker: WorkerInfo):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.n_rows = int(n_rows)
+        self.n_rows = int(n_rows)  # rows trained on per epoch; the next data.eval_rows rows are held out
+        self.n_eval = int(cfg.data.eval_rows)
         self.rank, self.world, self.device = worker.rank, worker.world, worker.device
         self.report = worker.report
         t = cfg.train
@@ -253,7 +254,7 @@ class SFTRecipe:
             model=self.cfg.model.to_dict(),
             prepared=d.prepared,
             split=self.cfg.split,
-            max_rows=d.max_rows,
+            max_rows=self.n_rows + self.n_eval,
             rejects_dir=str(self.run_dir / REJECTS_DIR),
         )
 
@@ -375,6 +376,43 @@ class SFTRecipe:
         summed_totals.loss_sum = summed_totals.loss_sum / max(num_tokens, 1)  # now the token-weighted mean
         return summed_totals
 
+    # ---- validation ------------------------------------------------------------------------------------------------
+    def evaluate(self) -> Optional[dict]:
+        """Token-weighted loss on the held-out rows (each rank a fixed strided share; collective)."""
+        if self.n_eval <= 0:
+            return None
+        mb = self.cfg.train.micro_batch_size
+        mine = list(range(self.n_rows + self.rank, self.n_rows + self.n_eval, self.world))
+        mine = mine[: self.n_eval // self.world]  # equal counts: every rank runs the same forward passes
+        plans = [MicroBatchPlan(-1, tuple(mine[i : i + mb]), 0) for i in range(0, len(mine), mb)]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = samples = 0
+        self.engine.eval()
+        with torch.no_grad():
+            for _, encoded in self.encoders.encode(iter(plans)):
+                rows = encoded.samples
+                batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
+                summed = summed_token_loss(self.engine, batch).double()
+                if rows:
+                    loss_sum += summed
+                    tokens += sum(count_target_tokens(s["labels"]) for s in rows)
+                    samples += len(rows)
+        self.engine.train()
+        t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+        t = torch.cat([t, torch.tensor([float(samples)], dtype=torch.float64, device=self.device)])
+        dist.all_reduce(t)
+        total_loss, total_tokens, total_samples = t.tolist()
+        rec = {
+            "step": self.pos.step,
+            "eval_loss": total_loss / max(total_tokens, 1.0),
+            "eval_samples": int(total_samples),
+            "eval_target_tokens": int(total_tokens),
+        }
+        if self.rank == 0 and self.sink is not None:
+            self.sink.write(rec)
+            say(f"[mmrole] eval at step {rec['step']}: loss {rec['eval_loss']:.4f} ({rec['eval_samples']} samples)")
+        return rec
+
     # ---- loop ------------------------------------------------------------------------------------------------------
     def train(self) -> None:
         """Steps until ``total_steps`` or the data of the last epoch runs out; checkpoints every N steps."""
@@ -403,6 +441,9 @@ class SFTRecipe:
             self._log_step(totals, lr, time.time() - t_step, wait / self.world)
             pending = []
             self._maybe_kill()
+            every = self.cfg.train.eval_every
+            if every and pos.step % every == 0 and pos.step < self.total_steps:
+                self.evaluate()
             if pos.step % self.cfg.checkpoint.every_steps == 0 or pos.step >= self.total_steps:
                 self.save()
             t_step = time.time()
@@ -527,6 +568,8 @@ class SFTRecipe:
         """Save what the last steps trained (data ran out before ``total_steps``), log the end, close."""
         if self.pos.step > self.pos.last_saved:
             self.save()
+        if self.last_metrics:  # this attempt trained: the final validation loss
+            self.evaluate()
         if self.rank == 0 and self.sink is not None:
             self.sink.event(
                 "end", step=self.pos.step, total_steps=self.total_steps, epoch=self.pos.epoch, world=self.world

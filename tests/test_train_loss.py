@@ -21,7 +21,7 @@ def _encoded(tiny_models, tmp_path):
     from mmrole.train.row_encoder import RowEncoder
     from mmrole.train.synthetic import write_prepared
 
-    prep = write_prepared(tmp_path / "prep", 8, seed=3)
+    prep = write_prepared(tmp_path / "prep", 12, seed=3)  # rows 8-11: held out for validation
     enc = RowEncoder({"model_path": tiny_models["agent"], "max_length": 512}, str(prep), "train")
     return prep, enc.encode_rows(ROWS).samples
 
@@ -86,6 +86,7 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
         micro = [recipe.encoders.local.encode_rows(rows).samples for rows in micro_rows[rank]]
         totals = recipe.train_step(micro)
         gn = float(recipe.engine.get_global_grad_norm())
+        ev = recipe.evaluate()
         out.append(
             {
                 "loss": totals.loss_sum,
@@ -93,6 +94,8 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
                 "samples": totals.samples,
                 "partitioned": recipe.partitioned_at_build,
                 "packing": recipe.packing,
+                "eval_loss": ev["eval_loss"],
+                "eval_samples": ev["eval_samples"],
             }
         )
         recipe.close()
@@ -121,7 +124,7 @@ def test_ranks_and_accumulation_give_the_same_step(tiny_models, tmp_path):
                 "run_name": name,
                 "output_dir": str(tmp_path / "runs"),
                 "model": {"model_path": tiny_models["agent"], "max_length": 512},
-                "data": {"prepared": str(prep), "encode_actors": 0},
+                "data": {"prepared": str(prep), "encode_actors": 0, "eval_rows": 4},
                 "train": {"global_batch_size": 8, "micro_batch_size": micro, "zero_stage": zero, "grad_clip": 0.0},
                 "scaling": {"num_workers": world},
             }
@@ -144,7 +147,11 @@ def test_ranks_and_accumulation_give_the_same_step(tiny_models, tmp_path):
     for r in (r1[0], r2[0], r1[2]):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
-    assert all(r["packing"] for r in r1 + r2)  # Qwen2.5-VL packs by default
+    assert all(r["packing"] for r in r1 + r2)
+    # Validation on the 4 held-out rows (1 rank: 4; 2 ranks: 2 each): the same token-weighted loss.
+    assert all(r["eval_samples"] == 4 for r in r1 + r2)
+    for r in (r1[0], r2[0], r1[2]):
+        assert r["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-4)  # Qwen2.5-VL packs by default
     # ZeRO-3 builds the model inside deepspeed.zero.Init: every parameter is partitioned from the start.
     assert r1[2]["partitioned"] and not r1[0]["partitioned"]
 

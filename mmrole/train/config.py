@@ -38,6 +38,9 @@ class DataSettings:
     # Pack each micro-batch's samples into rows of at most model.max_length tokens (no attention across samples);
     # null = on where the model family supports it (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), true = required.
     packing: Optional[bool] = None
+    # Validation: the last ``eval_rows`` of the selected rows are held out of training and give an eval loss every
+    # train.eval_every steps and at the end (0 = no validation).
+    eval_rows: int = 0
     max_reject_ratio: float = 0.05
 
 
@@ -66,6 +69,7 @@ class TrainSettings:
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeedCPUAdam; JIT-builds cpu_adam)
     seed: int = 0
     log_every: int = 1  # optimizer steps between progress lines (metrics.jsonl gets every step)
+    eval_every: int = 0  # optimizer steps between validation losses (0 = at the end only); needs data.eval_rows
 
 
 @dataclass
@@ -185,6 +189,8 @@ def validate(c: TrainJobConfig) -> None:
     need(c.data.encode_actors >= 0, "data.encode_actors", "must be >= 0 (0 = encode in the worker)")
     need(c.data.encode_num_cpus > 0, "data.encode_num_cpus", "must be > 0")
     need(c.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    need(c.data.eval_rows >= 0, "data.eval_rows", "must be >= 0")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
     need(c.data.preflight_rows >= 0, "data.preflight_rows", "must be >= 0")
     need(0 <= c.data.max_reject_ratio <= 1, "data.max_reject_ratio", "must be in [0, 1]")
     need(c.data.max_rows is None or c.data.max_rows >= 1, "data.max_rows", "must be >= 1 or null")
