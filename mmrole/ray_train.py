@@ -91,12 +91,12 @@ def _prepare_env(cfg: TrainJobConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
-def _init_ray(cfg: TrainJobConfig) -> None:
+def _init_ray(cfg: TrainJobConfig, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     from mmrole.ray_env import init_ray
 
-    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, log_to_driver=log_to_driver)
 
 
 class EmbeddedTorchTrainer(TorchTrainer):
@@ -213,8 +213,11 @@ def _fail(run_dir: Path, t_start: float, counts: dict, error: str) -> TrainSumma
     return summary
 
 
-def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
-    """Train per ``cfg`` on an embedded local Ray (or the cluster at ``ray.address`` / $RAY_ADDRESS)."""
+def run_training(cfg: TrainJobConfig, *, quiet: bool = False, verbose: bool = True) -> TrainSummary:
+    """Train per ``cfg`` on an embedded local Ray (or the cluster at ``ray.address`` / $RAY_ADDRESS).
+
+    ``quiet``: do not print the resolved config. ``verbose=False``: Ray/DeepSpeed/transformers output and the
+    workers' lines go to Ray's log files; the console gets our own lines and a progress bar."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from mmrole import ray_data_ingest as ingest
@@ -264,7 +267,13 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     except PreflightError as e:
         return _fail(run_dir, t_start, {"in": source.n_rows}, str(e))
     embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    _init_ray(cfg)
+    if not verbose:
+        from mmrole.console import setup_console
+
+        setup_console(verbose)
+    _init_ray(cfg, log_to_driver=verbose)
+    if not verbose:
+        print("[mmrole] worker output: Ray's session logs (e.g. /tmp/ray/session_latest/logs); --verbose shows it")
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -287,8 +296,14 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False) -> TrainSummary:
     )
     error = None
     _prune_commit_records(run_dir)
+    from mmrole.train.progress import MetricsFollower
+
     try:
-        trainer.fit()
+        if verbose:
+            trainer.fit()
+        else:
+            with MetricsFollower(run_dir):
+                trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: summarise what was committed, then fail
         error = f"{type(e).__name__}: {e}"
     _prune_commit_records(run_dir)

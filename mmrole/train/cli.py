@@ -17,6 +17,9 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     )
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show Ray, DeepSpeed and worker output (default: progress lines only)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = ap.parse_args(argv)
     try:
@@ -44,7 +47,11 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     from mmrole.ray_train import run_training  # imports ray/deepspeed/torch: only when actually training
 
     try:
-        summary = run_training(cfg)
+        if not args.verbose:
+            from mmrole.console import setup_console
+
+            setup_console(False)
+        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose)
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
         print(f"config error: {e}", file=sys.stderr)
         return 2
