@@ -342,7 +342,7 @@ class SFTRecipe:
         return batch
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
-    def train_step(self, micro: list[list[dict]]) -> StepTotals:
+    def train_step(self, micro: list[list[dict]], data_wait_s: float = 0.0) -> StepTotals:
         """Forward/backward over this rank's ``micro`` (one list of encoded samples per micro-batch; an empty list
         runs a filler sample with zero weight) and the optimizer step. Returns the totals summed over ranks."""
         if len(micro) != self.geo.grad_accum:
@@ -351,7 +351,7 @@ class SFTRecipe:
         local_tokens = sum(count_target_tokens(s["labels"]) for rows in micro for s in rows)
         num_tokens = int(allreduce_sum([local_tokens], self.device)[0])  # before any forward pass
         scale = backward_scale(self.world, num_tokens)
-        totals = StepTotals()
+        totals = StepTotals(data_wait_s=data_wait_s)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for rows in micro:
             batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
@@ -431,14 +431,13 @@ class SFTRecipe:
             if len(pending) < g:
                 continue
             lr = self.optimizer.param_groups[0]["lr"]
-            totals = self.train_step([mb.samples for mb in pending])
-            wait = allreduce_sum([sum(mb.wait_s for mb in pending)], self.device)[0]
+            totals = self.train_step([mb.samples for mb in pending], sum(mb.wait_s for mb in pending))
             last = pending[-1].plan
             pos.step += 1
             pos.epoch, pos.epoch_position = last.epoch, last.end_position
             pos.samples_seen += totals.samples
             self._log_rows(pending)
-            self._log_step(totals, lr, time.time() - t_step, wait / self.world)
+            self._log_step(totals, lr, time.time() - t_step, totals.data_wait_s / self.world)
             pending = []
             self._maybe_kill()
             every = self.cfg.train.eval_every
