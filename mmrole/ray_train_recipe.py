@@ -538,13 +538,14 @@ class SFTRecipe:
             self.report(self.last_metrics | {"step": pos.step, "checkpoint": str(final)}, final)
         if self.rank == 0:
             deleted = ckpt.apply_rotation(self.run_dir, cfg.checkpoint.num_to_keep, protect=[final])
-            self.sink.event(
-                "checkpoint",
-                step=pos.step,
-                path=str(final),
-                seconds=round(time.time() - t0, 3),
-                deleted=[p.name for p in deleted],
-            )
+            if self.sink is not None:
+                self.sink.event(
+                    "checkpoint",
+                    step=pos.step,
+                    path=str(final),
+                    seconds=round(time.time() - t0, 3),
+                    deleted=[p.name for p in deleted],
+                )
             say(f"[mmrole] checkpoint step {pos.step} committed: {final} ({time.time() - t0:.1f}s)")
         pos.last_saved = pos.step
         return final
