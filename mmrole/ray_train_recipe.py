@@ -92,20 +92,24 @@ def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def gather_full_state_dict(module: torch.nn.Module, rank: int) -> Optional[dict]:
     """A full state dict on rank 0 from ZeRO-3 partitioned parameters, one module's parameters at a time (public
-    ``deepspeed.zero.GatheredParameters``), so no rank ever holds all the weights at once on the device.
-    Collective: every rank must call it."""
+    ``deepspeed.zero.GatheredParameters``), so no rank ever holds all the weights at once on the device. Keys are
+    those of ``module.state_dict()`` (what ``save_pretrained`` expects). Collective: every rank must call it."""
+    keys: dict[int, list[str]] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        keys.setdefault(id(t), []).append(name)
     out: Optional[dict] = {} if rank == 0 else None
-    for prefix, sub in module.named_modules():
-        params = list(sub.named_parameters(recurse=False))
+    for sub in module.modules():
+        params = list(sub.parameters(recurse=False))
         if params:
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if out is not None:
-                    for name, p in params:
-                        out[f"{prefix}.{name}" if prefix else name] = p.detach().to("cpu", copy=True)
+                    for p in params:
+                        for k in keys.get(id(p), []):
+                            out[k] = p.detach().to("cpu", copy=True)
         if out is not None:
-            for name, b in sub.named_buffers(recurse=False):
-                if name not in sub._non_persistent_buffers_set:
-                    out[f"{prefix}.{name}" if prefix else name] = b.detach().to("cpu", copy=True)
+            for b in sub.buffers(recurse=False):
+                for k in keys.get(id(b), []):
+                    out[k] = b.detach().to("cpu", copy=True)
     return out
 
 
@@ -156,6 +160,9 @@ class SFTRecipe:
         ds_config = build_deepspeed_config(self.cfg.train, self.geo, self.device.type)
         self.hf_ds_config = None
         if self.cfg.train.zero_stage == 3:
+            # zero.Init needs DeepSpeed's communication layer before deepspeed.initialize would set it up: wrap the
+            # process group Ray Train already created (no second init).
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
             # transformers' DeepSpeed integration: from_pretrained builds the model inside deepspeed.zero.Init, so
             # every parameter is partitioned as it is created and no rank ever holds the full weights.
             from transformers.integrations import HfDeepSpeedConfig
@@ -560,7 +567,10 @@ class SFTRecipe:
             out.mkdir(parents=True, exist_ok=True)
             kw: dict = {"safe_serialization": True}
             if state_dict is not None:
-                kw["state_dict"] = state_dict
+                # Gathered keys are the module's own; transformers 5's reverse renaming (original checkpoint
+                # format) mis-maps them for a model built under zero.Init, so they are written as they are
+                # (from_pretrained reads both layouts).
+                kw.update(state_dict=state_dict, save_original_format=False)
             self.engine.module.save_pretrained(out, **kw)
             save_processor(self.vlm.processor, out)
 
