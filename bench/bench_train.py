@@ -63,7 +63,7 @@ class MemoryMonitor:
     def role(cmd: str) -> str:
         if "RayTrainWorker" in cmd:
             return "train_worker"
-        if "MapWorker" in cmd or "EncodeRows" in cmd:
+        if "MapWorker" in cmd or "RowEncoder" in cmd:
             return "encoder_actor"
         if any(k in cmd for k in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py")):
             return "ray_system"
@@ -172,7 +172,7 @@ def ray_run(
             f"scaling.num_workers={workers}",
             "checkpoint.every_steps=1000000",
             "train.log_every=1000000",
-            "data.local_shuffle_buffer=16",
+            "data.prefetch_batches=4",
         ],
     )
     import shutil

@@ -1,100 +1,26 @@
-"""Ray Data ingest for training: prepared Parquet shards -> decoded, encoded rows that stream to the train workers.
+"""Training data for Ray Train workers: each rank reads its fixed share of an epoch's row order
+(:mod:`mmrole.train.data_order`) and gets the rows encoded by CPU actors it owns (or in a thread of its own with
+``data.encode_actors: 0``).
 
-read_parquet (shard order shuffled, reseeded every epoch) -> map_batches(EncodeRows, actor pool on CPUs)
--> streaming_split to the train workers (each shuffles rows locally with a per-epoch seed)
-
-* Image decoding and the processor run in the CPU actor pool; train workers only pad and move tensors.
-* A row whose image cannot be decoded, or that does not fit ``max_length``, is written to the run's rejects
-  (id + reason) by the actor and left out; it never raises, and no block is dropped: ``max_errored_blocks`` stays
-  0, so any *other* error (a bug) fails the run loudly.
-* Rows leave the actors in the fixed Arrow layout of :mod:`mmrole.train.rows` (ragged arrays flattened + shapes).
+Requests go out ahead (``data.prefetch_batches`` micro-batches) and results are taken in submission order, so the
+rows of a rank's micro-batch are the same whatever the timing: a rerun, or a run resumed from a checkpoint, trains
+on exactly the same rows in the same order. Rejected rows (undecodable image, too long) are recorded by id in the
+run's rejects and left out of their micro-batch.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from mmrole.train.rejects import RejectWriter
-from mmrole.train.rows import encode_table, spec_from_encoded
-
-
-def _processor_paths(model: dict) -> tuple[str, str]:
-    """(processor dir, base model dir): an adapter dir without config.json trains on top of its base model."""
-    path = Path(model["model_path"])
-    base = str(path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or base
-    proc = str(path) if (path / "tokenizer_config.json").is_file() else base
-    return proc, base
-
-
-class EncodeRows:
-    """Ray Data actor: Parquet sample rows -> encoded rows (``with_target``: prompt + supervised answer).
-
-    Holds only the processor (no weights). Per-row problems become rejects; the output always has the same
-    schema, even when every row of a batch is rejected."""
-
-    def __init__(self, model: dict, images_root: str, rejects_dir: str, split: str, with_target: bool = True):
-        from PIL import Image
-
-        from mmrole.data.records import Sample
-        from mmrole.models.config import VLMConfig
-        from mmrole.models.encoding import SampleEncoder
-        from mmrole.models.processor import build_processor, resolve_family
-
-        cfg = VLMConfig.from_dict(model)
-        proc_path, base = _processor_paths(model)
-        family = resolve_family(base, cfg.family, cfg.trust_remote_code)
-        processor = build_processor(proc_path, family, cfg.min_pixels, cfg.max_pixels, cfg.trust_remote_code)
-        self.encoder = SampleEncoder(processor, family, cfg.max_length)
-        self.images_root = images_root
-        self.split = split
-        self.with_target = with_target
-        self.rejects = RejectWriter(rejects_dir, prefix=f"encode-{split}")
-        # Learn the output columns from a synthetic sample so that empty batches carry the same schema.
-        probe = Sample(
-            id="__probe__",
-            system="probe",
-            user_text="probe",
-            image="probe.png",
-            target="probe",
-            role="r",
-            other_role="o",
-            script="s",
-            dialogue_type="comment",
-            k=1,
-        )
-        self.spec = spec_from_encoded(self.encoder.encode(probe, Image.new("RGB", (64, 64)), with_target=with_target))
-        self.encoder.stats = type(self.encoder.stats)()  # the probe is not a real sample
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from mmrole.data.images import ImageError, load_image
-        from mmrole.data.records import Sample
-        from mmrole.models.encoding import SampleRejected, SampleTooLong
-
-        good = []
-        for row in batch.to_pylist():
-            sid = str(row.get("id"))
-            try:
-                image = load_image(self.images_root, row["image"], data=row.get("image_bytes"))
-            except ImageError as e:
-                self.rejects.write(sid, str(e), "image", image=row.get("image"), split=self.split)
-                continue
-            try:
-                good.append(self.encoder.encode(Sample.from_row(row), image, with_target=self.with_target))
-            except SampleTooLong as e:
-                self.rejects.write(sid, e.reason, "too_long", image=row.get("image"), split=self.split)
-            except SampleRejected as e:
-                self.rejects.write(sid, e.reason, "encode", image=row.get("image"), split=self.split)
-        return encode_table(good, self.spec)
+from mmrole.train.data_order import MicroBatchPlan
+from mmrole.train.row_encoder import EncodedRows, RowEncoder, ordered_prefetch
 
 
 @dataclass
@@ -134,52 +60,45 @@ def resolve_source(prepared: str, split: str, max_rows: Optional[int] = None) ->
     )
 
 
-def configure_data_context(progress_bars: Optional[bool] = None) -> None:
-    """Ray Data settings for training: never drop errored blocks (they would silently lose rows)."""
-    from ray.data import DataContext
+class RankEncoders:
+    """The encoders one train worker uses: ``n_actors`` Ray actors (round-robin), or a local thread when 0."""
 
-    ctx = DataContext.get_current()
-    ctx.max_errored_blocks = 0
-    if progress_bars is not None:
-        ctx.enable_progress_bars = progress_bars
+    def __init__(self, n_actors: int, num_cpus: float, depth: int, **encoder_kw):
+        self.depth = max(1, depth)
+        self.actors = []
+        self.local: Optional[RowEncoder] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        if n_actors > 0:
+            actor_cls = ray.remote(num_cpus=num_cpus)(RowEncoder)
+            self.actors = [actor_cls.remote(**encoder_kw) for _ in range(n_actors)]
+            self._filler = ray.get(self.actors[0].filler_sample.remote())
+        else:
+            self.local = RowEncoder(**encoder_kw)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmrole-encode")
+            self._filler = self.local.filler_sample()
+        self._next = 0
 
+    @property
+    def filler(self) -> dict:
+        return self._filler
 
-def build_dataset(
-    source: IngestSource,
-    model: dict,
-    rejects_dir: str,
-    *,
-    max_rows: Optional[int] = None,
-    shuffle_seed: Optional[int] = 0,
-    encode_batch_size: int = 16,
-    encode_concurrency: tuple[int, ...] = (1, 4),
-    encode_num_cpus: float = 1.0,
-    with_target: bool = True,
-) -> ray.data.Dataset:
-    """The streaming dataset of encoded training rows (lazy; executes once per epoch when iterated)."""
-    from ray.data import ActorPoolStrategy, FileShuffleConfig
+    def _submit(self, plan: MicroBatchPlan):
+        if self.local is not None:
+            return self._pool.submit(self.local.encode_rows, plan.rows)
+        actor = self.actors[self._next % len(self.actors)]
+        self._next += 1
+        return actor.encode_rows.remote(plan.rows)
 
-    configure_data_context()
-    # Shuffle that streams: a different, reproducible shard order every epoch (reseeded per execution), then rows
-    # are shuffled per epoch on each worker (local shuffle buffer). An all-to-all shuffle (random_shuffle or
-    # randomize_block_order) would have to read the whole split before the first row reaches a worker.
-    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(source.files, shuffle=shuffle)
-    if max_rows is not None:
-        ds = ds.limit(max_rows)
-    lo, hi = (encode_concurrency[0], encode_concurrency[-1])
-    compute = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
-    return ds.map_batches(
-        EncodeRows,
-        fn_constructor_kwargs=dict(
-            model=model,
-            images_root=source.images_root,
-            rejects_dir=str(rejects_dir),
-            split=source.split,
-            with_target=with_target,
-        ),
-        batch_size=encode_batch_size,
-        batch_format="pyarrow",
-        compute=compute,
-        num_cpus=encode_num_cpus,
-    )
+    def _get(self, handle) -> EncodedRows:
+        return handle.result() if self.local is not None else ray.get(handle)
+
+    def encode(self, plans: Iterator[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
+        """Encoded micro-batches in plan order, ``depth`` requests ahead."""
+        return ordered_prefetch(plans, self._submit, self._get, self.depth)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

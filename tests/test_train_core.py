@@ -43,7 +43,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
             "scaling.min_workers=1",
             "model.lora.r=16",
             "model.freeze_vision=true",
-            "data.encode_concurrency=[2, 3]",
+            "data.encode_actors=3",
             "train.max_steps=null",
             "checkpoint.every_steps=7",
         ],
@@ -51,7 +51,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)  # "2e-5" is a string to PyYAML
     assert cfg.run_name == "x" and cfg.train.betas == [0.9, 0.99] and cfg.scaling.min_workers == 1
     assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.model.freeze_vision is True
-    assert cfg.data.encode_concurrency == [2, 3] and cfg.checkpoint.every_steps == 7
+    assert cfg.data.encode_actors == 3 and cfg.checkpoint.every_steps == 7
     assert cfg.split == "train" and cfg.run_dir == Path("runs").resolve() / "x"
     # Round trip through YAML gives the same config.
     again = TrainJobConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
@@ -100,6 +100,7 @@ def test_missing_file_and_required_keys(tmp_path):
         "agent_7b_8gpu.yaml",
         "reward_model_7b_8gpu.yaml",
         "agent_7b_lora_1gpu.yaml",
+        "agent_32b_16gpu.yaml",
     ],
 )
 def test_shipped_configs_load(name):
@@ -114,6 +115,22 @@ def test_shipped_configs_load(name):
         assert cfg.model.lora is not None and cfg.scaling.num_workers == 1
     if name.startswith("smoke"):
         assert cfg.train.zero_stage == 2 and cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+    if "32b" in name:
+        t = cfg.train
+        assert cfg.scaling.num_workers == 16 and t.zero_stage == 3 and t.precision == "bf16"
+        assert batch_geometry(t.global_batch_size, t.micro_batch_size, 16).grad_accum == 16
+        ds = build_deepspeed_config(t, batch_geometry(256, 1, 16), "cuda")
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["train_batch_size"] == 256
+
+
+def test_memory_estimate_for_a_16_gpu_run(tiny_encoder):
+    """DeepSpeed's estimator on the meta-device model: per-GPU figures for 2 nodes x 8 GPUs."""
+    from mmrole.ray_train import memory_estimate
+
+    _, model_dir = tiny_encoder
+    cfg = load_config(CONFIGS / "agent_32b_16gpu.yaml", [f"model.model_path={model_dir}"])
+    text = memory_estimate(cfg)
+    assert "per GPU" in text and "2 nodes, 8 GPUs per node" in text
 
 
 # ----------------------------------------------------------------------------------------------- schedule/geometry
@@ -133,8 +150,8 @@ def test_schedule_warmup_cosine_constant():
 def test_batch_geometry_keeps_global_batch_when_world_changes():
     assert batch_geometry(256, 4, 8).grad_accum == 8
     assert batch_geometry(256, 4, 4).grad_accum == 16  # elastic shrink: more accumulation, same global batch
-    g = batch_geometry(256, 4, 6)
-    assert g.global_batch_size == 264  # nearest achievable (callers log it)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 256 .* 4 x 6 = 24; use 240 or 264"):
+        batch_geometry(256, 4, 6)  # refused with the sizes that fit, never silently changed
     geo = batch_geometry(8, 2, 2)
     # 23 rows -> 11 per worker -> 6 micro-batches/epoch; 2 epochs -> 12 micro -> 6 steps with accumulation 2
     assert total_optimizer_steps(23, 2, geo) == 6 and total_optimizer_steps(23, 2, geo, max_steps=4) == 4
@@ -283,31 +300,30 @@ def test_rows_roundtrip_ragged_images(tiny_encoder):
     )
 
 
-def test_encode_actor_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
-    """The encoder actor class, called directly: a corrupt image and a too-long sample become rejects."""
-    import pyarrow as pa
+def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
+    """Rows by index, encoded in request order; a corrupt image and a too-long sample become rejects (by id)."""
+    import pyarrow.parquet as pq
 
-    from mmrole.ray_data_ingest import EncodeRows
-    from mmrole.train.rows import decode_table
-    from mmrole.train.synthetic import sample_rows, write_prepared
+    from mmrole.train.row_encoder import RowEncoder
+    from mmrole.train.synthetic import write_prepared
 
     _, model_dir = tiny_encoder
-    prep = write_prepared(tmp_path / "prep", 5, corrupt=[1])
-    rows = sample_rows(5)
-    rows[1]["image"] = "corrupt_00001.png"
-    rows[3]["target"] = "word " * 2000  # cannot fit max_length even without history
-    actor = EncodeRows(
-        {"model_path": str(model_dir), "max_length": 512}, str(prep / "images"), str(tmp_path / "rej"), "train"
-    )
-    out = actor(pa.Table.from_pylist(rows))
-    assert [r["id"] for r in decode_table(out)] == ["syn_00000", "syn_00002", "syn_00004"]
-    none = actor(pa.Table.from_pylist([rows[1]]))
-    assert none.num_rows == 0 and none.schema == out.schema
+    prep = write_prepared(tmp_path / "prep", 6, corrupt=[1])
+    shard = next((prep / "train").glob("*.parquet"))
+    table = pq.read_table(shard)
+    targets = table.column("target").to_pylist()
+    targets[3] = "word " * 2000  # cannot fit max_length even without history
+    pq.write_table(table.set_column(table.schema.get_field_index("target"), "target", [targets]), shard)
+    enc = RowEncoder({"model_path": str(model_dir), "max_length": 512}, str(prep), "train", 5, str(tmp_path / "rej"))
+    assert enc.rows.n_rows == 5  # max_rows: the first rows in manifest order
+    out = enc.encode_rows([4, 3, 2, 1, 0])
+    assert [s["id"] for s in out.samples] == ["syn_00004", "syn_00002", "syn_00000"]
+    assert [(r["id"], r["stage"]) for r in out.rejected] == [("syn_00003", "too_long"), ("syn_00001", "image")]
+    assert out.rejected[0]["length"] > 512
     lines = [json.loads(x) for f in (tmp_path / "rej").glob("*.jsonl") for x in f.read_text().splitlines()]
     by_id = {r["id"]: r for r in lines}
     assert by_id["syn_00001"]["stage"] == "image" and "corrupt_00001.png" in by_id["syn_00001"]["reason"]
-    assert by_id["syn_00003"]["stage"] == "too_long"
-    assert len(lines) == 3  # the corrupt row twice (two calls), the long one once
+    assert len(lines) == 2
 
 
 # ----------------------------------------------------------------------------------------------- metrics/rejects
@@ -489,3 +505,107 @@ def test_relative_paths_refused_under_ray_job_submit(monkeypatch):
     with pytest.raises(ValueError, match="output_dir"):
         _check_paths_for_cluster(cfg)
     _check_paths_for_cluster(TrainJobConfig.from_dict(base(output_dir="/shared/runs")))
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+def test_epoch_order_is_a_pure_function_and_resume_continues_the_prefix():
+    from mmrole.train.data_order import epoch_permutation, micro_batches_left, rank_micro_batches
+
+    p0, p1 = epoch_permutation(50, 7, 0), epoch_permutation(50, 7, 1)
+    assert np.array_equal(p0, epoch_permutation(50, 7, 0)) and not np.array_equal(p0, p1)
+    assert sorted(p0.tolist()) == list(range(50))
+
+    def share(world, rank, start=0):
+        return list(rank_micro_batches(50, 7, 0, start, world, rank, micro_batch=3))
+
+    # 2 ranks: equal shares, disjoint, and after each micro-batch round the consumed rows are a prefix.
+    a, b = share(2, 0), share(2, 1)
+    assert len(a) == len(b) == micro_batches_left(50, 0, 2, 3) == 9
+    for mb_a, mb_b in zip(a, b):
+        assert mb_a.end_position == mb_b.end_position
+        consumed = {r for m in a[: a.index(mb_a) + 1] + b[: b.index(mb_b) + 1] for r in m.rows}
+        assert consumed == set(p0[: mb_a.end_position].tolist())
+    # Stopped after 4 rounds and resumed at the same world size: exactly the rows of the uninterrupted run.
+    pos = a[3].end_position
+    assert share(2, 0, pos) == a[4:] and share(2, 1, pos) == b[4:]
+    # Elastic: resumed at 3 ranks, no row of the epoch is trained twice.
+    before = {r for m in a[:4] + b[:4] for r in m.rows}
+    after = [r for rank in range(3) for m in share(3, rank, pos) for r in m.rows]
+    assert len(after) == len(set(after)) and not before & set(after)
+    assert len(before) + len(after) >= 50 - 3  # at most world-1 rows left over
+
+
+# ----------------------------------------------------------------------------------------------- fail fast
+
+
+def test_preflight_refuses_a_run_whose_rows_are_all_too_long(tiny_encoder, tmp_path, capsys):
+    """Every row longer than model.max_length: the run fails before Ray starts, "ok": false, naming the reason and
+    the key to change; the token-length figures are printed."""
+    import time
+
+    from mmrole.ray_train import run_training
+    from mmrole.train.synthetic import write_prepared
+
+    _, model_dir = tiny_encoder
+    prep = write_prepared(tmp_path / "prep", 40)
+    cfg = TrainJobConfig.from_dict(
+        base(
+            run_name="toolong",
+            output_dir=str(tmp_path / "runs"),
+            model={"model_path": str(model_dir), "max_length": 24},
+            data={"prepared": str(prep)},
+            train={"global_batch_size": 4, "micro_batch_size": 2},
+            scaling={"num_workers": 2},
+        )
+    )
+    t0 = time.time()
+    s = run_training(cfg, quiet=True)
+    assert time.time() - t0 < 60
+    assert not s.ok and s.final_model is None
+    assert "too_long" in s.error and "model.max_length" in s.error and "40 of the first 40" in s.error
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["ok"] is False and summary["error"] == s.error
+    assert "token lengths of the first 40 rows (max_length 24)" in capsys.readouterr().out
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_reject_verdict_cap_and_zero_steps():
+    from mmrole.train.preflight import reject_verdict
+
+    assert reject_verdict(10, 100, {"image": 5}, 0.05) is None
+    msg = reject_verdict(10, 100, {"too_long": 6, "image": 1}, 0.05)
+    assert "7 of 100 rows rejected" in msg and "'too_long'" in msg and "model.max_length" in msg
+    assert "trained 0 steps" in reject_verdict(0, 100, {}, 0.05)
+
+
+def test_finished_run_answers_without_starting_ray(tmp_path):
+    """Re-running a finished command: the driver sees summary.json/final.json and returns at once (no Ray)."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = TrainJobConfig.from_dict(base(run_name="done", output_dir=str(tmp_path / "runs")))
+    run = cfg.run_dir
+    (run / "checkpoints" / "step_00000004" / "hf").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "final.json").write_text(json.dumps({"step": 4, "hf_model": str(run / "checkpoints/step_00000004/hf")}))
+    (run / "summary.json").write_text(json.dumps({"ok": True, "final_step": 4, "final_model": str(run / "fm")}))
+    conf = tmp_path / "c.yaml"
+    conf.write_text(cfg.to_yaml())
+    code = (
+        "import sys; from mmrole.train.cli import main; rc = main(['--config', sys.argv[1]]); "
+        "print('imported:', sorted(m for m in ('ray', 'torch', 'deepspeed') if m in sys.modules)); sys.exit(rc)"
+    )
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code, str(conf)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "already complete: step 4" in out.stdout and "imported: []" in out.stdout
+    assert time.time() - t0 < 20  # under 5 s on an idle machine: no Ray, no torch
+    (run / "config.yaml").write_text(cfg.to_yaml().replace("lr: 1.0e-05", "lr: 2.0e-05"))
+    from mmrole.train.finished import finished_run
+
+    assert finished_run(cfg) is None  # another config: not the same run, train

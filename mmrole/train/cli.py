@@ -21,6 +21,9 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     ap.add_argument(
         "--print-config", action="store_true", help="print the resolved config (paths made absolute) and exit"
     )
+    ap.add_argument(
+        "--verbose", action="store_true", help="show Ray, DeepSpeed and worker output (default: progress lines only)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = ap.parse_args(argv)
     try:
@@ -34,10 +37,23 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from .finished import finished_run
+
+    done = finished_run(cfg)
+    if done is not None:  # checked before importing Ray/torch: a finished run answers at once
+        print(
+            f"[mmrole] run {cfg.run_name} is already complete: step {done['final_step']}, model "
+            f"{done['final_model']} ({cfg.run_dir}); nothing to do (change run_name or the config to train again)"
+        )
+        return 0
     from mmrole.ray_train import run_training  # imports ray/deepspeed/torch: only when actually training
 
     try:
-        summary = run_training(cfg)
+        if not args.verbose:
+            from mmrole.console import setup_console
+
+            setup_console(False)
+        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose)
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
         print(config_error_message(e), file=sys.stderr)
         return 2

@@ -28,17 +28,22 @@ class DataSettings:
 
     prepared: str = path_field("input", default="")  # output folder of `mmrole data prepare` (holds manifest.json)
     split: str = ""  # "" = train for the agent, rm_train for the reward model
-    max_rows: Optional[int] = None  # use only the first N rows (smoke runs, benchmarks)
-    shuffle_seed: int = 0  # block order and local shuffle differ per epoch but are reproducible from this
-    local_shuffle_buffer: int = 256  # rows buffered on each train worker for the per-epoch shuffle (0 = off)
-    encode_batch_size: int = 16  # rows per call of the encoder actor
-    encode_concurrency: list[int] = field(default_factory=lambda: [1, 4])  # actor pool [min, max] (or [n])
+    max_rows: Optional[int] = None  # use only the first N rows in manifest order (the same rows every epoch)
+    shuffle_seed: int = 0  # an epoch's row order is a pure function of (shuffle_seed, epoch)
+    # Encoder actors per train worker (CPU: image decoding + processor); 0 = encode in a thread of the worker.
+    encode_actors: int = 1
     encode_num_cpus: float = 1.0  # logical CPUs per encoder actor (fractional on small machines)
-    prefetch_batches: int = 2  # micro-batches prefetched by each train worker
-    # Encode once and keep the encoded rows in the Ray object store for every epoch: skips the per-epoch start of
-    # the encoder pipeline (seconds) for small data such as the demo; needs object-store room for the whole
-    # encoded split (images included), so leave it off for real training sets.
-    cache_encoded: bool = False
+    prefetch_batches: int = 2  # micro-batches requested ahead by each train worker (at least one step's worth)
+    # Fail fast: rows encoded on the driver before Ray starts (token-length figures; a run whose first rows are
+    # all rejected stops here), and the largest share of rejected rows a run may have and still be "ok".
+    preflight_rows: int = 256
+    # Pack each micro-batch's samples into rows of at most model.max_length tokens (no attention across samples);
+    # null = on where the model family supports it (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), true = required.
+    packing: Optional[bool] = None
+    # Validation: the last ``eval_rows`` of the selected rows are held out of training and give an eval loss every
+    # train.eval_every steps and at the end (0 = no validation).
+    eval_rows: int = 0
+    max_reject_ratio: float = 0.05
 
 
 @dataclass
@@ -60,9 +65,13 @@ class TrainSettings:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # Gradient accumulation dtype for bf16 runs: fp32 (DeepSpeed data_types.grad_accum_dtype; ZeRO-1/3 accumulate
+    # in fp32; ZeRO-2 in DeepSpeed 0.19 reduces in the model dtype into fp32 partitions) or "model" (bf16).
+    grad_accum_dtype: str = "fp32"
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeedCPUAdam; JIT-builds cpu_adam)
     seed: int = 0
     log_every: int = 1  # optimizer steps between progress lines (metrics.jsonl gets every step)
+    eval_every: int = 0  # optimizer steps between validation losses (0 = at the end only); needs data.eval_rows
 
 
 @dataclass
@@ -94,6 +103,7 @@ class DebugSettings:
 
     kill_at_steps: list[int] = field(default_factory=list)
     kill_rank: int = 0
+    record_rows: bool = False  # each rank appends the row ids of every step to <run_dir>/row_log/rank<r>.jsonl
 
 
 @dataclass
@@ -175,6 +185,7 @@ def validate(c: TrainJobConfig) -> None:
     need(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+    need(t.grad_accum_dtype in ("fp32", "model"), "train.grad_accum_dtype", "must be fp32 or model")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
     need(not (t.offload_optimizer and t.zero_stage == 0), "train.offload_optimizer", "needs zero_stage >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
@@ -199,16 +210,16 @@ def validate(c: TrainJobConfig) -> None:
     )
     need(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     need(s.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = unlimited)")
-    need(
-        len(c.data.encode_concurrency) in (1, 2)
-        and all(n >= 1 for n in c.data.encode_concurrency)
-        and c.data.encode_concurrency[0] <= c.data.encode_concurrency[-1],
-        "data.encode_concurrency",
-        "must be [n] or [min, max] with 1 <= min <= max",
-    )
+    need(c.data.encode_actors >= 0, "data.encode_actors", "must be >= 0 (0 = encode in the worker)")
     need(c.data.encode_num_cpus > 0, "data.encode_num_cpus", "must be > 0")
-    need(c.data.encode_batch_size >= 1, "data.encode_batch_size", "must be >= 1")
-    need(c.data.local_shuffle_buffer >= 0, "data.local_shuffle_buffer", "must be >= 0")
+    need(c.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    need(c.data.eval_rows >= 0, "data.eval_rows", "must be >= 0")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    need(c.data.preflight_rows >= 0, "data.preflight_rows", "must be >= 0")
+    need(0 <= c.data.max_reject_ratio <= 1, "data.max_reject_ratio", "must be in [0, 1]")
+    need(c.data.max_rows is None or c.data.max_rows >= 1, "data.max_rows", "must be >= 1 or null")
+    for world in range(s.min_workers or s.num_workers, s.num_workers + 1):
+        batch_geometry(t.global_batch_size, t.micro_batch_size, world)  # raises naming the sizes that fit
     need(bool(c.data.prepared), "data.prepared", "is required (the output folder of `mmrole data prepare`)")
     need(bool(c.model.model_path), "model.model_path", "is required")
     need(
@@ -242,13 +253,20 @@ class BatchGeometry:
 
 
 def batch_geometry(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchGeometry:
-    """Gradient accumulation that keeps the global batch as close as possible to the requested one.
+    """Gradient accumulation that gives exactly ``global_batch_size`` samples per optimizer step.
 
-    When the world size changes (elastic runs), accumulation adapts so that the optimisation is the same;
-    when the global batch does not divide evenly, the nearest achievable one is used (callers log it)."""
+    When the world size changes (elastic runs), accumulation adapts so the optimisation is the same. A global batch
+    that ``micro_batch_size x world_size`` does not divide is refused with the nearest sizes that would fit."""
     per_step = micro_batch_size * world_size
-    ga = max(1, round(global_batch_size / per_step))
-    return BatchGeometry(world_size, micro_batch_size, ga)
+    if global_batch_size % per_step:
+        lower = global_batch_size // per_step * per_step
+        fits = [n for n in (lower, lower + per_step) if n > 0]
+        raise ConfigError(
+            f"train.global_batch_size: {global_batch_size} is not a multiple of micro_batch_size x workers = "
+            f"{micro_batch_size} x {world_size} = {per_step}; use {' or '.join(map(str, fits))} (or change "
+            "train.micro_batch_size / scaling.num_workers / scaling.min_workers)"
+        )
+    return BatchGeometry(world_size, micro_batch_size, global_batch_size // per_step)
 
 
 def total_optimizer_steps(n_rows: int, epochs: int, geo: BatchGeometry, max_steps: Optional[int] = None) -> int:

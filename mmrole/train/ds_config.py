@@ -56,6 +56,8 @@ def build_deepspeed_config(t: TrainSettings, geo: BatchGeometry, device_type: st
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # client torch AdamW under ZeRO
     }
+    if precision == "bf16" and t.zero_stage >= 1 and t.grad_accum_dtype == "fp32":
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}  # (ZeRO-0 cannot mix dtypes: it keeps bf16)
     if t.offload_optimizer:
         cfg["optimizer"] = {
             "type": "AdamW",
