@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mmrole.eval.judges import JudgeConfigError, post_with_retries
+from mmrole.eval.judges import JudgeConfigError, post_with_retries, retry_options
 
 from .config import TeacherConfig
 from .parse import ReplyError, parse_json_reply
@@ -126,10 +126,7 @@ class TeacherClient:
                 client,
                 self.url,
                 payload,
-                tries=c.max_http_retries + 1,
-                backoff_initial_s=c.backoff_initial_s,
-                backoff_max_s=c.backoff_max_s,
-                retry_after_max_s=c.retry_after_max_s,
+                **retry_options(c),
                 rng=self._rng,
                 retryable=lambda status: status in RETRY_STATUS or status >= 500,
                 fatal_status=FATAL_STATUS,

@@ -261,6 +261,17 @@ def _reply_text(body: Any) -> str:
     return content
 
 
+def retry_options(config) -> dict:
+    """``post_with_retries`` keyword arguments from a client config with the usual retry fields
+    (``max_http_retries``, ``backoff_initial_s``, ``backoff_max_s``, ``retry_after_max_s``)."""
+    return dict(
+        tries=config.max_http_retries + 1,
+        backoff_initial_s=config.backoff_initial_s,
+        backoff_max_s=config.backoff_max_s,
+        retry_after_max_s=config.retry_after_max_s,
+    )
+
+
 async def post_with_retries(
     client,
     url: str,
@@ -372,10 +383,7 @@ class OpenAIJudge:
             client,
             self.url,
             payload,
-            tries=c.max_http_retries + 1,
-            backoff_initial_s=c.backoff_initial_s,
-            backoff_max_s=c.backoff_max_s,
-            retry_after_max_s=c.retry_after_max_s,
+            **retry_options(c),
             rng=self._rng,
             retryable=lambda status: status in self.RETRY_STATUS or status >= 500,
             fatal_status=self.FATAL_STATUS,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from mmrole.config import ConfigError
 
-from .judges import JudgeConfigError, image_data_url, post_with_retries
+from .judges import JudgeConfigError, image_data_url, post_with_retries, retry_options
 
 
 @dataclass
@@ -120,10 +120,7 @@ class OpenAIAgent:
                     client,
                     self.url,
                     self.payload(system, user_text, data_url),
-                    tries=c.max_http_retries + 1,
-                    backoff_initial_s=c.backoff_initial_s,
-                    backoff_max_s=c.backoff_max_s,
-                    retry_after_max_s=c.retry_after_max_s,
+                    **retry_options(c),
                     rng=self._rng,
                     retryable=lambda status: status in self.RETRY_STATUS or status >= 500,
                     fatal_status=self.FATAL_STATUS,
