@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from PIL import Image, ImageDraw
 
-from .records import DIALOGUE_ID_INFIX, HYPOTHETICAL_SCRIPT, role_file_stem
+from .records import DIALOGUE_ID_INFIX, HYPOTHETICAL_SCRIPT, published_test_record, role_file_stem
 
 COLORS = {
     "red": (220, 40, 40),
@@ -306,17 +306,7 @@ def _write_rendered_splits(out: Path, seed: int) -> dict:
         is_test = "_COCO_" in d.id and idx == 1
         if is_test:
             s = rng.choice(samples)
-            test.setdefault((s.group, d.type), []).append(
-                {
-                    "id": s.id,
-                    "system": s.system,
-                    "image": s.image,
-                    "conversations": [{"from": "user", "value": s.user_text}, {"from": "assistant", "value": s.target}],
-                    "role": s.role,
-                    "script": s.script,
-                    "other_role": s.other_role,
-                }
-            )
+            test.setdefault((s.group, d.type), []).append(published_test_record(s))
         else:
             train += [
                 {

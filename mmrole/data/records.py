@@ -153,3 +153,20 @@ class Sample:
 
 
 SAMPLE_FIELDS = tuple(Sample.__dataclass_fields__)
+
+
+def published_test_record(sample: Sample, answer: Optional[str] = None) -> dict[str, Any]:
+    """A sample as a record of the published test split (``data/test/<group>/<type>_test.json``); with ``answer``,
+    a record of the published answers files (the answer in ``conversations[1].answer``)."""
+    reply: dict[str, Any] = {"from": "assistant", "value": sample.target}
+    if answer is not None:
+        reply["answer"] = answer
+    return {
+        "id": sample.id,
+        "system": sample.system,
+        "image": sample.image,
+        "conversations": [{"from": "user", "value": sample.user_text}, reply],
+        "role": sample.role,
+        "script": sample.script,
+        "other_role": sample.other_role,
+    }

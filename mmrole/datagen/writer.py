@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmrole.data.records import DIALOGUE_ID_INFIX, DIALOGUE_TYPES, GROUPS, HYPOTHETICAL_SCRIPT, role_file_stem
+from mmrole.data.records import (
+    DIALOGUE_ID_INFIX,
+    DIALOGUE_TYPES,
+    GROUPS,
+    HYPOTHETICAL_SCRIPT,
+    published_test_record,
+    role_file_stem,
+)
 
 PROFILE_TITLES = {
     "English": {
@@ -160,17 +167,7 @@ def write_test_split(out: Path, held_out_ids: set, seed: int = 0, template: Opti
             continue
         own = [s for s in samples if s.role == d.owner] or samples  # the owner answers in its own test file
         s = rng.choice(own)
-        test.setdefault((s.group, d.type), []).append(
-            {
-                "id": s.id,
-                "system": s.system,
-                "image": s.image,
-                "conversations": [{"from": "user", "value": s.user_text}, {"from": "assistant", "value": s.target}],
-                "role": s.role,
-                "script": s.script,
-                "other_role": s.other_role,
-            }
-        )
+        test.setdefault((s.group, d.type), []).append(published_test_record(s))
     for (group, dtype), recs in sorted(test.items()):
         _dump(out / "data" / "test" / group / f"{dtype}_test.json", recs)
     return {f"{g}/{t}": len(r) for (g, t), r in sorted(test.items())}

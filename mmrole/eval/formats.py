@@ -283,18 +283,9 @@ def _dump_json(path: PathLike, data) -> None:
 
 def answer_record_dict(sample, answer: str) -> dict:
     """A published-format answers record from a :class:`mmrole.data.records.Sample` and the model's answer."""
-    return {
-        "id": sample.id,
-        "system": sample.system,
-        "image": sample.image,
-        "conversations": [
-            {"from": "user", "value": sample.user_text},
-            {"from": "assistant", "value": sample.target, "answer": answer},
-        ],
-        "role": sample.role,
-        "script": sample.script,
-        "other_role": sample.other_role,
-    }
+    from mmrole.data.records import published_test_record
+
+    return published_test_record(sample, answer)
 
 
 def write_answers_file(path: PathLike, records: Iterable[dict]) -> int:
