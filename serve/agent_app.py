@@ -238,14 +238,6 @@ class AgentServer(ServerBase):
             raise RequestError(404, f"unknown dataset image {key[:120]!r}; see GET /v1/images", "path", "not_found")
         return FileResponse(self.images[key][0], headers=self._headers())
 
-    def __del__(self):
-        self._shutdown()
-        tmp = getattr(self, "_demo_tmp", None)
-        if tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-
 
 def build_app(args: dict):
     """Serve application builder (``import_path: serve.agent_app:build_app``); ``args`` = AgentAppConfig."""

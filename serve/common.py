@@ -476,6 +476,14 @@ class ServerBase:
         except Exception:
             pass
 
+    def __del__(self):
+        self._shutdown()
+        tmp = getattr(self, "_demo_tmp", None)  # the demo dataset a replica built for "dataset_root: demo"
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
 
 class ShellMiddleware:
     """Pure ASGI middleware: replica headers on every answer, a 500 in the project's JSON shape for server faults

@@ -132,14 +132,6 @@ class JudgeServer(ServerBase):
     async def _metrics(self, request) -> Any:
         return json_response({"object": "list", "data": list(METRICS)}, headers=self._headers())
 
-    def __del__(self):
-        self._shutdown()
-        tmp = getattr(self, "_demo_tmp", None)
-        if tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-
 
 def build_app(args: dict):
     """Serve application builder (``import_path: serve.judge_app:build_app``); ``args`` = JudgeAppConfig."""
