@@ -764,15 +764,22 @@ def test_judge_page_in_chromium_with_auth(cluster, browser, tmp_path):
 def test_overload_gets_503_while_admitted_succeed(cluster, client):
     url = cluster["judge"] + "/v1/score"
     body = {"question": "Q?", "answer": "A", "reference": "B", "image": IMG}
-    out = asyncio.run(_post_many(url, [body] * 40, headers={"Authorization": f"Bearer {TOKEN}"}))
-    codes = [r.status_code for r, _ in out]
-    assert set(codes) <= {200, 503}, codes
-    ours = [r for r, _ in out if r.status_code == 503 and r.headers.get("content-type") == "application/json"]
-    assert ours, "the app's own admission limit answered no 503"  # before Serve's queue filled
+    # Whether requests overlap at the replica depends on timing (the tiny judge answers in milliseconds), so up to
+    # 3 bounded waves are sent; the checks below apply to the first wave that overloaded the replica.
+    ours_total = 0
+    for _wave in range(3):
+        out = asyncio.run(_post_many(url, [body] * 48, headers={"Authorization": f"Bearer {TOKEN}"}))
+        codes = [r.status_code for r, _ in out]
+        assert set(codes) <= {200, 503}, codes
+        ours = [r for r, _ in out if r.status_code == 503 and r.headers.get("content-type") == "application/json"]
+        ours_total += len(ours)
+        if ours:
+            break
+    assert ours, "the app's own admission limit answered no 503 in 3 waves"  # before Serve's queue filled
     for r in ours:
         assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
     stats = client.get(cluster["judge"] + "/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    assert stats["routes"]["/v1/score"]["503"] >= len(ours) and stats["overloaded"] >= len(ours)
+    assert stats["routes"]["/v1/score"]["503"] >= ours_total and stats["overloaded"] >= ours_total
     # Serve may refuse a few more than max_ongoing + max_queued would admit (its router counts optimistically).
     assert codes.count(503) >= 10 and codes.count(200) >= 4, codes
     slowest_ok = max(t for r, t in out if r.status_code == 200)
