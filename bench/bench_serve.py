@@ -294,6 +294,11 @@ def measure_adapters(base: str, dirs: dict[str, str], with_copy: bool) -> dict:
     one reply, so lazy allocations count; then (``with_copy``) one more engine, the old way of serving an adapter."""
     import gc
 
+    import peft  # noqa: F401  (imported before the first reading: the table shows model memory, not imports)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import mmrole.models.vlm  # noqa: F401
     from mmrole.data.records import Sample
     from mmrole.models import tiny_image
     from mmrole.models.config import GenerationParams
