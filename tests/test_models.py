@@ -661,6 +661,9 @@ def test_several_images_where_their_markers_are(vlms, family):
     assert "What would you say now?" in tok.decode(e["input_ids"][runs[1][1] :])
     assert (e["mm_token_type_ids"] == 1).sum() == sum(per_image)
     assert tok.decode(e["input_ids"][e["labels"] != IGNORE_INDEX]).startswith("I see a castle")
+    generic = SampleEncoder(vlm.processor, "generic").encode(s, ims)  # the processor takes the list itself
+    for k in ("input_ids", "labels", "pixel_values", "image_grid_thw"):
+        np.testing.assert_array_equal(generic[k], e[k])
     # Too long by one token: the oldest history line goes, and image 0 with it.
     short = SampleEncoder(vlm.processor, family, max_length=len(e["input_ids"]) - 1).encode(s, ims)
     assert short["history_dropped"] >= 1 and short["image_grid_thw"].shape == (1, 3)
