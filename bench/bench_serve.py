@@ -5,6 +5,7 @@ Prints tables.
     .venv/bin/python bench/bench_serve.py                      # tiny model, concurrency 1, 8, 32
     .venv/bin/python bench/bench_serve.py --quick              # fewer requests
     .venv/bin/python bench/bench_serve.py --model-path DIR     # a real checkpoint (GPU: --device cuda)
+    .venv/bin/python bench/bench_serve.py --adapters-only      # adapter memory on a 300M-parameter base (CPU)
 
 Load is bounded (a fixed number of requests per level, at most --concurrency in flight) and goes to
 127.0.0.1 only. Every reply has the same length (min_new_tokens = max_new_tokens), so configurations compare
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import socket
 import statistics
@@ -245,6 +247,166 @@ def adapter_memory(model_path: str, device: str, tmp: str, n: int = 4, rank: int
     }
 
 
+def _parse_count(text: str) -> int:
+    """``300M``, ``1.5G``, ``250000000`` -> a number of parameters."""
+    t = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(t[-1:], 1)
+    return int(float(t[:-1] if scale > 1 else t) * scale)
+
+
+def make_sized_base(out: Path, params: int, hidden: int) -> Path:
+    """A random-weight Qwen2.5-VL-shaped model of about ``params`` parameters (decoder width ``hidden``, as many
+    layers as fit; the tiny model's tokenizer and vision tower), saved once as safetensors. No download."""
+    from mmrole.models import make_tiny_vlm
+
+    per_layer = 9 * hidden * hidden  # q, o: h*h; k, v: h*h/2 (2 of 4 heads); MLP: 3 * h * 2h
+    return make_tiny_vlm(out, family="qwen2_5_vl", seed=0, hidden=hidden, layers=max(1, round(params / per_layer)))
+
+
+def make_adapters(base: str, tmp: Path, n: int, rank: int) -> dict[str, str]:
+    """``n`` LoRA adapters (rank ``rank`` on every linear layer of the decoder, random non-zero weights) saved as
+    peft dirs, made on one load of the base."""
+    import gc
+
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+
+    vlm = build_vlm(VLMConfig(model_path=base, device="cpu", lora=LoRASettings(r=rank, alpha=rank)))
+    dirs = {}
+    for i in range(n):
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(i)
+            for name, p in vlm.model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        out = tmp / f"lora{i}"
+        vlm.model.save_pretrained(out, safe_serialization=True)
+        dirs[f"lora{i}"] = str(out)
+    del vlm
+    gc.collect()
+    return dirs
+
+
+def measure_adapters(base: str, dirs: dict[str, str], with_copy: bool) -> dict:
+    """In a fresh process: the agent replica's engine on ``base`` (RSS and parameter bytes), then each adapter
+    loaded the way the replica loads it (``AdapterPool``: peft ``load_adapter`` / ``set_adapter``) and used for
+    one reply, so lazy allocations count; then (``with_copy``) one more engine, the old way of serving an adapter."""
+    import gc
+
+    import peft  # noqa: F401  (imported before the first reading: the table shows model memory, not imports)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import mmrole.models.vlm  # noqa: F401
+    from mmrole.data.records import Sample
+    from mmrole.models import tiny_image
+    from mmrole.models.config import GenerationParams
+    from serve.common import rss_bytes
+    from serve.engine import AdapterPool, Engine
+
+    def param_bytes(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    sample = Sample(
+        id="m",
+        system="You are Captain Nova.",
+        user_text="What is in the picture?",
+        image="",
+        target="",
+        role="r",
+        other_role="o",
+        script="",
+        dialogue_type="chat",
+        k=0,
+    )
+    params = GenerationParams(max_new_tokens=4, min_new_tokens=4)
+    gc.collect()
+    rss = [rss_bytes()]  # interpreter, torch, transformers, peft
+    eng = Engine.load({"model_path": base, "device": "cpu"}, "base", torch_threads=2)
+    enc = eng.encode(sample, tiny_image(0), params, "messages")
+    eng.generate([enc], [params])
+    gc.collect()
+    rss.append(rss_bytes())
+    pbytes = [param_bytes(eng.vlm.model)]
+    pool = AdapterPool(eng, dirs, max_count=len(dirs))
+    eng.pool = pool
+    replies = []
+    for name in dirs:
+        pool.activate(name)
+        replies.append(eng.generate([enc], [params])[0])
+        gc.collect()
+        rss.append(rss_bytes())
+        pbytes.append(param_bytes(eng.vlm.model))
+    out = {"rss": rss, "param_bytes": pbytes, "pool_bytes": pool.bytes, "replies": replies, "copy_rss": None}
+    if with_copy:
+        before = rss_bytes()
+        copy = Engine.load({"model_path": base, "device": "cpu"}, "copy", torch_threads=2)
+        copy.generate([copy.encode(sample, tiny_image(0), params, "messages")], [params])
+        gc.collect()
+        out["copy_rss"] = rss_bytes() - before
+        copy.close()
+    eng.close()
+    return out
+
+
+def adapters_at_size(params: int, hidden: int, n: int, rank: int, with_copy: bool) -> int:
+    """Build a base of ``params`` parameters and ``n`` adapters, measure them in a fresh process, print a table."""
+    import shutil
+    import subprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    t0 = time.perf_counter()
+    base = str(make_sized_base(tmp / "base", params, hidden))
+    dirs = make_adapters(base, tmp, n, rank)
+    built = time.perf_counter() - t0
+    job = json.dumps({"base": base, "dirs": dirs, "with_copy": with_copy})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--measure-adapters", job], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return proc.returncode
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    base_file = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
+    files = [(Path(d) / "adapter_model.safetensors").stat().st_size for d in dirs.values()]
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    text_cfg = cfg.get("text_config", cfg)
+    mib = 2**20
+    rss, pb = m["rss"], m["param_bytes"]
+    load = os.getloadavg()
+    print(
+        f"\nAdapters on one base: random Qwen2.5-VL-shaped model (decoder {text_cfg['num_hidden_layers']} layers x "
+        f"{text_cfg['hidden_size']} wide), fp32 on CPU; LoRA r={rank} on every linear layer of the decoder; "
+        f"replica engine + AdapterPool in a fresh process, one 4-token reply per adapter; {os.cpu_count()} cores, "
+        f"load average {load[0]:.1f}; built in {built:.0f}s\n"
+    )
+    print("| state | RSS MiB | parameter MiB | RSS added MiB | added / adapter size |")
+    print("|---|---|---|---|---|")
+    print(f"| process (imports) | {rss[0] / mib:.0f} | - | - | - |")
+    print(f"| base only | {rss[1] / mib:.0f} | {pb[0] / mib:.0f} | {(rss[1] - rss[0]) / mib:+.0f} | - |")
+    for k in range(1, n + 1):
+        added = rss[k + 1] - rss[k]
+        print(
+            f"| {k} adapter(s) | {rss[k + 1] / mib:.0f} | {pb[k] / mib:.0f} | {added / mib:+.1f} | "
+            f"{added / files[k - 1]:.2f} |"
+        )
+    if m["copy_rss"] is not None:
+        print(f"| old way: +1 engine | - | - | {m['copy_rss'] / mib:+.0f} | {m['copy_rss'] / files[0]:.1f} |")
+    extra = (rss[n + 1] - rss[2]) / (n - 1) if n > 1 else rss[2] - rss[1]
+    print(
+        f"\nbase model: {pb[0] / mib:.0f} MiB of parameters ({pb[0] // 4 / 1e6:.0f}M fp32), file {base_file / mib:.0f} "
+        f"MiB; each adapter: file {statistics.mean(files) / mib:.1f} MiB, {m['pool_bytes'] / n / mib:.1f} MiB of "
+        f"weights in the pool; 1 -> {n} adapters: {(rss[n + 1] - rss[2]) / mib:+.0f} MiB RSS, "
+        f"{extra / mib:+.1f} MiB per extra adapter = {extra / statistics.mean(files):.2f}x its size "
+        f"(parameter bytes: {(pb[n] - pb[1]) / (n - 1) / statistics.mean(files):.2f}x)"
+        if n > 1
+        else ""
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def _median_row(rounds: list[dict]) -> dict:
     """The round with the median throughput (load on a shared box drifts; rounds alternate configurations)."""
     return sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
@@ -261,7 +423,22 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=0, help="requests per round (default: 4 x concurrency, >= 16)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (median reported)")
     ap.add_argument("--quick", action="store_true", help="fewer requests and rounds")
+    ap.add_argument("--adapters-only", action="store_true", help="only the adapter memory table, at a real size")
+    ap.add_argument("--adapter-base-size", default="300M", help="parameters of the --adapters-only base model")
+    ap.add_argument("--adapter-base-hidden", type=int, default=2048, help="its decoder width (Qwen2.5-VL-3B: 2048)")
+    ap.add_argument("--adapters", type=int, default=4, help="adapters loaded on the base")
+    ap.add_argument("--adapter-rank", type=int, default=64)
+    ap.add_argument("--no-copy", action="store_true", help="skip the old way (a second engine) in --adapters-only")
+    ap.add_argument("--measure-adapters", default=None, help=argparse.SUPPRESS)  # the fresh measuring process
     a = ap.parse_args(argv)
+    if a.measure_adapters:
+        job = json.loads(a.measure_adapters)
+        print(json.dumps(measure_adapters(job["base"], job["dirs"], job["with_copy"])))
+        return 0
+    if a.adapters_only:
+        return adapters_at_size(
+            _parse_count(a.adapter_base_size), a.adapter_base_hidden, a.adapters, a.adapter_rank, not a.no_copy
+        )
     levels = [int(x) for x in a.concurrency.split(",")]
     top = max(levels)
     rounds = 1 if a.quick else a.rounds

@@ -4,7 +4,8 @@ Routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`` wit
 document is at ``/openapi.json``, browsable at ``/docs``):
 
 - ``GET /``: the web page (talk with a character about an image; inter-role mode).
-- ``POST /v1/chat/completions``: OpenAI chat request with one ``image_url`` part (a ``data:`` URL);
+- ``POST /v1/chat/completions``: OpenAI chat request with 1 to ``limits.max_images`` ``image_url`` parts
+  (``data:`` URLs; Qwen-VL models take several, each placed in the prompt where the request put it);
   ``max_tokens``/``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``,
   ``stream`` (+ ``stream_options.include_usage``). ``model`` picks the base model or one of ``adapters``. With
   a ``character`` field (a dataset name or inline profile; ``extra_body`` in the OpenAI SDK) the messages are a
@@ -29,8 +30,10 @@ from ray import serve
 from mmrole.serving import (
     AgentAppConfig,
     RequestError,
+    bad_request,
     chat_response,
     decode_image,
+    images_per_request,
     load_dataset_assets,
     models_response,
     new_request_id,
@@ -134,13 +137,20 @@ class AgentServer(ServerBase):
 
     # -- handlers
     def _job(
-        self, engine: Engine, sample, image_bytes: bytes, image_param: str, params, text_param: str, adapter=None
+        self,
+        engine: Engine,
+        sample,
+        images: list[bytes],
+        image_params: list[str],
+        params,
+        text_param: str,
+        adapter=None,
     ) -> Job:
-        """One reply row; its image is decoded and its prompt encoded on the gen thread, in its batch."""
+        """One reply row; its images are decoded and its prompt encoded on the gen thread, in its batch."""
 
         def prepare() -> dict:
-            image = decode_image(image_bytes, self.limits, image_param)
-            return engine.encode(sample, image, params, text_param)
+            decoded = [decode_image(b, self.limits, p) for b, p in zip(images, image_params)]
+            return engine.encode(sample, decoded[0] if len(decoded) == 1 else decoded, params, text_param)
 
         return Job(engine, prepare, params, adapter=adapter)
 
@@ -154,12 +164,16 @@ class AgentServer(ServerBase):
 
     async def _chat(self, request) -> Any:
         body = await self._read_json(request)
-        inp = parse_chat(body, self.limits, self.defaults)
+        inp = parse_chat(body, self.limits, self.defaults, images_per_request(self.limits, self.engine.vlm.family))
         engine, adapter, model_name = await self._engine_for(inp.model)
+        most, why = images_per_request(self.limits, engine.vlm.family)
+        if len(inp.images) > most:  # a full model of ``adapters`` may take fewer images than the base
+            p = inp.image_params[most]
+            raise bad_request(p, f"'{p}': too many images for {model_name}: at most {most} ({why})", "too_many_images")
         rid = new_request_id()
         role = roleplay_from_chat(body, inp.turns, self.limits, self.characters)
         sample = roleplay_sample(role, self.template, rid) if role else inp.sample(rid, self.template.system)
-        job = self._job(engine, sample, inp.image, inp.image_param, inp.params, "messages", adapter)
+        job = self._job(engine, sample, inp.images, inp.image_params, inp.params, "messages", adapter)
         if inp.stream:
             created = int(time.time())
 
@@ -192,7 +206,7 @@ class AgentServer(ServerBase):
         engine, adapter, model_name = await self._engine_for(inp.model)
         rid = new_request_id()
         sample = roleplay_sample(inp, self.template, inp.sample_id or rid)
-        job = self._job(engine, sample, image, "image", params, "message", adapter)
+        job = self._job(engine, sample, [image], ["image"], params, "message", adapter)
         if inp.stream:
 
             def chunks(delta: str) -> list[dict]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrole.data.records import Sample
+from mmrole.data.records import Sample, image_marker
 from mmrole.models import (
     IGNORE_INDEX,
     GenerationParams,
@@ -616,6 +616,99 @@ def test_cuda_auto_dtype_forward_backward_generate(tiny_dirs):
     encoded = [fp32.encode(s, im, with_target=False) for s, im in zip(prompts, imgs)]
     assert len(fp32.shared_prefix_groups(encoded)[0]) == 3
     assert fp32.generate(prompts, imgs, p) == [fp32.generate([s], [im], p)[0] for s, im in zip(prompts, imgs)]
+
+
+# ---- several images per sample -------------------------------------------------------------------------------
+
+
+def two_image_sample(i: int, n_hist: int = 3) -> Sample:
+    """A role-play sample whose image 0 came with the oldest history turn and image 1 with the last message."""
+    s = make_sample(i, n_hist=n_hist)
+    lines = [s.history_lines[0] + image_marker(0), *s.history_lines[1:]]
+    s = replace(s, history_lines=lines, prompt_tail="\n" + image_marker(1) + s.prompt_tail.lstrip("\n"))
+    s.user_text = s.user_text_with_history()
+    return s
+
+
+def image_runs(ids: np.ndarray, image_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens."""
+    is_img = np.concatenate([[0], (ids == image_id).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(is_img))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_several_images_where_their_markers_are(vlms, family):
+    """Two images: one placeholder each, where the text put it (in a history line, in the last message); the
+    tokens, patches and grid rows equal the HF processor's; a history line dropped for length takes its image."""
+    vlm = vlms[family]
+    enc, tok = vlm.encoder, vlm.tokenizer
+    s, ims = two_image_sample(1), [tiny_image(5), tiny_image(6, size=(72, 40))]
+    e = vlm.encode(s, ims)
+    text = enc.render(enc.messages(s, s.user_text), add_generation_prompt=True)
+    ref = vlm.processor(text=[text], images=ims, return_tensors="np")
+    n = len(ref["input_ids"][0])
+    np.testing.assert_array_equal(e["input_ids"][:n], ref["input_ids"][0])
+    for k in ("pixel_values", "image_grid_thw"):
+        np.testing.assert_array_equal(e[k], ref[k])
+    assert e["image_grid_thw"].shape == (2, 3)
+    per_image = [int(np.prod(g)) // enc.merge_size**2 for g in e["image_grid_thw"]]
+    runs = image_runs(e["input_ids"], enc.image_token_id)
+    assert [b - a for a, b in runs] == per_image and e["num_image_tokens"] == sum(per_image)
+    assert tok.decode(e["input_ids"][: runs[0][0]]).endswith("light 0 in the sky?<|vision_start|>")
+    between = tok.decode(e["input_ids"][runs[0][1] : runs[1][0]])
+    assert "it is magic 1." in between and between.endswith("\n<|vision_start|>")
+    assert "What would you say now?" in tok.decode(e["input_ids"][runs[1][1] :])
+    assert (e["mm_token_type_ids"] == 1).sum() == sum(per_image)
+    assert tok.decode(e["input_ids"][e["labels"] != IGNORE_INDEX]).startswith("I see a castle")
+    generic = SampleEncoder(vlm.processor, "generic").encode(s, ims)  # the processor takes the list itself
+    for k in ("input_ids", "labels", "pixel_values", "image_grid_thw"):
+        np.testing.assert_array_equal(generic[k], e[k])
+    # Too long by one token: the oldest history line goes, and image 0 with it.
+    short = SampleEncoder(vlm.processor, family, max_length=len(e["input_ids"]) - 1).encode(s, ims)
+    assert short["history_dropped"] >= 1 and short["image_grid_thw"].shape == (1, 3)
+    image_1 = vlm.processor.image_processor(images=[ims[1]], return_tensors="np")
+    np.testing.assert_array_equal(short["pixel_values"], image_1["pixel_values"])
+    for wrong in ([ims[0]], ims + [ims[0]]):  # markers and images must match one to one
+        with pytest.raises(SampleRejected, match="marks images"):
+            vlm.encode(s, wrong)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_several_images_mixed_with_one_in_batches(vlms, family):
+    """Rows of 2 images and of 1 image share padded batches, packed rows and shared-prefix groups, and each gets
+    the same greedy reply (and the same logits) as alone."""
+    vlm = vlms[family]
+    samples = [two_image_sample(0), make_sample(1), two_image_sample(2, n_hist=5), make_sample(3, n_hist=0)]
+    images = [[tiny_image(20), tiny_image(21, size=(40, 72))], tiny_image(22), [tiny_image(23), tiny_image(24)]]
+    images.append(tiny_image(25))
+    batch, rejected = vlm.collate(samples, images)
+    assert not rejected and batch["image_grid_thw"].shape == (6, 3)
+    encoded = [vlm.encode(s, im) for s, im in zip(samples, images)]
+    packed = vlm.pack_batch(encoded)
+    with torch.no_grad():
+        out = vlm.model(**packed)
+    start = 0
+    for e in encoded:
+        n = len(e["input_ids"])
+        torch.testing.assert_close(
+            out.logits[0, start : start + n], logits_of(vlm, vlm.pad_batch([e]))[0], atol=1e-5, rtol=1e-5
+        )
+        start += n
+    # Judge-like prompts about the same two images share a prefix; a one-image row joins the batch.
+    context = " ".join(f"Fact {i}: the lantern on the left shelf is number {i * 7}." for i in range(30))
+    two = [tiny_image(30), tiny_image(31)]
+    prompts = [
+        with_text(samples[0], f"m{i}", f"{image_marker(0)}{context}{image_marker(1)}\n{end}")
+        for i, end in enumerate(["Judge fluency.", "Judge the tone of the reply, carefully."])
+    ]
+    gen_samples, gen_images = samples + prompts, images + [two, two]
+    prompt_enc = [vlm.encode(s, two, with_target=False) for s in prompts]
+    assert [sorted(rows) for rows, _ in vlm.shared_prefix_groups(prompt_enc + [prompt_enc[0]])[0]] == [[0, 1, 2]]
+    params = GenerationParams(max_new_tokens=8)
+    batched = vlm.generate(gen_samples, gen_images, params)
+    assert batched == [vlm.generate([s], [im], params)[0] for s, im in zip(gen_samples, gen_images)]
+    assert any(batched)
 
 
 # ---- save / load / LoRA ---------------------------------------------------------------------------------------

@@ -214,6 +214,21 @@ def test_openai_client_works(cluster):
         ],
     )
     assert resp.model == "nova-lora" and isinstance(resp.choices[0].message.content, str)
+    # Two images, each in the user turn that carried it; without the first one the prompt is shorter.
+    second = {"type": "image_url", "image_url": {"url": data_url(png_bytes(60, 120, (20, 90, 200)))}}
+    two_images = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "My ship:"}, {"type": "image_url", "image_url": {"url": IMG}}],
+        },
+        {"role": "assistant", "content": "A red one."},
+        {"role": "user", "content": [second, {"type": "text", "text": "And my crew?"}]},
+    ]
+    resp = oc.chat.completions.create(model="mmrole-agent", max_tokens=4, temperature=0, messages=two_images)
+    assert resp.choices[0].finish_reason in ("stop", "length") and isinstance(resp.choices[0].message.content, str)
+    one_image = [dict(two_images[0], content="My ship:"), *two_images[1:]]
+    fewer = oc.chat.completions.create(model="mmrole-agent", max_tokens=4, temperature=0, messages=one_image)
+    assert resp.usage.prompt_tokens > fewer.usage.prompt_tokens + 4  # the first image's tokens (and its markers)
     stats = httpx.get(cluster["agent"] + "/v1/stats", timeout=30).json()
     assert stats["adapters"]["loaded"] == ["nova-lora"] and stats["adapters"]["bytes"] > 0  # on the one base
     # Multi-turn messages with a character (extra_body) are a role-play: earlier turns become the history.
@@ -262,8 +277,9 @@ def test_roleplay_endpoint(cluster, client):
 def _bad_requests() -> list:
     """(name, path, raw body or JSON, expected status, expected param or None)."""
     png = png_bytes()
-    two = chat_body()
-    two["messages"][1]["content"].append({"type": "image_url", "image_url": {"url": IMG}})
+    five = chat_body()  # limits.max_images (4) + 1; the extra part is not even an image: the count is checked first
+    five["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": IMG}}] * 3
+    five["messages"][1]["content"].append({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}})
     asst_img = chat_body()
     asst_img["messages"].insert(1, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": IMG}}]})
     return [
@@ -350,7 +366,7 @@ def _bad_requests() -> list:
             400,
             "messages[1].content[0].image_url.url",
         ),
-        ("too many images", "/v1/chat/completions", two, 400, "messages[1].content[2]"),
+        ("too many images", "/v1/chat/completions", five, 400, "messages[1].content[5]"),
         ("image from assistant", "/v1/chat/completions", asst_img, 400, "messages[1].content[0]"),
         ("absurd max_tokens", "/v1/chat/completions", chat_body(max_tokens=10**9), 400, "max_tokens"),
         ("negative max_tokens", "/v1/chat/completions", chat_body(max_tokens=-1), 400, "max_tokens"),

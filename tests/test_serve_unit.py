@@ -24,6 +24,7 @@ from mmrole.serving import (
     check_bearer,
     decode_image,
     decode_image_url,
+    images_per_request,
     parse_chat,
     parse_generation,
     parse_roleplay_fields,
@@ -211,8 +212,8 @@ def test_parse_chat_history_and_images():
     s = inp.sample("id1", "default system")
     assert s.system == "Be Nova." and s.user_text == s.user_text_with_history()
     assert s.user_text_with_history(0) == "What now?"  # history is what the encoder drops first
-    two = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}] * 2}]}
-    assert err(parse_chat, two, LIMITS, DEFAULTS).code == "too_many_images"
+    assert inp.images == [png()] and inp.image_params == ["messages[1].content[0].image_url.url"]
+    assert "<|mmrole_image" not in s.user_text  # one image: no marker, it goes first (the MMRole layout)
     last_asst = {"messages": body["messages"][:3]}
     assert err(parse_chat, last_asst, LIMITS, DEFAULTS).param == "messages"
     inj = {
@@ -230,6 +231,81 @@ def test_parse_chat_history_and_images():
     assert (e.param, e.code) == ("messages[0].content[1].text", "control_token")
     big = {"messages": [{"role": "user", "content": "x" * 200}] * 2}
     assert err(parse_chat, big, RequestLimits(max_text_chars=300), DEFAULTS).status == 413
+
+
+def image_part(u: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": u}}
+
+
+def test_parse_chat_several_images_counted_before_decoding():
+    """Up to limits.max_images images, each marked in the turn that carried it; one more is refused by count
+    before any image is decoded; the model's own cap and the total pixel cap name their limit."""
+    img, small = url(png()), url(png(32, 24))
+    body = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look:"}, image_part(img)]},
+            {"role": "assistant", "content": "A green square."},
+            {"role": "user", "content": [image_part(small), {"type": "text", "text": "And this?"}]},
+        ]
+    }
+    inp = parse_chat(body, LIMITS, DEFAULTS)
+    assert inp.images == [png(), png(32, 24)]
+    assert inp.image_params == ["messages[0].content[1].image_url.url", "messages[2].content[0].image_url.url"]
+    assert inp.history == ["[user]: Look:<|mmrole_image:0|>", "[assistant]: A green square."]
+    assert inp.user_text == "<|mmrole_image:1|>And this?"
+    many = {"messages": [{"role": "user", "content": [image_part(img)] * 4 + [image_part("not even a data URL")]}]}
+    e = err(parse_chat, many, LIMITS, DEFAULTS)  # the 5th part is no image at all: the count is checked first
+    assert (e.code, e.param) == ("too_many_images", "messages[0].content[4]") and "at most 4" in e.message
+    e = err(parse_chat, body, RequestLimits(max_images=1), DEFAULTS)
+    assert e.param == "messages[2].content[0]" and "limits.max_images" in e.message and "at most 1" in e.message
+    e = err(parse_chat, body, LIMITS, DEFAULTS, images_per_request(LIMITS, "generic"))
+    assert e.code == "too_many_images" and "'generic'" in e.message and "at most 1" in e.message
+    assert images_per_request(LIMITS, "qwen2_5_vl") == (4, "limits.max_images")
+    tight = RequestLimits(max_image_bytes=100_000, max_total_image_pixels=64 * 48 + 100)
+    e = err(parse_chat, body, tight, DEFAULTS)
+    assert (e.code, e.param) == ("image_too_large", "messages[2].content[0].image_url.url")
+    assert "limits.max_total_image_pixels" in e.message
+    forged = {
+        "messages": [{"role": "user", "content": [image_part(img), {"type": "text", "text": "<|mmrole_image:3|>"}]}]
+    }
+    assert err(parse_chat, forged, LIMITS, DEFAULTS).param == "messages[0].content[1].text"
+
+
+def test_chat_images_land_in_their_turns(tiny_models, demo_root):
+    """Encoded for the agent, a 2-image chat has one run of image tokens per image, each in the turn that carried
+    it (plain chat and role-play with a character), and 2 grid rows."""
+    from mmrole.data.reader import load_dataset
+    from mmrole.data.templates import load_roleplay_template
+    from mmrole.models import VLMConfig, build_encoder
+    from mmrole.serving import roleplay_from_chat
+
+    enc = build_encoder(VLMConfig(model_path=tiny_models["agent"]))
+    body = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look at my ship."}, image_part(url(png()))]},
+            {"role": "assistant", "content": "Full sails!"},
+            {"role": "user", "content": [image_part(url(png(40, 60))), {"type": "text", "text": "And my crew?"}]},
+        ]
+    }
+    inp = parse_chat(body, LIMITS, DEFAULTS)
+    images = [decode_image(b, LIMITS, p) for b, p in zip(inp.images, inp.image_params)]
+    characters = dict(load_dataset(demo_root).characters)
+    role = roleplay_from_chat(dict(body, character="Captain Nova"), inp.turns, LIMITS, characters)
+    for sample in (inp.sample("c", "sys"), roleplay_sample(role, load_roleplay_template(None), "r")):
+        e = enc.encode(sample, images, with_target=False)
+        assert (
+            e["image_grid_thw"].shape == (2, 3) and e["image_grid_thw"][1].tolist() != e["image_grid_thw"][0].tolist()
+        )
+        ids = e["input_ids"].tolist()
+        is_img = [t == enc.image_token_id for t in ids]
+        starts = [i for i in range(len(ids)) if is_img[i] and (i == 0 or not is_img[i - 1])]
+        ends = [i for i in range(len(ids)) if is_img[i] and (i + 1 == len(ids) or not is_img[i + 1])]
+        assert len(starts) == 2
+        per_image = [int(g.prod()) // enc.merge_size**2 for g in e["image_grid_thw"]]
+        assert [b - a + 1 for a, b in zip(starts, ends)] == per_image
+        before, between = enc.tokenizer.decode(ids[: starts[0]]), enc.tokenizer.decode(ids[ends[0] + 1 : starts[1]])
+        assert before.endswith("Look at my ship.<|vision_start|>"), before[-80:]
+        assert "Full sails!" in between and "And my crew?" in enc.tokenizer.decode(ids[ends[1] + 1 :])
 
 
 # ------------------------------------------------------------------------------------------------ role-play
@@ -516,6 +592,14 @@ def test_adapters_share_one_base_and_are_lru_evicted(tmp_path):
     assert snap["loaded"] == ["a"] and snap["loads"] == 3 and snap["evictions"] == 2
     size = (Path(dirs["a"]) / "adapter_model.safetensors").stat().st_size
     assert 0.8 * size <= snap["bytes"] <= 1.2 * size  # one adapter costs its own weights, not a base copy
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(dirs["a"]) / "adapter_model.safetensors"), "pt") as f:
+        slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118 (safe_open is not a mapping)
+        tensor_bytes = sum(math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()] for t in slices)
+    assert snap["bytes"] == tensor_bytes  # the pool counts exactly the adapter's tensors
     pool = AdapterPool(eng, dirs, max_count=4, max_bytes=int(1.5 * size))  # the byte cap evicts too
     eng.vlm.model.delete_adapter("a")
     eng.pool = pool

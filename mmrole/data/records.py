@@ -102,6 +102,16 @@ class Dialogue:
         return seen
 
 
+# Where image i of a multi-image sample sits in its user text (e.g. in the history line of the turn that carried
+# it); the encoder puts the image there. One-image samples carry no marker: their image goes first.
+IMAGE_MARKER_PATTERN = re.compile(r"<\|mmrole_image:(\d+)\|>")
+
+
+def image_marker(index: int) -> str:
+    """The placeholder of image ``index`` (0-based, in request order) in a sample's user text."""
+    return f"<|mmrole_image:{int(index)}|>"
+
+
 @dataclass
 class Sample:
     """One supervised example: the role's answer at turn k of a dialogue.

@@ -10,6 +10,10 @@ from mmrole.config import build_dataclass, path_field
 # Families handled natively (our own encoder, processor built without a video processor).
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES = NATIVE_FAMILIES + ("generic",)
+# Families whose prompts may hold several images (one placeholder per image, patches concatenated, one grid row
+# each). The encoder also hands a list to a generic processor, but whether a generic VLM was trained on several
+# images per prompt is not in its config, so it is served with one.
+MULTI_IMAGE_FAMILIES = NATIVE_FAMILIES
 
 # config.json model_type -> family.
 MODEL_TYPE_TO_FAMILY = {

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from mmrole.data.records import Sample
+from mmrole.data.records import IMAGE_MARKER_PATTERN, Sample
 
 from .config import NATIVE_FAMILIES
 
@@ -120,12 +120,29 @@ class SampleEncoder:
 
     # ---- chat formatting -------------------------------------------------------------------------------------
     @staticmethod
-    def messages(sample: Sample, user_text: str, target: Optional[str] = None, with_image: bool = True) -> list[dict]:
-        """system = the sample's system prompt; user = image + text; assistant = target (when given)."""
+    def messages(
+        sample: Sample, user_text: str, target: Optional[str] = None, with_image: bool | int = True
+    ) -> list[dict]:
+        """system = the sample's system prompt; user = image(s) + text; assistant = target (when given).
+
+        ``with_image`` is a flag or a number of images. Without image markers in ``user_text`` the images come
+        first, then the text (the MMRole layout); with markers (``image_marker``), each image is where its marker
+        is."""
         msgs: list[dict] = []
         if sample.system:
             msgs.append({"role": "system", "content": sample.system})
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": user_text}]
+        if IMAGE_MARKER_PATTERN.search(user_text):
+            content: list[dict] = []
+            pos = 0
+            for m in IMAGE_MARKER_PATTERN.finditer(user_text):
+                if m.start() > pos:
+                    content.append({"type": "text", "text": user_text[pos : m.start()]})
+                content.append({"type": "image"})
+                pos = m.end()
+            if pos < len(user_text):
+                content.append({"type": "text", "text": user_text[pos:]})
+        else:
+            content = [{"type": "image"}] * int(with_image) + [{"type": "text", "text": user_text}]
         msgs.append({"role": "user", "content": content})
         if target is not None:
             msgs.append({"role": "assistant", "content": target})
@@ -158,7 +175,7 @@ class SampleEncoder:
             ids.append(int(self.tokenizer.eos_token_id))
         return ids
 
-    def _render_parts(self, sample: Sample, user_text: str, target: Optional[str], with_image: bool) -> _Rendered:
+    def _render_parts(self, sample: Sample, user_text: str, target: Optional[str], with_image: int) -> _Rendered:
         if target is None:
             msgs = self.messages(sample, user_text, with_image=with_image)
             return _Rendered(self.render(msgs, add_generation_prompt=True), "")
@@ -184,7 +201,9 @@ class SampleEncoder:
     def encode(self, sample: Sample, image: Any, with_target: bool = True, reserve: int = 0) -> dict:
         """One sample -> ``input_ids``, ``labels`` (with_target), vision inputs, per-token type ids and counts.
 
-        ``image`` is a PIL image, or None for a text-only prompt (e.g. a text-only judge call).
+        ``image`` is a PIL image, None for a text-only prompt (e.g. a text-only judge call), or a list of images:
+        each goes where its ``image_marker(i)`` is in the user text (all first, in order, when there is none);
+        ``pixel_values`` are concatenated and ``image_grid_thw`` has one row per image, in prompt order.
 
         If prompt + target (+ ``reserve`` tokens, e.g. for generation) exceed ``max_length``, the oldest history
         lines are dropped first; if it still does not fit, :class:`SampleTooLong` is raised (never a silent cut).
@@ -213,11 +232,19 @@ class SampleEncoder:
             if not target:
                 raise SampleRejected(sample.id, "empty target")
         self._check_text(sample, target)
-        vision = self._vision_inputs(sample, image) if self.native and image is not None else None
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        marked = self._check_markers(sample, sample.user_text_with_history(None), len(images))
+        # Each image is processed once per sample, not once per history-shortening attempt.
+        vision = [self._vision_inputs(sample, im, i, len(images)) for i, im in enumerate(images)] if self.native else []
 
         def build(keep: Optional[int]) -> dict:
-            parts = self._render_parts(sample, sample.user_text_with_history(keep), target, image is not None)
-            return self._tokenize(sample, parts, image, vision)
+            # Images whose marker sits in a dropped history line are dropped with it.
+            text = sample.user_text_with_history(keep)
+            kept = [int(m.group(1)) for m in IMAGE_MARKER_PATTERN.finditer(text)] if marked else range(len(images))
+            parts = self._render_parts(sample, text, target, len(kept))
+            return self._tokenize(
+                sample, parts, [images[i] for i in kept], [vision[i] for i in kept] if self.native else []
+            )
 
         n_hist = len(sample.history_lines) if (sample.prompt_head or sample.prompt_tail) else 0
         budget = self.max_length - int(reserve)
@@ -243,11 +270,22 @@ class SampleEncoder:
         enc["history_dropped"] = n_hist - kept
         return enc
 
-    def _vision_inputs(self, sample: Sample, image: Any) -> dict:
+    @staticmethod
+    def _check_markers(sample: Sample, text: str, n_images: int) -> bool:
+        """Whether the whole user text places its images with markers; if it does, every image once, in order."""
+        marked = [int(m.group(1)) for m in IMAGE_MARKER_PATTERN.finditer(text)]
+        if marked and marked != list(range(n_images)):
+            raise SampleRejected(
+                sample.id, f"the text marks images {marked[:8]} but the sample has {n_images} image(s)"
+            )
+        return bool(marked)
+
+    def _vision_inputs(self, sample: Sample, image: Any, index: int = 0, count: int = 1) -> dict:
         try:
             out = self.processor.image_processor(images=[image], return_tensors="np")
         except Exception as e:  # name the sample: processor errors alone do not say which row failed
-            raise SampleRejected(sample.id, f"image processing failed ({type(e).__name__}: {e})") from e
+            which = f"image {index}: " if count > 1 else ""
+            raise SampleRejected(sample.id, f"{which}image processing failed ({type(e).__name__}: {e})") from e
         grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
         return {
             "pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
@@ -263,29 +301,31 @@ class SampleEncoder:
             return [raw.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _tokenize(self, sample: Sample, parts: _Rendered, image: Any, vision: Optional[dict]) -> dict:
+    def _tokenize(self, sample: Sample, parts: _Rendered, images: list, vision: list[dict]) -> dict:
         if self.native:
-            # Split the prompt at the single image placeholder and insert the expanded image tokens ourselves:
-            # the image is processed once per sample, not once per history-shortening attempt.
+            # Split the prompt at the image placeholders and insert each image's expanded tokens ourselves.
             pieces = parts.prompt.split(self.image_token)
-            if len(pieces) != (2 if vision else 1):
+            if len(pieces) != len(vision) + 1:
                 raise SampleRejected(
-                    sample.id,
-                    f"expected {1 if vision else 0} image placeholder(s) in the prompt, found {len(pieces) - 1}",
+                    sample.id, f"expected {len(vision)} image placeholder(s) in the prompt, found {len(pieces) - 1}"
                 )
-            ids = self._token_ids([pieces[0], pieces[-1] if vision else "", parts.reply, parts.trailer])
-            n_img = vision["num_image_tokens"] if vision else 0
-            prompt_ids = ids[0] + ([self.image_token_id] * n_img + ids[1] if vision else [])
+            ids = self._token_ids(pieces + [parts.reply, parts.trailer])
+            prompt_ids = list(ids[0])
+            for v, piece_ids in zip(vision, ids[1 : len(pieces)]):
+                prompt_ids += [self.image_token_id] * v["num_image_tokens"] + piece_ids
+            n_img = sum(v["num_image_tokens"] for v in vision)
             extra_seq: dict[str, np.ndarray] = {}
-            extra_img = (
-                {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]} if vision else {}
-            )
+            extra_img = {}
+            if len(vision) == 1:
+                extra_img = {"pixel_values": vision[0]["pixel_values"], "image_grid_thw": vision[0]["image_grid_thw"]}
+            elif vision:
+                extra_img = {k: np.concatenate([v[k] for v in vision]) for k in ("pixel_values", "image_grid_thw")}
         else:
             # Generic processors expand their own image placeholders; the reply and trailer carry no images.
             try:
                 out = self.processor(
                     text=[parts.prompt],
-                    images=[image] if image is not None else None,
+                    images=list(images) or None,
                     return_tensors="np",
                     add_special_tokens=False,
                 )
@@ -293,7 +333,7 @@ class SampleEncoder:
                 raise SampleRejected(sample.id, f"processor failed ({type(e).__name__}: {e})") from e
             prompt_ids = [int(x) for x in np.asarray(out["input_ids"])[0]]
             rest = self._token_ids([parts.reply, parts.trailer])
-            ids = [None, None, rest[0], rest[1]]
+            ids = [None, rest[0], rest[1]]
             image_tok = getattr(self.processor, "image_token_id", None)
             n_img = sum(1 for t in prompt_ids if t == image_tok) if image_tok is not None else 0
             extra_seq, extra_img = {}, {}
@@ -305,7 +345,7 @@ class SampleEncoder:
                     extra_seq[k] = arr[0]
                 else:
                     extra_img[k] = arr.astype(np.float32) if arr.dtype == np.float64 else arr
-        reply_ids, trailer_ids = ids[2] if parts.reply else [], ids[3] if parts.trailer else []
+        reply_ids, trailer_ids = ids[-2] if parts.reply else [], ids[-1] if parts.trailer else []
         input_ids = np.asarray(prompt_ids + reply_ids + trailer_ids, dtype=np.int64)
         n = len(input_ids)
         enc: dict[str, Any] = {"input_ids": input_ids}

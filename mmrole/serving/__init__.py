@@ -13,7 +13,7 @@ text budgets), ``images``, ``generation`` (decoding fields), ``chat``, ``rolepla
 
 from mmrole.serving.auth import check_bearer
 from mmrole.serving.characters import DatasetAssets, load_characters, load_dataset_assets
-from mmrole.serving.chat import ChatInput, chat_response, models_response, parse_chat
+from mmrole.serving.chat import ChatInput, chat_response, images_per_request, models_response, parse_chat
 from mmrole.serving.errors import RequestError, bad_request
 from mmrole.serving.fields import (
     TextBudget,
@@ -87,6 +87,7 @@ __all__ = [
     "new_request_id",
     "params_key",
     "parse_character",
+    "images_per_request",
     "parse_chat",
     "parse_generation",
     "parse_json_object",

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mmrole.data.records import Sample
-from mmrole.models.config import GenerationParams
+from mmrole.data.records import Sample, image_marker
+from mmrole.models.config import MULTI_IMAGE_FAMILIES, GenerationParams
 from mmrole.serving.errors import bad_request
 from mmrole.serving.fields import TextBudget, field_value
 from mmrole.serving.generation import parse_generation, parse_stream
@@ -18,14 +18,17 @@ from mmrole.serving.settings import RequestLimits
 
 @dataclass
 class ChatInput:
-    """A validated ``/v1/chat/completions`` request, as one MMRole-style sample (system + image + text)."""
+    """A validated ``/v1/chat/completions`` request, as one MMRole-style sample (system + image(s) + text).
+
+    One image goes first in the prompt (the MMRole layout); with several, each turn's text carries an
+    ``image_marker`` where the request put the image, and the encoder puts the image there."""
 
     model: Optional[str]
     system: Optional[str]
     history: list[str]  # earlier turns, "[role]: text", oldest first (dropped first when too long)
     user_text: str
-    image: bytes
-    image_param: str
+    images: list[bytes]  # in request order
+    image_params: list[str]  # the field of each image (messages[i].content[j].image_url[.url])
     params: GenerationParams
     stream: bool = False
     include_usage: bool = False  # usage in the last chunk of a stream
@@ -57,10 +60,22 @@ class ChatInput:
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
-def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams) -> ChatInput:
-    """Validate an OpenAI chat request: text and ``image_url`` (data: URL) parts; exactly one image overall.
+def images_per_request(limits: RequestLimits, family: str) -> tuple[int, str]:
+    """(most images one chat request may carry, what sets that number) for a model of ``family``."""
+    if family in MULTI_IMAGE_FAMILIES or limits.max_images == 1:
+        return limits.max_images, "limits.max_images"
+    return 1, f"a {family!r} model is served with one image per prompt"
+
+
+def parse_chat(
+    body: Mapping, limits: RequestLimits, defaults: GenerationParams, image_cap: Optional[tuple[int, str]] = None
+) -> ChatInput:
+    """Validate an OpenAI chat request: text and ``image_url`` (data: URL) parts; 1 to ``image_cap`` images
+    (:func:`images_per_request`; default ``limits.max_images``), counted before any is decoded, then each
+    checked (bytes, header) and their pixels summed against ``limits.max_total_image_pixels``.
 
     Unknown top-level fields are ignored (OpenAI clients send many); known fields are type-checked."""
+    max_images, cap_reason = image_cap or (limits.max_images, "limits.max_images")
     model = field_value(body, "model", str, "model")
     messages = field_value(body, "messages", list, "messages", required=True)
     if not messages:
@@ -73,7 +88,7 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
     stream, include_usage = parse_stream(body)
     budget = TextBudget(limits)
     systems: list[str] = []
-    turns: list[tuple[str, str]] = []
+    turns: list[tuple[str, list]] = []  # (role, [text or ("image", index), ...])
     images: list[tuple[str, Any]] = []
     for i, m in enumerate(messages):
         p = f"messages[{i}]"
@@ -85,7 +100,7 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
                 f"{p}.role", f"'{p}.role' must be one of {list(_CHAT_ROLES)}, got {role[:40]!r}", "invalid_value"
             )
         content = m.get("content")
-        texts: list[str] = []
+        texts: list = []
         if isinstance(content, str):
             texts.append(budget.take(content, f"{p}.content"))
         elif isinstance(content, list):
@@ -108,9 +123,12 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
                     if isinstance(iu, dict):  # {"url": ..., "detail": ...}
                         iu, ip = iu.get("url"), f"{ip}.url"
                     images.append((ip, iu))
-                    if len(images) > limits.max_images:
+                    texts.append(("image", len(images) - 1))
+                    if len(images) > max_images:
                         raise bad_request(
-                            pp, f"too many images: at most {limits.max_images} per request", "too_many_images"
+                            pp,
+                            f"'{pp}': too many images: at most {max_images} per request ({cap_reason})",
+                            "too_many_images",
                         )
                 else:
                     raise bad_request(
@@ -120,35 +138,58 @@ def parse_chat(body: Mapping, limits: RequestLimits, defaults: GenerationParams)
             raise bad_request(f"{p}.content", f"missing required field '{p}.content'", "missing_field")
         else:
             raise bad_request(f"{p}.content", f"'{p}.content' must be a string or an array of parts", "wrong_type")
-        text = "\n".join(t for t in texts if t)
         if role in ("system", "developer"):
-            systems.append(text)
+            systems.append("\n".join(t for t in texts if t))
         else:
-            turns.append((role, text))
+            turns.append((role, texts))
     if not turns or turns[-1][0] != "user":
         raise bad_request("messages", "the last non-system message must come from the user", "invalid_value")
     if not images:
         raise bad_request(
             "messages",
-            "this model needs exactly one image: add an image_url part (data: URL) to a user message",
+            "this model needs an image: add an image_url part (data: URL) to a user message",
             "missing_image",
         )
-    image_param, url = images[0]
-    data = decode_image_url(url, limits, image_param)
-    probe_image(data, limits, image_param)
-    history = [f"[{r}]: {t}" for r, t in turns[:-1]]
+    datas: list[bytes] = []
+    pixels = 0
+    for param, url in images:
+        datas.append(decode_image_url(url, limits, param))
+        w, h, _ = probe_image(datas[-1], limits, param)
+        pixels += w * h
+        if pixels > limits.max_total_image_pixels:
+            raise bad_request(
+                param,
+                f"'{param}': the request's images hold more than {limits.max_total_image_pixels} pixels together "
+                "(limits.max_total_image_pixels)",
+                "image_too_large",
+            )
+    texts = [(r, _turn_text(parts, len(images) > 1)) for r, parts in turns]
+    history = [f"[{r}]: {t}" for r, t in texts[:-1]]
     return ChatInput(
         model=model,
         system="\n\n".join(systems) if systems else None,
         history=history,
-        user_text=turns[-1][1],
-        image=data,
-        image_param=image_param,
+        user_text=texts[-1][1],
+        images=datas,
+        image_params=[p for p, _ in images],
         params=params,
         stream=stream,
         include_usage=include_usage,
-        turns=turns,
+        turns=texts,
     )
+
+
+def _turn_text(parts: list, mark_images: bool) -> str:
+    """A message's text parts joined by newlines; with ``mark_images``, each image's marker where it was."""
+    out = ""
+    prev_text = False
+    for part in parts:
+        if isinstance(part, tuple):
+            if mark_images:
+                out, prev_text = out + image_marker(part[1]), False
+        elif part:
+            out, prev_text = out + ("\n" if prev_text else "") + part, True
+    return out
 
 
 def chat_response(

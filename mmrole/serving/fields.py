@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from mmrole.data.records import IMAGE_MARKER_PATTERN
 from mmrole.models.encoding import CONTROL_TOKENS
 from mmrole.serving.errors import RequestError, bad_request
 from mmrole.serving.settings import RequestLimits
@@ -78,6 +79,9 @@ class TextBudget:
         for tok in CONTROL_TOKENS:  # chat-template markers in user text would forge turns or image slots
             if tok in text:
                 raise bad_request(param, f"'{param}' contains the reserved control token {tok}", "control_token")
+        marker = IMAGE_MARKER_PATTERN.search(text)  # the encoder would put an image there
+        if marker:
+            raise bad_request(param, f"'{param}' contains the reserved image marker {marker.group(0)}", "control_token")
         self.left -= len(text)
         if self.left < 0:
             raise RequestError(

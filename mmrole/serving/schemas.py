@@ -64,7 +64,8 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
-    """OpenAI chat request; images go in user messages as ``image_url`` parts (up to ``limits.max_images``)."""
+    """OpenAI chat request; images go in user messages as ``image_url`` parts (up to ``limits.max_images``, each
+    placed in the prompt where it is; one image goes first)."""
 
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(..., min_length=1)

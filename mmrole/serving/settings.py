@@ -28,9 +28,12 @@ class RequestLimits:
     """What one request may carry. Checked before any image decoding or model work."""
 
     max_body_bytes: int = 16 * 2**20
-    max_images: int = 1  # the MMRole agents and judges look at one image per sample
+    # images of one chat request (Qwen-VL families; other models take 1). /v1/roleplay and the judge take one.
+    max_images: int = 4
     max_image_bytes: int = 8 * 2**20  # decoded (binary) size of one image
     max_image_pixels: int = 25_000_000  # width * height, read from the image header
+    # all images of one request together: several images cost no more decoding memory than one max-size image
+    max_total_image_pixels: int = 25_000_000
     max_image_side: int = 12_000
     max_aspect_ratio: float = 200.0  # Qwen's smart_resize refuses more extreme shapes
     max_new_tokens: int = 1024  # upper bound for max_tokens
