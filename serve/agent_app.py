@@ -22,6 +22,7 @@ Start: ``serve run serve/agent_cpu.yaml`` (tiny CPU model) or ``serve run serve/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -161,6 +162,13 @@ class AgentServer(ServerBase):
             "completion_tokens": row.completion_tokens,
             "total_tokens": row.prompt_tokens + row.completion_tokens,
         }
+
+    async def _limits(self, request) -> Any:
+        # What a chat request to the base model may carry: a generic-family model takes one image whatever
+        # limits.max_images says.
+        most, why = images_per_request(self.limits, self.engine.vlm.family)
+        body = dataclasses.asdict(self.limits) | {"max_images": most, "max_images_set_by": why}
+        return json_response(body, headers=self._headers())
 
     async def _chat(self, request) -> Any:
         body = await self._read_json(request)

@@ -229,6 +229,8 @@ def test_openai_client_works(cluster):
     one_image = [dict(two_images[0], content="My ship:"), *two_images[1:]]
     fewer = oc.chat.completions.create(model="mmrole-agent", max_tokens=4, temperature=0, messages=one_image)
     assert resp.usage.prompt_tokens > fewer.usage.prompt_tokens + 4  # the first image's tokens (and its markers)
+    limits = httpx.get(cluster["agent"] + "/v1/limits", timeout=30).json()
+    assert (limits["max_images"], limits["max_images_set_by"]) == (4, "limits.max_images")  # a Qwen-VL base
     stats = httpx.get(cluster["agent"] + "/v1/stats", timeout=30).json()
     assert stats["adapters"]["loaded"] == ["nova-lora"] and stats["adapters"]["bytes"] > 0  # on the one base
     # Multi-turn messages with a character (extra_body) are a role-play: earlier turns become the history.
