@@ -250,14 +250,16 @@ class SFTRecipe:
         )
 
     def setup_data(self) -> None:
-        """This rank's encoders (CPU actors it owns, or a local thread)."""
+        """This rank's encoders (a Ray Data pipeline over CPU actors, or a local thread)."""
         from mmrole.ray_data_ingest import RankEncoders
+        from mmrole.train.row_encoder import filler_sample
 
         d = self.cfg.data
         self.encoders = RankEncoders(
             d.encode_actors,
             d.encode_num_cpus,
             max(d.prefetch_batches, self.geo.grad_accum),
+            filler=filler_sample(self.vlm.encoder),
             model=self.cfg.model.to_dict(),
             prepared=d.prepared,
             split=self.cfg.split,
@@ -310,35 +312,27 @@ class SFTRecipe:
         """This rank's micro-batches from the current position to the end of the last epoch; an ``int`` marks the
         end of that epoch."""
 
-        def plans():
-            epoch, start = self.pos.epoch, self.pos.epoch_position
-            d, t = self.cfg.data, self.cfg.train
-            while epoch < t.epochs:
-                yield from rank_micro_batches(
-                    self.n_rows, d.shuffle_seed, epoch, start, self.world, self.rank, t.micro_batch_size
-                )
-                yield epoch  # end-of-epoch marker travels through the prefetch queue in order
-                epoch, start = epoch + 1, 0
-
-        marker_free = (p for p in plans())
-        # Epoch markers are not encoding requests: route them around the encoder in order.
-        buffered: list = []
-
-        def requests():
-            for p in marker_free:
-                if isinstance(p, int):
-                    buffered.append(p)
-                    continue
-                yield p
-
-        t0 = time.time()
-        for plan, encoded in self.encoders.encode(requests()):
-            yield MicroBatch(plan, encoded.samples, time.time() - t0)
+        d, t = self.cfg.data, self.cfg.train
+        items: list[MicroBatchPlan | int] = []  # plans, and after each epoch's plans that epoch's number
+        epoch, start = self.pos.epoch, self.pos.epoch_position
+        while epoch < t.epochs:
+            items.extend(
+                rank_micro_batches(self.n_rows, d.shuffle_seed, epoch, start, self.world, self.rank, t.micro_batch_size)
+            )
+            items.append(epoch)
+            epoch, start = epoch + 1, 0
+        encoded = self.encoders.encode([p for p in items if not isinstance(p, int)])
+        try:
             t0 = time.time()
-            while buffered and buffered[0] < plan.epoch:
-                yield buffered.pop(0)
-        while buffered:
-            yield buffered.pop(0)
+            for item in items:
+                if isinstance(item, int):
+                    yield item
+                    continue
+                plan, rows = next(encoded)
+                yield MicroBatch(plan, rows.samples, time.time() - t0)
+                t0 = time.time()
+        finally:
+            encoded.close()  # stops the Ray Data pipeline when training ends before the data does (max_steps)
 
     def model_batch(self, rows: list[dict]) -> dict:
         """Encoded samples -> one model batch: packed rows (``data.packing``) or right-padded samples."""
@@ -396,7 +390,7 @@ class SFTRecipe:
         tokens = samples = 0
         self.engine.eval()
         with torch.no_grad():
-            for _, encoded in self.encoders.encode(iter(plans)):
+            for _, encoded in self.encoders.encode_local(plans):
                 rows = encoded.samples
                 batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
                 summed = summed_token_loss(self.engine, batch).double()
@@ -430,7 +424,8 @@ class SFTRecipe:
             return
         pending: list[MicroBatch] = []
         t_step = time.time()
-        for item in self.micro_batches():
+        stream = self.micro_batches()
+        for item in stream:
             if isinstance(item, int):
                 self._epoch_end(item)
                 continue
@@ -455,6 +450,7 @@ class SFTRecipe:
             t_step = time.time()
             if pos.step >= self.total_steps:
                 break
+        stream.close()
 
     def _epoch_end(self, epoch: int) -> None:
         if self.rank == 0 and self.sink is not None:
