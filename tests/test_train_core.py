@@ -567,7 +567,9 @@ def test_preflight_refuses_a_run_whose_rows_are_all_too_long(tiny_encoder, tmp_p
     assert "too_long" in s.error and "model.max_length" in s.error and "40 of the first 40" in s.error
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["ok"] is False and summary["error"] == s.error
-    assert "token lengths of the first 40 rows (max_length 24)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rows: 40 in, 40 measured" in out and "max_length 24: keeps 0/40" in out
+    assert "model.max_length=" in s.error  # the length that would keep them all
     import ray
 
     assert not ray.is_initialized()
