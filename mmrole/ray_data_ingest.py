@@ -128,9 +128,7 @@ class RankEncoders:
                 fn_constructor_kwargs=self.encoder_kw,
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=self.n_actors),
-                num_cpus=self.num_cpus,
-                max_restarts=-1,  # a lost encoder actor is restarted and its block retried
-                max_task_retries=-1,
+                num_cpus=self.num_cpus,  # Ray Data restarts a lost actor and retries its block (its defaults)
             )
 
     def encode(self, plans: Iterable[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
