@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,12 +99,12 @@ class RankEncoders:
     """How one train worker gets its micro-batches encoded: a Ray Data pipeline over ``n_actors`` encoder actors,
     or a local thread when ``n_actors`` is 0 (debugging; no Ray Data)."""
 
-    def __init__(self, n_actors: int, num_cpus: float, depth: int, filler: dict, **encoder_kw):
+    def __init__(self, n_actors: int, num_cpus: float, depth: int, **encoder_kw):
         self.n_actors = int(n_actors)
         self.num_cpus = float(num_cpus)
         self.depth = max(1, depth)
         self.encoder_kw = encoder_kw
-        self.filler = filler  # an encoded sample for a micro-batch whose rows were all rejected
+        self._streams: list[BackgroundIterator] = []
         self._local: Optional[RowEncoder] = None
         self._pool: Optional[ThreadPoolExecutor] = None
 
@@ -132,11 +134,17 @@ class RankEncoders:
             )
 
     def encode(self, plans: Iterable[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
-        """Encoded micro-batches in plan order, through Ray Data (or :meth:`encode_local` with no actors)."""
+        """Encoded micro-batches in plan order. Through Ray Data the pipeline starts at once, in a background thread
+        (so the encoder actors start while the worker builds its model), ``depth`` micro-batches ahead; with no
+        actors, :meth:`encode_local`."""
         if self.n_actors <= 0:
-            yield from self.encode_local(plans)
-            return
+            return self.encode_local(plans)
         plans = list(plans)
+        stream = BackgroundIterator(lambda: self._ray_data_batches(plans), self.depth)
+        self._streams.append(stream)
+        return stream
+
+    def _ray_data_batches(self, plans: list[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
         if not plans:
             return
         batches = self.dataset(plans).iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.depth)
@@ -151,5 +159,64 @@ class RankEncoders:
             raise RuntimeError(f"Ray Data returned {expected} of {len(plans)} micro-batches")
 
     def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+        self._streams = []
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BackgroundIterator:
+    """Iterates what ``make_source()`` returns in a thread of its own from construction on, up to ``depth`` items
+    ahead of the consumer; errors reach the consumer in order. :meth:`close` stops the thread and closes the source
+    (for a Ray Data iterator: stops the pipeline)."""
+
+    def __init__(self, make_source: Callable[[], Iterator], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(make_source,), name="mmrole-ingest", daemon=True)
+        self._thread.start()
+
+    def _put(self, kind: str, value) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put((kind, value), timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make_source: Callable[[], Iterator]) -> None:
+        try:
+            source = make_source()
+            try:
+                for item in source:
+                    if not self._put("item", item):
+                        return
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            self._put("done", None)
+        except BaseException as e:  # handed to the consumer, who raises it
+            self._put("error", e)
+
+    def __iter__(self) -> BackgroundIterator:
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._finished = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=60)

@@ -10,6 +10,7 @@ token-weighted over the whole global batch (:mod:`mmrole.train.step`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -132,6 +133,7 @@ class SFTRecipe:
         self.attempt = uuid.uuid4().hex[:10]
         self.sink: Optional[MetricsSink] = None
         self.encoders = None
+        self.stream: Optional[Iterator[MicroBatch | int]] = None
         self.last_metrics: dict = {}
         self.resume_plan: Optional[ckpt.ResumePlan] = None
         self.hf_ds_config = None
@@ -155,6 +157,17 @@ class SFTRecipe:
             protect = [plan.checkpoint] if plan.checkpoint else []
             ckpt.apply_rotation(self.run_dir, self.cfg.checkpoint.num_to_keep, protect=protect)
         dist.barrier()
+        self.pos = Position(
+            step=plan.step,
+            epoch=plan.epoch,
+            epoch_position=plan.epoch_rows,
+            samples_seen=plan.samples_seen,
+            last_saved=plan.step,
+        )
+        if self.pos.step < self.total_steps:
+            # The data pipeline starts now: its encoder actors come up while the model is built and loaded.
+            self.setup_data()
+            self.stream = self.micro_batches()
 
         t_build = time.time()
         ds_config = build_deepspeed_config(self.cfg.train, self.geo, self.device.type)
@@ -241,25 +254,18 @@ class SFTRecipe:
             self.scheduler.last_epoch = plan.step
             for group in self.scheduler.optimizer.param_groups:
                 group["lr"] = lr * self.schedule(plan.step)
-        self.pos = Position(
-            step=plan.step,
-            epoch=plan.epoch,
-            epoch_position=plan.epoch_rows,
-            samples_seen=plan.samples_seen,
-            last_saved=plan.step,
-        )
 
     def setup_data(self) -> None:
         """This rank's encoders (a Ray Data pipeline over CPU actors, or a local thread)."""
         from mmrole.ray_data_ingest import RankEncoders
-        from mmrole.train.row_encoder import filler_sample
 
+        if self.encoders is not None:
+            return
         d = self.cfg.data
         self.encoders = RankEncoders(
             d.encode_actors,
             d.encode_num_cpus,
             max(d.prefetch_batches, self.geo.grad_accum),
-            filler=filler_sample(self.vlm.encoder),
             model=self.cfg.model.to_dict(),
             prepared=d.prepared,
             split=self.cfg.split,
@@ -310,8 +316,8 @@ class SFTRecipe:
     # ---- data ------------------------------------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[MicroBatch | int]:
         """This rank's micro-batches from the current position to the end of the last epoch; an ``int`` marks the
-        end of that epoch."""
-
+        end of that epoch. The encoding starts at once (see :meth:`RankEncoders.encode`)."""
+        self.setup_data()
         d, t = self.cfg.data, self.cfg.train
         items: list[MicroBatchPlan | int] = []  # plans, and after each epoch's plans that epoch's number
         epoch, start = self.pos.epoch, self.pos.epoch_position
@@ -322,6 +328,10 @@ class SFTRecipe:
             items.append(epoch)
             epoch, start = epoch + 1, 0
         encoded = self.encoders.encode([p for p in items if not isinstance(p, int)])
+        return self._walk(items, encoded)
+
+    @staticmethod
+    def _walk(items: list[MicroBatchPlan | int], encoded: Iterator) -> Iterator[MicroBatch | int]:
         try:
             t0 = time.time()
             for item in items:
@@ -333,6 +343,13 @@ class SFTRecipe:
                 t0 = time.time()
         finally:
             encoded.close()  # stops the Ray Data pipeline when training ends before the data does (max_steps)
+
+    @functools.cached_property
+    def filler(self) -> dict:
+        """An encoded sample for a micro-batch whose rows were all rejected (run with zero weight)."""
+        from mmrole.train.row_encoder import filler_sample
+
+        return filler_sample(self.vlm.encoder)
 
     def model_batch(self, rows: list[dict]) -> dict:
         """Encoded samples -> one model batch: packed rows (``data.packing``) or right-padded samples."""
@@ -355,7 +372,7 @@ class SFTRecipe:
         totals = StepTotals(data_wait_s=data_wait_s)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for rows in micro:
-            batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
+            batch = self.vlm.to_device(self.model_batch(rows or [self.filler]))
             summed = summed_token_loss(engine, batch)
             if not rows:
                 summed = summed * 0.0
@@ -392,7 +409,7 @@ class SFTRecipe:
         with torch.no_grad():
             for _, encoded in self.encoders.encode_local(plans):
                 rows = encoded.samples
-                batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
+                batch = self.vlm.to_device(self.model_batch(rows or [self.filler]))
                 summed = summed_token_loss(self.engine, batch).double()
                 if rows:
                     loss_sum += summed
@@ -424,7 +441,9 @@ class SFTRecipe:
             return
         pending: list[MicroBatch] = []
         t_step = time.time()
-        stream = self.micro_batches()
+        if self.stream is None:
+            self.stream = self.micro_batches()
+        stream = self.stream
         for item in stream:
             if isinstance(item, int):
                 self._epoch_end(item)
@@ -451,6 +470,7 @@ class SFTRecipe:
             if pos.step >= self.total_steps:
                 break
         stream.close()
+        self.stream = None
 
     def _epoch_end(self, epoch: int) -> None:
         if self.rank == 0 and self.sink is not None:
@@ -591,6 +611,9 @@ class SFTRecipe:
 
             unset_hf_deepspeed_config()
             self.hf_ds_config = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
         if self.encoders is not None:
             self.encoders.close()
         if self.sink is not None:
@@ -599,8 +622,8 @@ class SFTRecipe:
 
     def run(self) -> None:
         """setup -> train -> finish (the whole life of a worker)."""
-        self.setup()
         try:
+            self.setup()
             self.setup_data()
             self.start_log()
             self.train()

@@ -164,15 +164,11 @@ def test_golden_resume_same_losses_and_rows(two_runs):
 def test_ray_data_ingest_keeps_the_plan_order(two_runs):
     """The rank's Ray Data pipeline (2 encoder actors, blocks of 2 micro-batches) hands back every micro-batch in
     plan order with exactly the rows the in-thread encoder gives, rejects included; nothing is dropped."""
-    from mmrole.models import VLMConfig
-    from mmrole.models.encoding import build_encoder
     from mmrole.ray_data_ingest import RankEncoders
     from mmrole.train.data_order import rank_micro_batches
-    from mmrole.train.row_encoder import filler_sample
 
     model = {"model_path": str(two_runs["model"]), "max_length": 512}
-    filler = filler_sample(build_encoder(VLMConfig.from_dict(model)))
-    enc = RankEncoders(2, 0.5, 2, filler, model=model, prepared=str(two_runs["prep"]), split="train")
+    enc = RankEncoders(2, 0.5, 2, model=model, prepared=str(two_runs["prep"]), split="train")
     plans = [p for epoch in (0, 1) for p in rank_micro_batches(48, 7, epoch, 0, 2, 1, 3)]
     assert len(plans) == 16
     via_ray_data = [
