@@ -1,21 +1,28 @@
-"""Training data for Ray Train workers: each rank reads its fixed share of an epoch's row order
-(:mod:`mmrole.train.data_order`) and gets the rows encoded by CPU actors it owns (or in a thread of its own with
-``data.encode_actors: 0``).
+"""Training data for Ray Train workers, through Ray Data.
 
-Requests go out ahead (``data.prefetch_batches`` micro-batches) and results are taken in submission order, so the
-rows of a rank's micro-batch are the same whatever the timing: a rerun, or a run resumed from a checkpoint, trains
-on exactly the same rows in the same order. Rejected rows (undecodable image, too long) are recorded by id in the
-run's rejects and left out of their micro-batch.
+Each rank's share of an epoch is fixed by :mod:`mmrole.train.data_order` (a permutation of (seed, epoch), strided
+by rank). The rank turns its micro-batch plans for the rest of the run into a Ray Data dataset (one row per
+micro-batch: the row indices) and maps it over an actor pool of ``data.encode_actors`` encoders, which read the
+rows from the prepared Parquet shards, decode the images and run the processor. The dataset runs with
+``preserve_order``, so the rank receives its micro-batches in plan order whatever the timing: a rerun, or a run
+resumed from a checkpoint, trains on exactly the same rows in the same order (the order is checked as the batches
+arrive). ``data.encode_actors: 0`` encodes in a thread of the worker instead (debugging, no Ray Data). Rejected
+rows (undecodable image, too long) are recorded by id in the run's rejects and left out of their micro-batch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import pickle
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 
@@ -60,45 +67,156 @@ def resolve_source(prepared: str, split: str, max_rows: Optional[int] = None) ->
     )
 
 
+class EncodeRowsUDF:
+    """Ray Data ``map_batches`` UDF (actor pool): each input row is one micro-batch plan (``index``, ``rows``); each
+    output row carries the same ``index`` and the pickled :class:`EncodedRows` (variable-shaped arrays of several
+    keys per sample travel as one object; the data never leaves the run's own processes)."""
+
+    def __init__(self, **encoder_kw):
+        self.encoder = RowEncoder(**encoder_kw)
+
+    def __call__(self, batch: dict) -> dict:
+        encoded = [pickle.dumps(self.encoder.encode_rows([int(i) for i in rows]), protocol=5) for rows in batch["rows"]]
+        return {"index": np.asarray(batch["index"], dtype=np.int64), "encoded": np.array(encoded, dtype=object)}
+
+
+@contextmanager
+def _ordered_data_context():
+    """Datasets created inside take an execution context that keeps block order (and prints no progress bars); the
+    process-wide context is restored afterwards (a Dataset copies the context when it is created)."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
 class RankEncoders:
-    """The encoders one train worker uses: ``n_actors`` Ray actors (round-robin), or a local thread when 0."""
+    """How one train worker gets its micro-batches encoded: a Ray Data pipeline over ``n_actors`` encoder actors,
+    or a local thread when ``n_actors`` is 0 (debugging; no Ray Data)."""
 
     def __init__(self, n_actors: int, num_cpus: float, depth: int, **encoder_kw):
+        self.n_actors = int(n_actors)
+        self.num_cpus = float(num_cpus)
         self.depth = max(1, depth)
-        self.actors = []
-        self.local: Optional[RowEncoder] = None
+        self.encoder_kw = encoder_kw
+        self._streams: list[BackgroundIterator] = []
+        self._local: Optional[RowEncoder] = None
         self._pool: Optional[ThreadPoolExecutor] = None
-        if n_actors > 0:
-            actor_cls = ray.remote(num_cpus=num_cpus)(RowEncoder)
-            self.actors = [actor_cls.remote(**encoder_kw) for _ in range(n_actors)]
-            self._filler = ray.get(self.actors[0].filler_sample.remote())
-        else:
-            self.local = RowEncoder(**encoder_kw)
+
+    def encode_local(self, plans: Iterable[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
+        """Encoded micro-batches in plan order, from a thread of this worker (``depth`` requests ahead). Used with
+        ``encode_actors: 0`` and for the held-out validation rows: a second actor pool started mid-run could wait
+        forever for CPUs the training pipeline holds."""
+        if self._local is None:
+            self._local = RowEncoder(**self.encoder_kw)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmrole-encode")
-            self._filler = self.local.filler_sample()
-        self._next = 0
+        return ordered_prefetch(
+            plans, lambda p: self._pool.submit(self._local.encode_rows, p.rows), lambda f: f.result(), self.depth
+        )
 
-    @property
-    def filler(self) -> dict:
-        return self._filler
+    def dataset(self, plans: Sequence[MicroBatchPlan]) -> ray.data.Dataset:
+        """The Ray Data pipeline of ``plans``: one input row per micro-batch (blocks of ``depth`` plans), encoded by
+        an actor pool; the output keeps the input order."""
+        items = [{"index": i, "rows": list(p.rows)} for i, p in enumerate(plans)]
+        with _ordered_data_context():
+            ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // self.depth)))
+            return ds.map_batches(
+                EncodeRowsUDF,
+                fn_constructor_kwargs=self.encoder_kw,
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=self.n_actors),
+                num_cpus=self.num_cpus,  # Ray Data restarts a lost actor and retries its block (its defaults)
+            )
 
-    def _submit(self, plan: MicroBatchPlan):
-        if self.local is not None:
-            return self._pool.submit(self.local.encode_rows, plan.rows)
-        actor = self.actors[self._next % len(self.actors)]
-        self._next += 1
-        return actor.encode_rows.remote(plan.rows)
+    def encode(self, plans: Iterable[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
+        """Encoded micro-batches in plan order. Through Ray Data the pipeline starts at once, in a background thread
+        (so the encoder actors start while the worker builds its model), ``depth`` micro-batches ahead; with no
+        actors, :meth:`encode_local`."""
+        if self.n_actors <= 0:
+            return self.encode_local(plans)
+        plans = list(plans)
+        stream = BackgroundIterator(lambda: self._ray_data_batches(plans), self.depth)
+        self._streams.append(stream)
+        return stream
 
-    def _get(self, handle) -> EncodedRows:
-        return handle.result() if self.local is not None else ray.get(handle)
-
-    def encode(self, plans: Iterator[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
-        """Encoded micro-batches in plan order, ``depth`` requests ahead."""
-        return ordered_prefetch(plans, self._submit, self._get, self.depth)
+    def _ray_data_batches(self, plans: list[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
+        if not plans:
+            return
+        batches = self.dataset(plans).iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.depth)
+        expected = 0
+        for batch in batches:
+            for index, blob in zip(batch["index"], batch["encoded"]):
+                if int(index) != expected:  # preserve_order is what makes a rerun/resume exact: never go on without it
+                    raise RuntimeError(f"Ray Data returned micro-batch {int(index)} where {expected} was due")
+                yield plans[expected], pickle.loads(blob)
+                expected += 1
+        if expected != len(plans):
+            raise RuntimeError(f"Ray Data returned {expected} of {len(plans)} micro-batches")
 
     def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        for stream in self._streams:
+            stream.close()
+        self._streams = []
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BackgroundIterator:
+    """Iterates what ``make_source()`` returns in a thread of its own from construction on, up to ``depth`` items
+    ahead of the consumer; errors reach the consumer in order. :meth:`close` stops the thread and closes the source
+    (for a Ray Data iterator: stops the pipeline)."""
+
+    def __init__(self, make_source: Callable[[], Iterator], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(make_source,), name="mmrole-ingest", daemon=True)
+        self._thread.start()
+
+    def _put(self, kind: str, value) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put((kind, value), timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make_source: Callable[[], Iterator]) -> None:
+        try:
+            source = make_source()
+            try:
+                for item in source:
+                    if not self._put("item", item):
+                        return
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            self._put("done", None)
+        except BaseException as e:  # handed to the consumer, who raises it
+            self._put("error", e)
+
+    def __iter__(self) -> BackgroundIterator:
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._finished = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=60)

@@ -41,7 +41,7 @@ from mmrole.ray_train_recipe import RAY_COMMIT_PREFIX, train_loop_per_worker
 from mmrole.train import checkpoint as ckpt
 from mmrole.train.config import ConfigError, TrainJobConfig, batch_geometry, total_optimizer_steps
 from mmrole.train.metrics import read_metrics
-from mmrole.train.preflight import PreflightError, check_preflight, length_report, reject_verdict
+from mmrole.train.preflight import PreflightError, check_preflight, reject_verdict
 from mmrole.train.rejects import count_by_reason, merge_rejects
 
 FINAL_LINK = "final_model"
@@ -156,20 +156,20 @@ def _write_final(run_dir: Path, final: ckpt.CheckpointEntry) -> Path:
 
 
 def _preflight(cfg: TrainJobConfig, n_rows: int) -> None:
-    """Encode the first ``data.preflight_rows`` rows on the driver: print their token lengths and refuse the run
-    when they are all (or more than the reject cap) rejected, before any row reaches Ray."""
-    from mmrole.train.row_encoder import RowEncoder
+    """Measure the first ``data.preflight_rows`` rows on the driver: print their token lengths (as ``mmrole data
+    lengths`` does) and refuse the run when they are all (or more than the reject cap) rejected, before any row
+    reaches Ray."""
+    from mmrole.train.lengths import format_length_report, measure_lengths
 
     n = min(cfg.data.preflight_rows, n_rows)
     if n == 0:
         return
     t0 = time.time()
-    enc = RowEncoder(cfg.model.to_dict(), cfg.data.prepared, cfg.split, max_rows=n)
-    rep = length_report(enc, list(range(n)))
-    for line in rep.lines():
+    rep = measure_lengths(cfg.data.prepared, cfg.model, split=cfg.split, limit=n)
+    for line in format_length_report(rep, [cfg.model.max_length]).splitlines():
         print(f"[mmrole] {line}", flush=True)
-    print(f"[mmrole] checked in {time.time() - t0:.1f}s", flush=True)
-    check_preflight(rep, cfg.data.max_reject_ratio)
+    print(f"[mmrole] first {n} rows checked in {time.time() - t0:.1f}s", flush=True)
+    check_preflight(rep, cfg.model.max_length, cfg.data.max_reject_ratio)
 
 
 def memory_estimate(cfg: TrainJobConfig, gpus_per_node: int = 8) -> str:

@@ -10,6 +10,7 @@ token-weighted over the whole global batch (:mod:`mmrole.train.step`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -132,6 +133,7 @@ class SFTRecipe:
         self.attempt = uuid.uuid4().hex[:10]
         self.sink: Optional[MetricsSink] = None
         self.encoders = None
+        self.stream: Optional[Iterator[MicroBatch | int]] = None
         self.last_metrics: dict = {}
         self.resume_plan: Optional[ckpt.ResumePlan] = None
         self.hf_ds_config = None
@@ -155,6 +157,17 @@ class SFTRecipe:
             protect = [plan.checkpoint] if plan.checkpoint else []
             ckpt.apply_rotation(self.run_dir, self.cfg.checkpoint.num_to_keep, protect=protect)
         dist.barrier()
+        self.pos = Position(
+            step=plan.step,
+            epoch=plan.epoch,
+            epoch_position=plan.epoch_rows,
+            samples_seen=plan.samples_seen,
+            last_saved=plan.step,
+        )
+        if self.pos.step < self.total_steps:
+            # The data pipeline starts now: its encoder actors come up while the model is built and loaded.
+            self.setup_data()
+            self.stream = self.micro_batches()
 
         t_build = time.time()
         ds_config = build_deepspeed_config(self.cfg.train, self.geo, self.device.type)
@@ -241,18 +254,13 @@ class SFTRecipe:
             self.scheduler.last_epoch = plan.step
             for group in self.scheduler.optimizer.param_groups:
                 group["lr"] = lr * self.schedule(plan.step)
-        self.pos = Position(
-            step=plan.step,
-            epoch=plan.epoch,
-            epoch_position=plan.epoch_rows,
-            samples_seen=plan.samples_seen,
-            last_saved=plan.step,
-        )
 
     def setup_data(self) -> None:
-        """This rank's encoders (CPU actors it owns, or a local thread)."""
+        """This rank's encoders (a Ray Data pipeline over CPU actors, or a local thread)."""
         from mmrole.ray_data_ingest import RankEncoders
 
+        if self.encoders is not None:
+            return
         d = self.cfg.data
         self.encoders = RankEncoders(
             d.encode_actors,
@@ -308,37 +316,40 @@ class SFTRecipe:
     # ---- data ------------------------------------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[MicroBatch | int]:
         """This rank's micro-batches from the current position to the end of the last epoch; an ``int`` marks the
-        end of that epoch."""
+        end of that epoch. The encoding starts at once (see :meth:`RankEncoders.encode`)."""
+        self.setup_data()
+        d, t = self.cfg.data, self.cfg.train
+        items: list[MicroBatchPlan | int] = []  # plans, and after each epoch's plans that epoch's number
+        epoch, start = self.pos.epoch, self.pos.epoch_position
+        while epoch < t.epochs:
+            items.extend(
+                rank_micro_batches(self.n_rows, d.shuffle_seed, epoch, start, self.world, self.rank, t.micro_batch_size)
+            )
+            items.append(epoch)
+            epoch, start = epoch + 1, 0
+        encoded = self.encoders.encode([p for p in items if not isinstance(p, int)])
+        return self._walk(items, encoded)
 
-        def plans():
-            epoch, start = self.pos.epoch, self.pos.epoch_position
-            d, t = self.cfg.data, self.cfg.train
-            while epoch < t.epochs:
-                yield from rank_micro_batches(
-                    self.n_rows, d.shuffle_seed, epoch, start, self.world, self.rank, t.micro_batch_size
-                )
-                yield epoch  # end-of-epoch marker travels through the prefetch queue in order
-                epoch, start = epoch + 1, 0
-
-        marker_free = (p for p in plans())
-        # Epoch markers are not encoding requests: route them around the encoder in order.
-        buffered: list = []
-
-        def requests():
-            for p in marker_free:
-                if isinstance(p, int):
-                    buffered.append(p)
-                    continue
-                yield p
-
-        t0 = time.time()
-        for plan, encoded in self.encoders.encode(requests()):
-            yield MicroBatch(plan, encoded.samples, time.time() - t0)
+    @staticmethod
+    def _walk(items: list[MicroBatchPlan | int], encoded: Iterator) -> Iterator[MicroBatch | int]:
+        try:
             t0 = time.time()
-            while buffered and buffered[0] < plan.epoch:
-                yield buffered.pop(0)
-        while buffered:
-            yield buffered.pop(0)
+            for item in items:
+                if isinstance(item, int):
+                    yield item
+                    continue
+                plan, rows = next(encoded)
+                yield MicroBatch(plan, rows.samples, time.time() - t0)
+                t0 = time.time()
+        finally:
+            encoded.close()  # stops the Ray Data pipeline when training ends before the data does (max_steps)
+
+    @functools.cached_property
+    def filler(self) -> dict:
+        """An encoded sample for a micro-batch whose rows were all rejected (run with zero weight)."""
+        from mmrole.train.row_encoder import filler_sample
+
+        return filler_sample(self.vlm.encoder)
 
     def model_batch(self, rows: list[dict]) -> dict:
         """Encoded samples -> one model batch: packed rows (``data.packing``) or right-padded samples."""
@@ -361,7 +372,7 @@ class SFTRecipe:
         totals = StepTotals(data_wait_s=data_wait_s)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for rows in micro:
-            batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
+            batch = self.vlm.to_device(self.model_batch(rows or [self.filler]))
             summed = summed_token_loss(engine, batch)
             if not rows:
                 summed = summed * 0.0
@@ -396,9 +407,9 @@ class SFTRecipe:
         tokens = samples = 0
         self.engine.eval()
         with torch.no_grad():
-            for _, encoded in self.encoders.encode(iter(plans)):
+            for _, encoded in self.encoders.encode_local(plans):
                 rows = encoded.samples
-                batch = self.vlm.to_device(self.model_batch(rows or [self.encoders.filler]))
+                batch = self.vlm.to_device(self.model_batch(rows or [self.filler]))
                 summed = summed_token_loss(self.engine, batch).double()
                 if rows:
                     loss_sum += summed
@@ -430,7 +441,10 @@ class SFTRecipe:
             return
         pending: list[MicroBatch] = []
         t_step = time.time()
-        for item in self.micro_batches():
+        if self.stream is None:
+            self.stream = self.micro_batches()
+        stream = self.stream
+        for item in stream:
             if isinstance(item, int):
                 self._epoch_end(item)
                 continue
@@ -455,6 +469,8 @@ class SFTRecipe:
             t_step = time.time()
             if pos.step >= self.total_steps:
                 break
+        stream.close()
+        self.stream = None
 
     def _epoch_end(self, epoch: int) -> None:
         if self.rank == 0 and self.sink is not None:
@@ -595,6 +611,9 @@ class SFTRecipe:
 
             unset_hf_deepspeed_config()
             self.hf_ds_config = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
         if self.encoders is not None:
             self.encoders.close()
         if self.sink is not None:
@@ -603,8 +622,8 @@ class SFTRecipe:
 
     def run(self) -> None:
         """setup -> train -> finish (the whole life of a worker)."""
-        self.setup()
         try:
+            self.setup()
             self.setup_data()
             self.start_log()
             self.train()

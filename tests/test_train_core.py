@@ -326,6 +326,37 @@ def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_pa
     assert len(lines) == 2
 
 
+def test_background_iterator_keeps_order_raises_in_order_and_closes_its_source():
+    """The ingest's background thread: items in source order, a source error raised where it happened, and close()
+    stops a source that is still producing (its cleanup runs: that is what stops a Ray Data pipeline)."""
+    import threading
+
+    from mmrole.ray_data_ingest import BackgroundIterator
+
+    def numbers(n, fail_at=None, closed=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"bad item {i}")
+                yield i
+        finally:
+            if closed is not None:
+                closed.set()
+
+    assert list(BackgroundIterator(lambda: numbers(50), 3)) == list(range(50))
+    it = BackgroundIterator(lambda: numbers(10, fail_at=4), 2)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="bad item 4"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    closed = threading.Event()
+    it = BackgroundIterator(lambda: numbers(10**9, closed=closed), 2)
+    assert next(it) == 0
+    it.close()
+    assert closed.wait(10) and not it._thread.is_alive()
+
+
 # ----------------------------------------------------------------------------------------------- metrics/rejects
 
 
@@ -567,7 +598,9 @@ def test_preflight_refuses_a_run_whose_rows_are_all_too_long(tiny_encoder, tmp_p
     assert "too_long" in s.error and "model.max_length" in s.error and "40 of the first 40" in s.error
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["ok"] is False and summary["error"] == s.error
-    assert "token lengths of the first 40 rows (max_length 24)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rows: 40 in, 40 measured" in out and "max_length 24: keeps 0/40" in out
+    assert "model.max_length=" in s.error  # the length that would keep them all
     import ray
 
     assert not ray.is_initialized()

@@ -76,6 +76,7 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from mmrole.ray_train_recipe import SFTRecipe, WorkerInfo
     from mmrole.train.config import TrainJobConfig
+    from mmrole.train.data_order import MicroBatchPlan
 
     out = []
     for cfg_dict, micro_rows in runs:
@@ -83,7 +84,8 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
         recipe = SFTRecipe(cfg, cfg.run_dir, 8, WorkerInfo(rank, world, torch.device("cpu")))
         recipe.setup()
         recipe.setup_data()
-        micro = [recipe.encoders.local.encode_rows(rows).samples for rows in micro_rows[rank]]
+        plans = [MicroBatchPlan(0, tuple(rows), 0) for rows in micro_rows[rank]]
+        micro = [encoded.samples for _, encoded in recipe.encoders.encode(plans)]
         totals = recipe.train_step(micro)
         gn = float(recipe.engine.get_global_grad_norm())
         ev = recipe.evaluate()

@@ -161,6 +161,29 @@ def test_golden_resume_same_losses_and_rows(two_runs):
 
 
 @pytest.mark.timeout(300)
+def test_ray_data_ingest_keeps_the_plan_order(two_runs):
+    """The rank's Ray Data pipeline (2 encoder actors, blocks of 2 micro-batches) hands back every micro-batch in
+    plan order with exactly the rows the in-thread encoder gives, rejects included; nothing is dropped."""
+    from mmrole.ray_data_ingest import RankEncoders
+    from mmrole.train.data_order import rank_micro_batches
+
+    model = {"model_path": str(two_runs["model"]), "max_length": 512}
+    enc = RankEncoders(2, 0.5, 2, model=model, prepared=str(two_runs["prep"]), split="train")
+    plans = [p for epoch in (0, 1) for p in rank_micro_batches(48, 7, epoch, 0, 2, 1, 3)]
+    assert len(plans) == 16
+    via_ray_data = [
+        (plan, [s["id"] for s in e.samples], [r["id"] for r in e.rejected]) for plan, e in enc.encode(plans)
+    ]
+    local = [(plan, [s["id"] for s in e.samples], [r["id"] for r in e.rejected]) for plan, e in enc.encode_local(plans)]
+    enc.close()
+    assert [p for p, _, _ in via_ray_data] == plans
+    assert via_ray_data == local
+    for plan, ids, rejected in via_ray_data:
+        assert ids == [f"syn_{i:05d}" for i in plan.rows if f"syn_{i:05d}" not in rejected]
+    assert {i for _, _, rej in via_ray_data for i in rej} <= {"syn_00005"}
+
+
+@pytest.mark.timeout(300)
 def test_final_checkpoint_loads_and_generates(two_runs):
     import torch
     from safetensors.torch import load_file

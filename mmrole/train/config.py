@@ -30,7 +30,8 @@ class DataSettings:
     split: str = ""  # "" = train for the agent, rm_train for the reward model
     max_rows: Optional[int] = None  # use only the first N rows in manifest order (the same rows every epoch)
     shuffle_seed: int = 0  # an epoch's row order is a pure function of (shuffle_seed, epoch)
-    # Encoder actors per train worker (CPU: image decoding + processor); 0 = encode in a thread of the worker.
+    # Ray Data encoder actors per train worker (CPU: row reads, image decoding, processor); 0 = encode in a thread of
+    # the worker (no Ray Data).
     encode_actors: int = 1
     encode_num_cpus: float = 1.0  # logical CPUs per encoder actor (fractional on small machines)
     prefetch_batches: int = 2  # micro-batches requested ahead by each train worker (at least one step's worth)

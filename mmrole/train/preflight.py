@@ -1,5 +1,6 @@
-"""Before a run starts Ray: encode the first rows on the driver, print their token lengths, and refuse a run that
-would train on nothing (every row rejected) or on too little (rejected share over ``data.max_reject_ratio``).
+"""Before a run starts Ray: the first rows' token lengths (:func:`mmrole.train.lengths.measure_lengths`, printed as
+``mmrole data lengths`` prints them), and a refusal of a run that would train on nothing (every row rejected) or on
+too little (rejected share over ``data.max_reject_ratio``).
 
 Also the verdict on a finished run (:func:`reject_verdict`): a run that trained 0 steps, or whose rejected share
 passes the cap, is not "ok", and the message names the main reject reason and the key to change.
@@ -7,11 +8,9 @@ passes the cap, is not "ok", and the message names the main reject reason and th
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
+from mmrole.train.lengths import LengthReport
 
 ADVICE = {
     "too_long": "raise model.max_length (or lower model.max_pixels to shrink image tokens)",
@@ -24,78 +23,32 @@ class PreflightError(RuntimeError):
     """The run cannot usefully start; the message says why and what to change."""
 
 
-@dataclass
-class LengthReport:
-    """Token lengths of the rows checked, and why the others were rejected."""
-
-    checked: int = 0
-    kept: int = 0
-    text_tokens: list[int] = field(default_factory=list)
-    image_tokens: list[int] = field(default_factory=list)
-    rejected_by_stage: dict[str, int] = field(default_factory=dict)
-    too_long_lengths: list[int] = field(default_factory=list)
-    max_length: int = 0
-
-    @property
-    def rejected(self) -> int:
-        return self.checked - self.kept
-
-    @property
-    def main_reason(self) -> Optional[str]:
-        return max(self.rejected_by_stage, key=self.rejected_by_stage.get) if self.rejected_by_stage else None
-
-    def lines(self) -> list[str]:
-        def pct(xs: list[int]) -> str:
-            if not xs:
-                return "n/a"
-            p = np.percentile(np.asarray(xs), [50, 90, 99, 100]).round().astype(int)
-            return f"p50 {p[0]} p90 {p[1]} p99 {p[2]} max {p[3]}"
-
-        total = [t + i for t, i in zip(self.text_tokens, self.image_tokens)]
-        out = [
-            f"token lengths of the first {self.checked} rows (max_length {self.max_length}): total {pct(total)}; "
-            f"text {pct(self.text_tokens)}; image {pct(self.image_tokens)}",
-            f"kept {self.kept}/{self.checked}; rejected {self.rejected} {dict(self.rejected_by_stage) or ''}".rstrip(),
-        ]
-        if self.too_long_lengths:
-            need = int(np.max(self.too_long_lengths))
-            out.append(
-                f"too long: {len(self.too_long_lengths)} row(s) of up to {need} tokens; model.max_length={need} "
-                "would keep them all"
-            )
-        return out
+def preflight_counts(rep: LengthReport, max_length: int) -> dict[str, int]:
+    """Rows of a :class:`~mmrole.train.lengths.LengthReport` that training at ``max_length`` would reject, by stage
+    (the stages of the run's rejects: ``too_long``, ``image``, ``encode``)."""
+    counts = dict(rep.not_measured)
+    too_long = rep.keeps(max_length)["rejected_too_long"]
+    if too_long:
+        counts["too_long"] = too_long
+    return {k: v for k, v in counts.items() if v}
 
 
-def length_report(encoder, indices: list[int]) -> LengthReport:
-    """Encode ``indices`` with a :class:`~mmrole.train.row_encoder.RowEncoder` (rejects are not written)."""
-    rep = LengthReport(max_length=encoder.encoder.max_length)
-    stages: Counter = Counter()
-    for lo in range(0, len(indices), 32):
-        res = encoder.encode_rows(indices[lo : lo + 32])
-        rep.checked += len(res.samples) + len(res.rejected)
-        rep.kept += len(res.samples)
-        for s in res.samples:
-            rep.text_tokens.append(int(s["num_text_tokens"]))
-            rep.image_tokens.append(int(s["num_image_tokens"]))
-        for r in res.rejected:
-            stages[r["stage"]] += 1
-            if r["stage"] == "too_long" and r.get("length"):
-                rep.too_long_lengths.append(int(r["length"]))
-    rep.rejected_by_stage = dict(stages)
-    return rep
-
-
-def check_preflight(rep: LengthReport, max_reject_ratio: float) -> None:
-    """Raise :class:`PreflightError` when every checked row is rejected, or more than the cap."""
-    if rep.checked == 0:
+def check_preflight(rep: LengthReport, max_length: int, max_reject_ratio: float) -> None:
+    """Raise :class:`PreflightError` when every checked row would be rejected, or more than the cap."""
+    if rep.rows_in == 0:
         return
-    share = rep.rejected / rep.checked
-    if rep.kept == 0 or share > max_reject_ratio:
-        reason = rep.main_reason or "?"
+    by_stage = preflight_counts(rep, max_length)
+    rejected = sum(by_stage.values())
+    share = rejected / rep.rows_in
+    if rejected == rep.rows_in or share > max_reject_ratio:
+        reason = max(by_stage, key=by_stage.get)
+        need = ""
+        if by_stage.get("too_long"):
+            longest = int(max(r.shortest for r in rep.rows))
+            need = f" model.max_length={longest} would keep all {len(rep.rows)} encodable rows."
         raise PreflightError(
-            f"{rep.rejected} of the first {rep.checked} rows are rejected ({100 * share:.0f}% > "
-            f"data.max_reject_ratio {100 * max_reject_ratio:.0f}%), mostly {reason!r}: {ADVICE.get(reason, '')}. "
-            + (" ".join(rep.lines()[2:]) if rep.too_long_lengths else "")
+            f"{rejected} of the first {rep.rows_in} rows are rejected ({100 * share:.0f}% > "
+            f"data.max_reject_ratio {100 * max_reject_ratio:.0f}%), mostly {reason!r}: {ADVICE.get(reason, '')}.{need}"
         ).with_traceback(None)
 
 

@@ -109,26 +109,27 @@ class RowEncoder:
                 self.rejects.write(sid, reason, stage, image=row.get("image"), split=self.rows.split)
         return out
 
-    def filler_sample(self) -> dict:
-        """A synthetic encoded sample for a micro-batch whose rows were all rejected: every rank must still run a
-        forward/backward (collectives), and its loss is multiplied by 0."""
-        from PIL import Image
 
-        from mmrole.data.records import Sample
+def filler_sample(encoder: Any, with_target: bool = True) -> dict:
+    """A synthetic encoded sample for a micro-batch whose rows were all rejected: every rank must still run a
+    forward/backward (collectives), and its loss is multiplied by 0."""
+    from PIL import Image
 
-        probe = Sample(
-            id="__filler__",
-            system="filler",
-            user_text="filler",
-            image="filler.png",
-            target="filler",
-            role="r",
-            other_role="o",
-            script="s",
-            dialogue_type="comment",
-            k=1,
-        )
-        return self.encoder.encode(probe, Image.new("RGB", (64, 64)), with_target=self.with_target)
+    from mmrole.data.records import Sample
+
+    probe = Sample(
+        id="__filler__",
+        system="filler",
+        user_text="filler",
+        image="filler.png",
+        target="filler",
+        role="r",
+        other_role="o",
+        script="s",
+        dialogue_type="comment",
+        k=1,
+    )
+    return encoder.encode(probe, Image.new("RGB", (64, 64)), with_target=with_target)
 
 
 def ordered_prefetch(
