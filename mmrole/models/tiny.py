@@ -138,37 +138,18 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
     mrope = [t_sec, h_sec, half - t_sec - h_sec]
     # Qwen2-VL and Qwen2.5-VL: the same text decoder with sectioned M-RoPE
     text = dict(common_text, rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0})
+    common_vision = dict(depth=2, num_heads=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    # Qwen2.5-VL and Qwen3-VL: a vision tower of its own width, projected to the decoder's by the merger
+    merger_vision = dict(common_vision, hidden_size=32, intermediate_size=64, out_hidden_size=hidden)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        vision = dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=hidden,
-            num_heads=4,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
+        vision = dict(common_vision, embed_dim=32, hidden_size=hidden, mlp_ratio=2, patch_size=14)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **mm)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=hidden,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-            in_channels=3,
-        )
+        vision = dict(merger_vision, patch_size=14, window_size=56, fullatt_block_indexes=[1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **mm)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
@@ -185,19 +166,7 @@ def tiny_config(family: str, tok, hidden: int = 64, layers: int = 2):
                 "rope_theta": 10000.0,
             },
         )
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=hidden,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-            in_channels=3,
-        )
+        vision = dict(merger_vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **mm)
     raise ValueError(f"make_tiny_vlm: unknown family {family!r}; choose one of {NATIVE_FAMILIES}")
 
