@@ -67,6 +67,9 @@ def resolve_source(prepared: str, split: str, max_rows: Optional[int] = None) ->
     )
 
 
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
+
+
 class EncodeRowsUDF:
     """Ray Data ``map_batches`` UDF (actor pool): each input row is one micro-batch plan (``index``, ``rows``); each
     output row carries the same ``index`` and the pickled :class:`EncodedRows` (variable-shaped arrays of several
@@ -81,28 +84,44 @@ class EncodeRowsUDF:
 
 
 @contextmanager
-def _ordered_data_context():
-    """Datasets created inside take an execution context that keeps block order (and prints no progress bars); the
-    process-wide context is restored afterwards (a Dataset copies the context when it is created)."""
+def _ordered_data_context(object_store_bytes: Optional[int]):
+    """Datasets created inside take an execution context that keeps block order, holds at most
+    ``object_store_bytes`` of encoded data ahead of the consumer (None: Ray Data's default share of the cluster's
+    object store, which every rank's pipeline would claim for itself) and prints no progress bars. The process-wide
+    context is restored afterwards (a Dataset copies the context when it is created)."""
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.execution_options.preserve_order = True
+    opts = ctx.execution_options
+    saved = opts.preserve_order, opts.resource_limits, ctx.enable_progress_bars, ctx.print_on_execution_start
+    opts.preserve_order = True
+    if object_store_bytes is not None:
+        opts.resource_limits = ray.data.ExecutionResources.for_limits(object_store_memory=object_store_bytes)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     try:
         yield
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        opts.preserve_order, opts.resource_limits, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
 class RankEncoders:
     """How one train worker gets its micro-batches encoded: a Ray Data pipeline over ``n_actors`` encoder actors,
     or a local thread when ``n_actors`` is 0 (debugging; no Ray Data)."""
 
-    def __init__(self, n_actors: int, num_cpus: float, depth: int, **encoder_kw):
+    def __init__(
+        self,
+        n_actors: int,
+        num_cpus: float,
+        depth: int,
+        memory_mb: Optional[int] = None,
+        local_node: bool = False,
+        **encoder_kw,
+    ):
         self.n_actors = int(n_actors)
         self.num_cpus = float(num_cpus)
         self.depth = max(1, depth)
+        self.object_store_bytes = int(memory_mb) * 2**20 if memory_mb else None
+        # Encoder actors on this worker's node: encoded tensors (MBs per sample) never cross the network.
+        self.label_selector = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()} if local_node else None
         self.encoder_kw = encoder_kw
         self._streams: list[BackgroundIterator] = []
         self._local: Optional[RowEncoder] = None
@@ -123,7 +142,7 @@ class RankEncoders:
         """The Ray Data pipeline of ``plans``: one input row per micro-batch (blocks of ``depth`` plans), encoded by
         an actor pool; the output keeps the input order."""
         items = [{"index": i, "rows": list(p.rows)} for i, p in enumerate(plans)]
-        with _ordered_data_context():
+        with _ordered_data_context(self.object_store_bytes):
             ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // self.depth)))
             return ds.map_batches(
                 EncodeRowsUDF,
@@ -131,6 +150,7 @@ class RankEncoders:
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=self.n_actors),
                 num_cpus=self.num_cpus,  # Ray Data restarts a lost actor and retries its block (its defaults)
+                label_selector=self.label_selector,
             )
 
     def encode(self, plans: Iterable[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:

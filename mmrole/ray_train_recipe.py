@@ -266,6 +266,8 @@ class SFTRecipe:
             d.encode_actors,
             d.encode_num_cpus,
             max(d.prefetch_batches, self.geo.grad_accum),
+            memory_mb=d.prefetch_memory_mb,
+            local_node=d.encode_on_worker_node,
             model=self.cfg.model.to_dict(),
             prepared=d.prepared,
             split=self.cfg.split,

@@ -160,17 +160,31 @@ def test_golden_resume_same_losses_and_rows(two_runs):
     assert len(epoch) == len(set(epoch)) == 47 and "syn_00005" not in epoch
 
 
+def ray_data_context_changed() -> bool:
+    """Whether building a pipeline left its settings in the process-wide Ray Data context."""
+    import ray
+
+    return ray.data.DataContext.get_current().execution_options.preserve_order
+
+
 @pytest.mark.timeout(300)
 def test_ray_data_ingest_keeps_the_plan_order(two_runs):
-    """The rank's Ray Data pipeline (2 encoder actors, blocks of 2 micro-batches) hands back every micro-batch in
-    plan order with exactly the rows the in-thread encoder gives, rejects included; nothing is dropped."""
+    """The rank's Ray Data pipeline (2 encoder actors on this node, blocks of 2 micro-batches, a tight memory budget)
+    hands back every micro-batch in plan order with exactly the rows the in-thread encoder gives, rejects included;
+    nothing is dropped, and the process-wide Ray Data context is left as it was."""
     from mmrole.ray_data_ingest import RankEncoders
     from mmrole.train.data_order import rank_micro_batches
 
     model = {"model_path": str(two_runs["model"]), "max_length": 512}
-    enc = RankEncoders(2, 0.5, 2, model=model, prepared=str(two_runs["prep"]), split="train")
+    # A budget of 1 MiB ahead (less than a few micro-batches: backpressure on every block) and actors on this node.
+    enc = RankEncoders(
+        2, 0.5, 2, memory_mb=1, local_node=True, model=model, prepared=str(two_runs["prep"]), split="train"
+    )
     plans = [p for epoch in (0, 1) for p in rank_micro_batches(48, 7, epoch, 0, 2, 1, 3)]
     assert len(plans) == 16
+    opts = enc.dataset(plans).context.execution_options
+    assert opts.preserve_order and opts.resource_limits.object_store_memory == 2**20
+    assert not ray_data_context_changed()
     via_ray_data = [
         (plan, [s["id"] for s in e.samples], [r["id"] for r in e.rejected]) for plan, e in enc.encode(plans)
     ]

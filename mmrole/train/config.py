@@ -35,6 +35,12 @@ class DataSettings:
     encode_actors: int = 1
     encode_num_cpus: float = 1.0  # logical CPUs per encoder actor (fractional on small machines)
     prefetch_batches: int = 2  # micro-batches requested ahead by each train worker (at least one step's worth)
+    # Object store memory each train worker's pipeline may fill with encoded micro-batches ahead of training (MiB;
+    # null = Ray Data's default, a share of the whole cluster's object store, claimed by every worker alike).
+    prefetch_memory_mb: Optional[int] = 2048
+    # Encoder actors on the train worker's own node (encoded tensors stay local); false = anywhere in the cluster
+    # (e.g. on CPU-only nodes).
+    encode_on_worker_node: bool = True
     # Fail fast: rows encoded on the driver before Ray starts (token-length figures; a run whose first rows are
     # all rejected stops here), and the largest share of rejected rows a run may have and still be "ok".
     preflight_rows: int = 256
@@ -214,6 +220,11 @@ def validate(c: TrainJobConfig) -> None:
     need(c.data.encode_actors >= 0, "data.encode_actors", "must be >= 0 (0 = encode in the worker)")
     need(c.data.encode_num_cpus > 0, "data.encode_num_cpus", "must be > 0")
     need(c.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    need(
+        c.data.prefetch_memory_mb is None or c.data.prefetch_memory_mb >= 1,
+        "data.prefetch_memory_mb",
+        "must be >= 1 or null",
+    )
     need(c.data.eval_rows >= 0, "data.eval_rows", "must be >= 0")
     need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
     need(c.data.preflight_rows >= 0, "data.preflight_rows", "must be >= 0")
