@@ -58,9 +58,7 @@ class RayExecutor:
             fn_constructor_kwargs=dict(teacher=asdict(t), max_concurrency=per_actor),
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=per_actor,
-            num_cpus=self.num_cpus,
-            max_restarts=-1,
-            max_task_retries=-1,
+            num_cpus=self.num_cpus,  # a lost actor is restarted and its block retried (Ray Data's defaults)
         )
         got: dict[str, TeacherResult] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

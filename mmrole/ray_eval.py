@@ -40,14 +40,17 @@ def _pool_args(pool: PoolSettings) -> dict:
 
     c = pool.concurrency_arg()
     size = dict(size=c) if isinstance(c, int) else dict(min_size=c[0], max_size=c[1])
-    return dict(
+    args = dict(
         compute=ray.data.ActorPoolStrategy(**size),
         batch_size=pool.batch_size,
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
-        max_restarts=pool.max_restarts,
-        max_task_retries=-1,
     )
+    if pool.max_restarts != -1:
+        # Ray Data's actor pools restart without limit and retry blocks by default; passing restart options is a
+        # deprecated remote argument (Ray 2.60, removed in 2.64), so only a non-default setting is passed.
+        args |= dict(max_restarts=pool.max_restarts, max_task_retries=-1 if pool.max_restarts else 0)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ answering
