@@ -167,14 +167,20 @@ class RankEncoders:
     def _ray_data_batches(self, plans: list[MicroBatchPlan]) -> Iterator[tuple[MicroBatchPlan, EncodedRows]]:
         if not plans:
             return
-        batches = self.dataset(plans).iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.depth)
+        ds = self.dataset(plans)
+        batches = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.depth))
         expected = 0
-        for batch in batches:
-            for index, blob in zip(batch["index"], batch["encoded"]):
-                if int(index) != expected:  # preserve_order is what makes a rerun/resume exact: never go on without it
-                    raise RuntimeError(f"Ray Data returned micro-batch {int(index)} where {expected} was due")
-                yield plans[expected], pickle.loads(blob)
-                expected += 1
+        try:
+            for batch in batches:
+                for index, blob in zip(batch["index"], batch["encoded"]):
+                    if int(index) != expected:  # preserve_order makes a rerun/resume exact: never go on without it
+                        raise RuntimeError(f"Ray Data returned micro-batch {int(index)} where {expected} was due")
+                    yield plans[expected], pickle.loads(blob)
+                    expected += 1
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # ends the streaming execution (and its actors) now, not when garbage-collected
         if expected != len(plans):
             raise RuntimeError(f"Ray Data returned {expected} of {len(plans)} micro-batches")
 
