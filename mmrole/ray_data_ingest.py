@@ -13,7 +13,6 @@ rows (undecodable image, too long) are recorded by id in the run's rejects and l
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -72,14 +71,14 @@ NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (its id)
 
 class EncodeRowsUDF:
     """Ray Data ``map_batches`` UDF (actor pool): each input row is one micro-batch plan (``index``, ``rows``); each
-    output row carries the same ``index`` and the pickled :class:`EncodedRows` (variable-shaped arrays of several
-    keys per sample travel as one object; the data never leaves the run's own processes)."""
+    output row carries the same ``index`` and the micro-batch's :class:`EncodedRows` as Arrow IPC bytes
+    (:meth:`EncodedRows.to_bytes`: variable-shaped arrays of several keys per sample, and the rejects)."""
 
     def __init__(self, **encoder_kw):
         self.encoder = RowEncoder(**encoder_kw)
 
     def __call__(self, batch: dict) -> dict:
-        encoded = [pickle.dumps(self.encoder.encode_rows([int(i) for i in rows]), protocol=5) for rows in batch["rows"]]
+        encoded = [self.encoder.encode_rows([int(i) for i in rows]).to_bytes() for rows in batch["rows"]]
         return {"index": np.asarray(batch["index"], dtype=np.int64), "encoded": np.array(encoded, dtype=object)}
 
 
@@ -175,7 +174,7 @@ class RankEncoders:
                 for index, blob in zip(batch["index"], batch["encoded"]):
                     if int(index) != expected:  # preserve_order makes a rerun/resume exact: never go on without it
                         raise RuntimeError(f"Ray Data returned micro-batch {int(index)} where {expected} was due")
-                    yield plans[expected], pickle.loads(blob)
+                    yield plans[expected], EncodedRows.from_bytes(blob)
                     expected += 1
         finally:
             close = getattr(batches, "close", None)

@@ -300,6 +300,49 @@ def test_rows_roundtrip_ragged_images(tiny_encoder):
     )
 
 
+def test_encoded_rows_bytes_roundtrip_without_pickle(tiny_encoder):
+    """What the Ray Data ingest carries per micro-batch: ragged samples (arrays bit-equal, same dtypes, scalars and
+    ids) and the rejects come back from Arrow IPC bytes; a micro-batch whose rows were all rejected too."""
+    from mmrole.data.records import Sample
+    from mmrole.models.tiny import tiny_image
+    from mmrole.train.row_encoder import EncodedRows
+
+    enc, _ = tiny_encoder
+    samples = [
+        enc.encode(
+            Sample(
+                id=f"s{i}",
+                system="sys",
+                user_text="look " * (i + 1),
+                image="x.png",
+                target="ok",
+                role="r",
+                other_role="o",
+                script="",
+                dialogue_type="comment",
+                k=1,
+            ),
+            tiny_image(i, size),
+        )
+        for i, size in enumerate([(56, 56), (140, 84)])
+    ]
+    rejected = [{"id": "s9", "stage": "too_long", "reason": "too long: 900 tokens", "length": 900}]
+    blob = EncodedRows(samples, rejected).to_bytes()
+    assert b"\x80" not in blob[:2]  # not a pickle stream
+    back = EncodedRows.from_bytes(blob)
+    assert back.rejected == rejected and len(back.samples) == 2
+    for got, want in zip(back.samples, samples):
+        assert set(got) == set(want)
+        for k, v in want.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(got[k], v)
+                assert got[k].dtype == v.dtype
+            else:
+                assert got[k] == v, k
+    empty = EncodedRows.from_bytes(EncodedRows([], rejected).to_bytes())
+    assert empty.samples == [] and empty.rejected == rejected
+
+
 def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_path):
     """Rows by index, encoded in request order; a corrupt image and a too-long sample become rejects (by id)."""
     import pyarrow.parquet as pq

@@ -10,6 +10,7 @@ results are consumed in submission order, so timing cannot reorder rows.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,29 @@ class EncodedRows:
 
     samples: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        """An Arrow IPC stream: the samples as :func:`mmrole.train.rows.encode_table` rows, the rejects as JSON in
+        the schema metadata. What the training ingest's Ray Data column carries (no pickle)."""
+        from mmrole.train.rows import ID, encode_table, spec_from_encoded
+
+        spec = spec_from_encoded(self.samples[0]) if self.samples else {ID: "str"}
+        table = encode_table(self.samples, spec).replace_schema_metadata({_REJECTED: json.dumps(self.rejected)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> EncodedRows:
+        """The inverse of :meth:`to_bytes` (arrays are views of ``blob``'s buffer, not copies)."""
+        from mmrole.train.rows import decode_table
+
+        table = pa.ipc.open_stream(blob).read_all()
+        return cls(decode_table(table), json.loads(table.schema.metadata[_REJECTED.encode()]))
+
+
+_REJECTED = "mmrole.rejected"  # schema metadata key of EncodedRows.to_bytes
 
 
 class RowEncoder:
