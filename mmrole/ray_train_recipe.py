@@ -166,7 +166,6 @@ class SFTRecipe:
         )
         if self.pos.step < self.total_steps:
             # The data pipeline starts now: its encoder actors come up while the model is built and loaded.
-            self.setup_data()
             self.stream = self.micro_batches()
 
         t_build = time.time()
