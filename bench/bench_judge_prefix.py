@@ -68,7 +68,7 @@ def main() -> int:
 
     from mmrole.eval.contract import build_judge_sample, expand_requests
     from mmrole.eval.pipeline import load_answers_dir
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
     from mmrole.models import GenerationParams, VLMConfig, build_vlm, make_tiny_vlm
 
     cuda = torch.cuda.is_available()

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         ap.error("--reviews and --out are required (or --demo DATASET_ROOT)")
     template = None
     if args.judge_template:
-        from mmrole.eval.template import load_judge_template
+        from mmrole.eval.template_loader import load_judge_template
 
         template = load_judge_template(args.judge_template)
     files = [f for r in args.reviews for f in find_review_files(r)]

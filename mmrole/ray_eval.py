@@ -272,7 +272,7 @@ def run_generate(
 # ------------------------------------------------------------------------------------------------- scoring
 def build_judge(settings: JudgeSettings, images_root: str):
     """The judge a replica uses, from its settings."""
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
 
     template = load_judge_template(settings.template)
     if settings.kind == "local":
@@ -326,7 +326,7 @@ def plan_scoring(cfg: ScoreJobConfig, log: Log = _log) -> dict:
     from mmrole.eval.contract import expand_requests
     from mmrole.eval.pipeline import load_answers_dir
     from mmrole.eval.store import ResultsStore
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
 
     out = Path(cfg.out or cfg.eval_dir)
     template = load_judge_template(cfg.judge.template)

@@ -48,7 +48,7 @@ class JudgeServer(ServerBase):
 
     def __init__(self, config: dict):
         from mmrole.data.templates import load_roleplay_template
-        from mmrole.eval.template import load_judge_template
+        from mmrole.eval.template_loader import load_judge_template
 
         cfg = JudgeAppConfig.from_dict(config)
         self.judge_template = load_judge_template(cfg.judge_template_path)

@@ -139,7 +139,7 @@ def test_rm_data_ids_without_metric_take_it_from_the_prompt(tmp_path):
 
     from mmrole.eval.contract import JudgeRequest, build_judge_sample
     from mmrole.eval.formats import EvalDataError
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
 
     t = load_judge_template(require(mmrole_sample_dir() / "original" / "RM_review.py"))
     recs = []

@@ -14,7 +14,8 @@ from mmrole.eval.formats import AnswerRecord
 from mmrole.eval.judges import OpenAIJudgeConfig
 from mmrole.eval.pipeline import score_requests
 from mmrole.eval.store import ResultsStore
-from mmrole.eval.template import JudgeTemplate, load_judge_template
+from mmrole.eval.template import JudgeTemplate
+from mmrole.eval.template_loader import load_judge_template
 from mmrole.models import GenerationParams
 
 

@@ -21,7 +21,8 @@ from mmrole.eval.formats import (
     write_reviews_file,
 )
 from mmrole.eval.metrics import METRICS
-from mmrole.eval.template import JudgeTemplateError, load_judge_template
+from mmrole.eval.template import JudgeTemplateError
+from mmrole.eval.template_loader import load_judge_template
 
 
 def _rec(i, answer="my answer", **kw):

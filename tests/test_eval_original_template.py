@@ -20,7 +20,8 @@ from sample_data import mmrole_sample_dir, require, sample_eval_dir
 from mmrole.eval.contract import build_judge_sample, expand_requests
 from mmrole.eval.metrics import METRICS
 from mmrole.eval.pipeline import load_answers_dir
-from mmrole.eval.template import JudgeTemplateError, load_judge_template
+from mmrole.eval.template import JudgeTemplateError
+from mmrole.eval.template_loader import load_judge_template
 
 REPO = Path(__file__).resolve().parents[1]
 DIGESTS = Path(__file__).parent / "fixtures" / "original_judge_prompt_digests.json"

@@ -150,7 +150,7 @@ def test_tiny_vlm_judge_records_unparsable_replies_as_failures(images, tmp_path)
     # A compact replacement template keeps the CPU prompt short (the packaged one is ~700 tiny-tokenizer tokens).
     import yaml
 
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
 
     tpl_path = tmp_path / "short_judge.yaml"
     tpl_path.write_text(

@@ -124,3 +124,45 @@ def test_job_scripts_run_from_the_repo_root(script):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "usage:" in r.stdout
+
+
+def _module_graph(root: Path) -> dict[str, set[str]]:
+    """mmrole module -> the mmrole modules it imports (module-level and function-level imports alike)."""
+
+    def name(f: Path) -> str:
+        return ".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+
+    mods = {name(f): f for f in root.rglob("*.py")}
+    graph = {}
+    for mod, f in mods.items():
+        pkg = mod if f.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    target = ".".join(parts + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                deps |= {t for t in [target] + [f"{target}.{a.name}" for a in node.names] if t in mods}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        # a package's __init__ importing its own modules, and a module importing its package, are not circles
+        graph[mod] = {d for d in deps if d != mod and not mod.startswith(d + ".") and not d.startswith(mod + ".")}
+    return graph
+
+
+def test_no_import_circles_in_the_library():
+    """No two mmrole modules import each other, directly or through others (lazy imports count too)."""
+    graph = _module_graph(REPO / "mmrole")
+    circles = []
+    for start in graph:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    circles.append(" -> ".join(path + [start]))
+                elif dep not in path and len(path) < 12:
+                    stack.append((dep, path + [dep]))
+    assert not circles, "import circles:\n" + "\n".join(sorted(set(circles))[:20])

@@ -33,6 +33,7 @@ from .parse import ScoreParseError, parse_scores, try_parse_scores
 from .pipeline import ScoringSummary, load_answers_dir, score_requests, write_model_outputs
 from .report import EvalReport, build_report, render_markdown, write_report
 from .store import ResultsStore, StoreAudit, load_results
-from .template import JudgeTemplate, load_judge_template
+from .template import JudgeTemplate
+from .template_loader import load_judge_template
 
 __all__ = [n for n in dir() if not n.startswith("_")]

@@ -274,7 +274,8 @@ def cmd_agreement(args) -> int:
 def cmd_prompts(args) -> int:
     from .formats import EvalDataError
     from .prompts import estimate_tokens, hf_token_counter, write_prompts
-    from .template import JudgeTemplateError, load_judge_template
+    from .template import JudgeTemplateError
+    from .template_loader import load_judge_template
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
@@ -309,7 +310,8 @@ def _stdout():
 
 def cmd_import_template(args) -> int:
     from .original_judge import convert_original_script
-    from .template import JudgeTemplate, JudgeTemplateError, dump_judge_template, load_judge_template
+    from .template import JudgeTemplate, JudgeTemplateError, dump_judge_template
+    from .template_loader import load_judge_template
 
     try:
         text = Path(args.script).read_text(encoding="utf-8")

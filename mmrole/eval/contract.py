@@ -18,7 +18,8 @@ from mmrole.data.records import TEST_SETS, Sample
 from .formats import AnswerRecord
 from .metrics import check_metrics
 from .parse import try_parse_scores
-from .template import JudgeTemplate, load_judge_template
+from .template import JudgeTemplate
+from .template_loader import load_judge_template
 
 Key = tuple[str, str]  # (sample_id, metric)
 # Error of a reply that parsed but gave the reference 0: a judgement, recorded as a failure, not re-asked.

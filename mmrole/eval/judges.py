@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .contract import B_ZERO_ERROR, JudgeRequest, JudgeResult, build_judge_sample, failure, result_from_reply
-from .template import JudgeTemplate, load_judge_template
+from .template import JudgeTemplate
+from .template_loader import load_judge_template
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Optional, Union
 from .aggregate import rows_from_results, summarize
 from .contract import Judge, JudgeRequest, JudgeResult, Key
 from .formats import AnswerRecord, EvalDataError, LoadStats, load_answers_file, write_results_csv, write_reviews_file
+from .layout import discover
 from .metrics import METRICS, eval_file
-from .report import discover
 from .store import ResultsStore
 
 

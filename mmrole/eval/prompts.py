@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional, TextIO, Union
 
 from .contract import build_judge_sample, expand_requests
+from .layout import discover
 from .metrics import check_metrics
 from .pipeline import load_answers_dir
-from .report import discover
 from .template import JudgeTemplate
 
 _WIDE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uff00-\uffef]")  # CJK: about one token per character

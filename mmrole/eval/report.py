@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Optional, Union
 
 from .aggregate import ALL, GroupStat, ScoreRow, per_sample_length_ratio, position_bias, rows_from_reviews, summarize
 from .formats import EvalDataError, LoadStats, load_reviews_file, write_results_csv
-from .metrics import DIALOGUE_TYPES, DIMENSIONS, METRICS, SETS
+from .layout import discover, known_first
+from .metrics import DIMENSIONS, METRICS, SETS
+from .stats import length_bias
 
-_SET_DIR = re.compile(r"^(?P<set>.+)_(?P<kind>answers|reviews|results)$")
-_TYPE_FILE = re.compile(r"^(?P<type>.+)_test\.(?P<ext>json|csv)$")
 # Short column names for the Markdown table (the CSV/JSON keep the exact metric names).
 SHORT = {
     "Instruction Adherence": "IA",
@@ -27,39 +26,6 @@ SHORT = {
     "Knowledge Consistency": "KC",
     "Tone Consistency": "TC",
 }
-
-
-@dataclass(frozen=True)
-class EvalFile:
-    model: str
-    set_name: str
-    dialogue_type: str
-    path: Path
-
-
-def _order(value: str, known: Sequence[str]) -> tuple:
-    return (known.index(value), "") if value in known else (len(known), value)
-
-
-def discover(eval_dir: Union[str, Path], kind: str = "reviews", ext: str = "json") -> list[EvalFile]:
-    """Files ``<set>_<kind>/<model>/<type>_test.<ext>`` under ``eval_dir``, sorted by model, set, type."""
-    root = Path(eval_dir)
-    if not root.is_dir():
-        raise EvalDataError(f"{root}: not a directory")
-    out = []
-    for set_dir in root.iterdir():
-        m = _SET_DIR.match(set_dir.name)
-        if not (set_dir.is_dir() and m and m["kind"] == kind):
-            continue
-        for model_dir in set_dir.iterdir():
-            if not model_dir.is_dir():
-                continue
-            for f in model_dir.iterdir():
-                t = _TYPE_FILE.match(f.name)
-                if f.is_file() and t and t["ext"] == ext:
-                    out.append(EvalFile(model_dir.name, m["set"], t["type"], f))
-    out.sort(key=lambda e: (e.model, _order(e.set_name, SETS), _order(e.dialogue_type, DIALOGUE_TYPES)))
-    return out
 
 
 @dataclass
@@ -96,14 +62,14 @@ class EvalReport:
     bootstrap: int = 0
     seed: int = 0
     source: str = ""
-    length_bias: list = field(default_factory=list)  # agreement.LengthBias per model
+    length_bias: list = field(default_factory=list)  # stats.LengthBias per model
     position: dict = field(default_factory=dict)  # model -> {metric: BiasStat}, when a swapped run exists
 
     def table(self, set_name: str = ALL) -> list[GroupStat]:
         return self.overall if set_name == ALL else [g for g in self.by_set if g.set_name == set_name]
 
     def sets(self) -> list[str]:
-        return sorted({g.set_name for g in self.by_set}, key=lambda s: _order(s, SETS))
+        return sorted({g.set_name for g in self.by_set}, key=lambda s: known_first(s, SETS))
 
     def to_dict(self) -> dict:
         return {
@@ -139,8 +105,6 @@ def report_from_rows(
     for g in summarize(rows, by=("model", "set_name", "dialogue_type")):
         count = (file_counts or {}).get((g.model, g.set_name, g.dialogue_type), g.n_samples)
         files.append(FileResult(g.model, g.set_name, g.dialogue_type, count, g))
-    from .agreement import length_bias
-
     models = list(dict.fromkeys(r.model for r in rows))
     return EvalReport(
         models=models,

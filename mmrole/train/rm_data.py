@@ -111,7 +111,7 @@ def records_from_reviews(
     from mmrole.eval.formats import load_reviews_file
     from mmrole.eval.metrics import METRICS
     from mmrole.eval.parse import try_parse_scores
-    from mmrole.eval.template import load_judge_template
+    from mmrole.eval.template_loader import load_judge_template
 
     template = template or load_judge_template()
     stats = stats if stats is not None else RMBuildStats()
