@@ -37,7 +37,8 @@ import deepspeed  # noqa: F401  (imported here so a missing install fails at sta
 import ray
 from ray.train.torch import TorchTrainer
 
-from mmrole.ray_train_recipe import RAY_COMMIT_PREFIX, train_loop_per_worker
+from mmrole.ray_recipe_checkpoint import RAY_COMMIT_PREFIX
+from mmrole.ray_train_recipe import train_loop_per_worker
 from mmrole.train import checkpoint as ckpt
 from mmrole.train.config import ConfigError, TrainJobConfig, batch_geometry, total_optimizer_steps
 from mmrole.train.metrics import read_metrics

@@ -85,7 +85,7 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
         recipe.setup()
         recipe.setup_data()
         plans = [MicroBatchPlan(0, tuple(rows), 0) for rows in micro_rows[rank]]
-        micro = [encoded.samples for _, encoded in recipe.encoders.encode(plans)]
+        micro = [encoded.samples for _, encoded in recipe.data.encoders.encode(plans)]
         totals = recipe.train_step(micro)
         gn = float(recipe.engine.get_global_grad_norm())
         ev = recipe.evaluate()
