@@ -84,6 +84,7 @@ class Recipe:
     :meth:`evaluate`, :meth:`build_engine`, :meth:`checkpoint_state`)."""
 
     name = "recipe"
+    config_class: type[TrainJobConfig] = TrainJobConfig  # the job config this recipe reads
     encoder_options: dict = {}  # extra RowEncoder arguments of this recipe's rows
 
     def __init__(self, cfg: TrainJobConfig, run_dir: Path, n_rows: int, worker: WorkerInfo):
@@ -386,7 +387,7 @@ def run_on_ray_worker(recipe_cls: type[Recipe], config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainJobConfig.from_dict(config["cfg"], "<train_loop_config>")
+    cfg = recipe_cls.config_class.from_dict(config["cfg"], "<train_loop_config>")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -214,8 +215,16 @@ def _fail(run_dir: Path, t_start: float, counts: dict, error: str) -> TrainSumma
     return summary
 
 
-def run_training(cfg: TrainJobConfig, *, quiet: bool = False, verbose: bool = True) -> TrainSummary:
+def run_training(
+    cfg: TrainJobConfig,
+    *,
+    quiet: bool = False,
+    verbose: bool = True,
+    train_loop: Callable[[dict], None] = train_loop_per_worker,
+) -> TrainSummary:
     """Train per ``cfg`` on an embedded local Ray (or the cluster at ``ray.address`` / $RAY_ADDRESS).
+
+    ``train_loop``: what each Ray Train worker runs (default: the SFT recipe; the RL recipes pass their own).
 
     ``quiet``: do not print the resolved config. ``verbose=False``: Ray/DeepSpeed/transformers output and the
     workers' lines go to Ray's log files; the console gets our own lines and a progress bar."""
@@ -284,7 +293,7 @@ def run_training(cfg: TrainJobConfig, *, quiet: bool = False, verbose: bool = Tr
         (s.min_workers, s.num_workers) if s.min_workers is not None and s.min_workers < s.num_workers else s.num_workers
     )
     trainer = (EmbeddedTorchTrainer if embedded else TorchTrainer)(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "n_rows": n_train},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
