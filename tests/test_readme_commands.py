@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # test_job_submission's helpers, under any pytest import mode
+sys.path.insert(0, str(Path(__file__).parent))  # ray_processes, under any pytest import mode
 MD_MARK = "<!-- test: run -->"
 YAML_MARK = "# test: run"
 DOCS = ["README.md", "cluster/README.md"]
@@ -156,9 +156,9 @@ def fresh_copy(dest: Path) -> Path:
 
 
 def command_env(clone: Path, head_dir: Path) -> dict:
-    from test_job_submission import _free_ports
+    from ray_processes import free_ports
 
-    gcs, dash, agent, client = _free_ports(4)
+    gcs, dash, agent, client = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MMROLE_"))}
     env.update(
         {
@@ -207,13 +207,13 @@ def run_block(script: str, cwd: Path, env: dict, timeout_s: float) -> tuple[int,
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_marked_commands_run_verbatim(tmp_path):
-    from test_job_submission import _kill_all, _ours
+    from ray_processes import kill_all, ours
 
     clone = fresh_copy(tmp_path / "mmrole")
     head_dir = Path(tempfile.mkdtemp(prefix="mmrole-hd-", dir="/tmp"))  # short: Ray socket paths live under it
     env = command_env(clone, head_dir)
     done: set[str] = set()
-    timings = []
+    timings, outputs = [], {}
     try:
         for source, block in marked_blocks(clone):
             if all(code_of(c) in done for c in block):  # a block is one shell: all of it, or none if all ran
@@ -225,11 +225,55 @@ def test_marked_commands_run_verbatim(tmp_path):
             timings.append((source, todo[0][:60], time.monotonic() - t0))
             assert rc == 0, f"{source}: block failed (exit {rc}):\n{output[-8000:]}"
             done.update(code_of(c) for c in todo)
-        # the smoke run the docs promise, embedded and submitted
-        run = clone / "runs" / "smoke-agent"
-        assert (run / "final_model" / "config.json").is_file()
+            outputs.update({code_of(c): output for c in todo})
+        # the smoke run the docs promise, embedded ...
+        assert (clone / "runs" / "smoke-agent" / "final_model" / "config.json").is_file()
+        # ... and submitted as a job to the CLI-started head
+        submit = next(c for c in outputs if c.startswith("ray job submit") and "run_name=submitted-agent" in c)
+        check_submitted_run(
+            clone / "runs" / "submitted-agent", clone / "runs" / "_models" / "tiny-qwen2_5_vl", outputs[submit]
+        )
     finally:
         subprocess.run(["bash", "scripts/local_head.sh", "stop"], cwd=clone, env=env, timeout=120)
-        _kill_all(_ours([str(head_dir)]))
+        deadline = time.monotonic() + 30  # the node's processes exit shortly after the head's
+        while (left := ours([str(head_dir)])) and time.monotonic() < deadline:
+            time.sleep(1)
+        kill_all(left)
         shutil.rmtree(head_dir, ignore_errors=True)
         print("\n".join(f"{t:6.1f}s  {s}: {c}" for s, c, t in timings))
+    assert not left, (
+        f"Ray processes left running after `local_head.sh stop`: {[(p.pid, p.cmdline()[:3]) for p in left]}"
+    )
+
+
+def check_submitted_run(run: Path, base_model: Path, output: str) -> None:
+    """The README's `ray job submit` training: the driver joined the head (no embedded Ray), 32 rows in 2 workers x
+    micro-batch 2 x global batch 8 gave 4 steps; checkpoints 2 and 4 committed and verified, no partial one left,
+    Ray holds one commit record (the newest), final_model links to step 4 and its weights moved."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mmrole.train import checkpoint as ckpt
+
+    assert "Started a local Ray instance" not in output, output[-4000:]
+    assert "[mmrole] done in" in output, output[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ok"] and summary["error"] is None and summary["final_step"] == 4, summary
+    assert summary["counts"]["in"] == 32, summary
+    entries = ckpt.scan(run)
+    assert [(e.step, e.complete) for e in entries] == [(2, True), (4, True)], entries
+    for e in entries:
+        ok, why = ckpt.verify(e.path)
+        assert ok, (e.path, why)
+    assert ckpt.read_state(entries[-1].path)["world_size"] == 2
+    assert not list(ckpt.checkpoints_root(run).glob(".tmp-*")), "partial checkpoint left behind"
+    commits = sorted(run.glob("ray_commit-*"))
+    assert len(commits) == 1 and json.loads((commits[0] / "commit.json").read_text())["step"] == 4
+    final = run / "final_model"
+    assert final.is_symlink() and final.resolve() == (entries[-1].path / ckpt.HF_DIR).resolve()
+    assert json.loads((run / "final.json").read_text())["step"] == 4
+    trained = load_file(str(final / "model.safetensors"))
+    base = load_file(str(base_model / "model.safetensors"))
+    assert trained.keys() == base.keys()
+    assert any(not (trained[k] == base[k]).all() for k in base), "the weights did not change"
