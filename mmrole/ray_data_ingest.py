@@ -119,8 +119,10 @@ class RankEncoders:
         self.num_cpus = float(num_cpus)
         self.depth = max(1, depth)
         self.object_store_bytes = int(memory_mb) * 2**20 if memory_mb else None
-        # Encoder actors on this worker's node: encoded tensors (MBs per sample) never cross the network.
-        self.label_selector = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()} if local_node else None
+        # Encoder actors on this worker's node: encoded tensors (MBs per sample) never cross the network. Asked only
+        # when there are actors: the runtime context would start a Ray instance in a process that has none.
+        local = local_node and self.n_actors > 0
+        self.label_selector = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()} if local else None
         self.encoder_kw = encoder_kw
         self._streams: list[BackgroundIterator] = []
         self._local: Optional[RowEncoder] = None

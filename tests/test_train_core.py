@@ -369,6 +369,36 @@ def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_pa
     assert len(lines) == 2
 
 
+def test_local_encoders_start_no_ray(tiny_encoder, tmp_path):
+    """``data.encode_actors: 0`` encodes in a thread: a process without Ray (a spawned DeepSpeed rank, a debugging
+    run) gets its micro-batches in plan order and no Ray instance is started behind its back."""
+    import ray
+
+    from mmrole.ray_data_ingest import RankEncoders
+    from mmrole.train.data_order import MicroBatchPlan
+    from mmrole.train.synthetic import write_prepared
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _, model_dir = tiny_encoder
+    prep = write_prepared(tmp_path / "prep", 4)
+    enc = RankEncoders(
+        0,
+        1.0,
+        2,
+        local_node=True,
+        model={"model_path": str(model_dir), "max_length": 512},
+        prepared=str(prep),
+        split="train",
+    )
+    try:
+        got = [(p.rows, [s["id"] for s in e.samples]) for p, e in enc.encode([MicroBatchPlan(0, (2, 0), 0)])]
+    finally:
+        enc.close()
+    assert got == [((2, 0), ["syn_00002", "syn_00000"])]
+    assert not ray.is_initialized()
+
+
 def test_background_iterator_keeps_order_raises_in_order_and_closes_its_source():
     """The ingest's background thread: items in source order, a source error raised where it happened, and close()
     stops a source that is still producing (its cleanup runs: that is what stops a Ray Data pipeline)."""

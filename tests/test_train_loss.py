@@ -73,6 +73,7 @@ def _recipe_worker(rank: int, world: int, port: int, runs: list, result_dir: str
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
     )
+    torch.set_num_threads(1)  # as Ray Train workers run (OMP_NUM_THREADS=1): 2 ranks on 2 cores, no oversubscription
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from mmrole.ray_train_recipe import SFTRecipe, WorkerInfo
     from mmrole.train.config import TrainJobConfig
