@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MMRole sample slice and a generated demo dataset."""
+"""Shared fixtures: the real MMRole sample slice, a generated demo dataset, tiny models, one Ray for the session and
+one Serve stack."""
 
 from __future__ import annotations
 
@@ -59,15 +60,112 @@ def tiny_models(tmp_path_factory) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray for one test module (4 logical CPUs on 2 cores: see cpu-stack-notes, starvation)."""
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``exclusive_ray`` start a Ray cluster of their own in this process, which ends the session's
+    shared one: they run last, so every other Ray test shares one Ray (and one Serve stack)."""
+    items.sort(key=lambda item: item.get_closest_marker("exclusive_ray") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole test session (4 logical CPUs on 2 cores: see cpu-stack-notes, starvation),
+    started by the first module that needs it: each Ray start and its warm workers cost seconds."""
     import ray
 
     from mmrole.ray_env import init_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=4, log_to_driver=False)
+    if not ray.is_initialized():
+        init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_session):
+    """The session's local Ray, for a test module."""
+    assert ray_session.is_initialized(), "the shared Ray was shut down by a test not marked exclusive_ray"
+    return ray_session
+
+
+SERVE_TOKEN = "test-token-6c1f"  # the judge app's bearer token (the agent app runs without auth)
+
+
+@pytest.fixture(scope="session")
+def serve_stack(ray_session, demo_root, tmp_path_factory):
+    """Ray Serve on 127.0.0.1 (a free port) with both apps on tiny models, shared by every test that talks to our
+    Serve endpoints: the agent (auth off, a LoRA adapter multiplexed) under /agent and the judge (auth on, a small
+    queue for the overload test) under /judge. tests/test_serve.py's last test deletes the agent app (graceful
+    shutdown): modules that use the agent sort before it."""
+    import socket
+    import sys
+
+    from ray import serve
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm, make_tiny_vlm
+
+    if str(REPO) not in sys.path:  # `serve` (the apps) is a top-level folder of the repo, not an installed package
+        sys.path.insert(0, str(REPO))
+    from serve import agent_app, judge_app
+
+    tiny = make_tiny_vlm(tmp_path_factory.mktemp("tiny") / "agent", family="qwen2_5_vl", seed=0)
+    lora = build_vlm(VLMConfig(model_path=str(tiny), device="cpu", lora=LoRASettings(r=4))).save(
+        tmp_path_factory.mktemp("lora") / "nova-lora"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model = {"model_path": str(tiny), "device": "cpu", "max_length": 2048}
+    agent = agent_app.build_app(
+        {
+            "model": model,
+            "dataset_root": str(demo_root),
+            "torch_threads": 1,
+            "adapters": {"nova-lora": str(lora)},
+            "generation": {"max_new_tokens": 8},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+            "limits": {
+                "max_body_bytes": 1_000_000,
+                "max_image_bytes": 200_000,
+                "max_new_tokens": 64,
+                "max_image_side": 4096,
+            },
+            "deployment": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 32,
+                "max_queued_requests": 64,
+                "num_cpus": 0.5,
+                "graceful_shutdown_timeout_s": 30,
+            },
+        }
+    )
+    judge = judge_app.build_app(
+        {
+            "model": model,
+            "dataset_root": str(demo_root),
+            "torch_threads": 1,
+            "generation": {"max_new_tokens": 8, "min_new_tokens": 8},
+            "max_retries": 0,
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+            "deployment": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 8,
+                "max_queued_requests": 4,
+                "num_cpus": 0.5,
+                "env": {"MMROLE_API_TOKEN": SERVE_TOKEN},
+            },
+        }
+    )
+    try:
+        serve.run(agent, name="agent", route_prefix="/agent")
+        serve.run(judge, name="judge", route_prefix="/judge")
+        yield {
+            "tiny": str(tiny),
+            "base": f"http://127.0.0.1:{port}",
+            "agent": f"http://127.0.0.1:{port}/agent",
+            "judge": f"http://127.0.0.1:{port}/judge",
+            "token": SERVE_TOKEN,
+        }
+    finally:
+        if ray_session.is_initialized():  # an exclusive_ray test may have ended the session's Ray already
+            serve.shutdown()

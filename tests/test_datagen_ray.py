@@ -105,50 +105,31 @@ def test_generate_on_ray_then_train_and_score(ray_local, tiny_models, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_our_serve_agent_as_teacher_garbage_is_rejected_and_counted(ray_local, tiny_models, tmp_path):
-    """A tiny random-weight Serve agent answers garbage: the gates reject it, every count adds up, exit 1."""
-    import socket
-
-    from ray import serve
-
+def test_our_serve_agent_as_teacher_garbage_is_rejected_and_counted(serve_stack, tmp_path):
+    """A tiny random-weight Serve agent (the session's Serve stack) answers garbage: the gates reject it, every count
+    adds up, exit 1."""
     from mmrole.datagen.cards import write_card
-    from serve import agent_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        app = agent_app.build_app(
-            {
-                "model": {"model_path": tiny_models["agent"], "device": "cpu", "max_length": 2048},
-                "torch_threads": 1,
-                "generation": {"max_new_tokens": 8},
-                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-                "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "num_cpus": 0.5},
-            }
-        )
-        serve.run(app, name="teacher", route_prefix="/teacher")
-        make_images(tmp_path / "pics", n=2, corrupt=False)
-        card = {
-            "spec": "chara_card_v2",
-            "data": {
-                "name": "Mira Solace",
-                "description": "A cartographer of floating islands.",
-                "personality": "Curious.",
-                "scenario": "",
-                "first_mes": "Hello!",
-                "mes_example": "",
-            },
-        }
-        chars = [
-            {"name": "Mira Solace", "source": "Sky Tales", "card": str(write_card(card, tmp_path / "mira.json"))},
-            {"name": "Nora Quist", "source": "hypothetical"},
-        ]
-        url = f"http://127.0.0.1:{port}/teacher/v1"
-        rc, root = generate(tmp_path, chars, url, "teacher.model=mmrole-agent", "teacher.max_reasks=0")
-    finally:
-        serve.shutdown()
+    make_images(tmp_path / "pics", n=2, corrupt=False)
+    card = {
+        "spec": "chara_card_v2",
+        "data": {
+            "name": "Mira Solace",
+            "description": "A cartographer of floating islands.",
+            "personality": "Curious.",
+            "scenario": "",
+            "first_mes": "Hello!",
+            "mes_example": "",
+        },
+    }
+    chars = [
+        {"name": "Mira Solace", "source": "Sky Tales", "card": str(write_card(card, tmp_path / "mira.json"))},
+        {"name": "Nora Quist", "source": "hypothetical"},
+    ]
+    url = serve_stack["agent"] + "/v1"
+    rc, root = generate(
+        tmp_path, chars, url, "teacher.model=mmrole-agent", "teacher.max_reasks=0", "teacher.max_tokens=48"
+    )
     assert rc == 1
     s = json.loads((root / "generate_summary.json").read_text())
     st = s["stages"]

@@ -183,6 +183,7 @@ def stand_in_images(sample_dir, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.exclusive_ray  # its own multi-node cluster: runs last (tests/conftest.py)
 def test_elastic_scoring_survives_node_loss(sample_dir, stand_in_images, tmp_path):
     """Remove a worker node mid-run and add another: every (sample, metric) is scored exactly once and the
     report equals an undisturbed run's."""

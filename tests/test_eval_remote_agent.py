@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,62 +133,42 @@ def test_remote_agent_fatal_status_and_timeouts_name_the_url(monkeypatch):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_generate_job_with_our_serve_agent_as_openai_endpoint(ray_local, demo_prepared, tmp_path):
-    """jobs' answering through Ray Data with agent.kind=openai against our own Serve agent (tiny model, CPU):
-    every sample is answered or recorded as failed, and a rerun with nothing changed does nothing."""
-    import socket
-
-    from ray import serve
-
+def test_generate_job_with_our_serve_agent_as_openai_endpoint(serve_stack, demo_prepared, tmp_path):
+    """jobs' answering through Ray Data with agent.kind=openai against our own Serve agent (the session's Serve
+    stack, tiny model, CPU): every sample is answered or recorded as failed, and a rerun with nothing changed does
+    nothing."""
     from mmrole.data.prepared import iter_samples
     from mmrole.eval.job_config import GenerateJobConfig, load_job_config
     from mmrole.ray_eval import run_generate
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import yaml
-
-    from serve import agent_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app_cfg = yaml.safe_load((REPO / "serve" / "agent_cpu.yaml").read_text())["applications"][0]["args"]
-    app_cfg["deployment"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
-    app_cfg["generation"]["max_new_tokens"] = 6
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(agent_app.build_app(app_cfg), name="agent", route_prefix="/agent")
-        url = f"http://127.0.0.1:{port}/agent/v1"
-        out = tmp_path / "eval"
-        overrides = [
-            "model_name=served-agent",
-            "agent.kind=openai",
-            "agent.openai.model=mmrole-agent",
-            f"agent.openai.base_url={url}",
-            "agent.openai.api_key_env=null",
-            "agent.openai.require_api_key=false",
-            "agent.openai.max_concurrency=4",
-            f"data={demo_prepared}",
-            f"out={out}",
-            "max_samples=6",
-            "generation.max_new_tokens=6",
-            "pool.concurrency=[1]",
-            "pool.num_cpus=0.25",
-            "pool.batch_size=3",
-            "progress=false",
-        ]
-        cfg = load_job_config(GenerateJobConfig, None, overrides)
-        summary = run_generate(cfg)
-        assert summary["samples"] == 6 == summary["answered"] + summary["failed"]
-        assert summary["failed"] == 0, summary["failures"]
-        ids = [s.id for s in iter_samples(demo_prepared, "test")][:6]
-        written = {}
-        for f in out.glob("*-test_answers/served-agent/*_test.json"):
-            written.update({r["id"]: r["conversations"][1]["answer"] for r in json.loads(f.read_text())})
-        assert sorted(written) == sorted(ids) and all(isinstance(a, str) for a in written.values())
-        t0 = time.perf_counter()
-        again = run_generate(cfg)
-        assert again["answered_now"] == 0 and time.perf_counter() - t0 < 30
-    finally:
-        serve.shutdown()
+    url = serve_stack["agent"] + "/v1"
+    out = tmp_path / "eval"
+    overrides = [
+        "model_name=served-agent",
+        "agent.kind=openai",
+        "agent.openai.model=mmrole-agent",
+        f"agent.openai.base_url={url}",
+        "agent.openai.api_key_env=null",
+        "agent.openai.require_api_key=false",
+        "agent.openai.max_concurrency=4",
+        f"data={demo_prepared}",
+        f"out={out}",
+        "max_samples=6",
+        "generation.max_new_tokens=6",
+        "pool.concurrency=[1]",
+        "pool.num_cpus=0.25",
+        "pool.batch_size=3",
+        "progress=false",
+    ]
+    cfg = load_job_config(GenerateJobConfig, None, overrides)
+    summary = run_generate(cfg)
+    assert summary["samples"] == 6 == summary["answered"] + summary["failed"]
+    assert summary["failed"] == 0, summary["failures"]
+    ids = [s.id for s in iter_samples(demo_prepared, "test")][:6]
+    written = {}
+    for f in out.glob("*-test_answers/served-agent/*_test.json"):
+        written.update({r["id"]: r["conversations"][1]["answer"] for r in json.loads(f.read_text())})
+    assert sorted(written) == sorted(ids) and all(isinstance(a, str) for a in written.values())
+    t0 = time.perf_counter()
+    again = run_generate(cfg)
+    assert again["answered_now"] == 0 and time.perf_counter() - t0 < 30

@@ -1,8 +1,8 @@
 """The Serve apps end to end: real Ray Serve on 127.0.0.1 (a free port), real tiny models.
 
-One module-scoped Serve instance runs both apps: the agent (auth off) under /agent and the judge (auth on,
-small queue for the overload test) under /judge. The last test deletes the agent app while requests are in
-flight (graceful shutdown).
+The session's Serve stack (tests/conftest.py: serve_stack) runs both apps: the agent (auth off) under /agent and
+the judge (auth on, small queue for the overload test) under /judge. The last test deletes the agent app while
+requests are in flight (graceful shutdown).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # `serve` (the apps) is a top-level folder of the
     sys.path.insert(0, str(REPO))
 
 httpx = pytest.importorskip("httpx")
-TOKEN = "test-token-6c1f"
+TOKEN = "test-token-6c1f"  # tests/conftest.py SERVE_TOKEN
 
 
 def _free_port() -> int:
@@ -75,83 +75,9 @@ def chat_body(text="What is in the picture?", image=IMG, **kw):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, demo_root):
-    import ray
-    from ray import serve
-
-    from mmrole.models import LoRASettings, VLMConfig, build_vlm, make_tiny_vlm
-
-    tiny = make_tiny_vlm(tmp_path_factory.mktemp("tiny") / "agent", family="qwen2_5_vl", seed=0)
-    # A LoRA agent served from the same deployment (Serve model multiplexing).
-    lora = build_vlm(VLMConfig(model_path=str(tiny), device="cpu", lora=LoRASettings(r=4))).save(
-        tmp_path_factory.mktemp("lora") / "nova-lora"
-    )
-    port = _free_port()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        from serve import agent_app, judge_app
-
-        model = {"model_path": str(tiny), "device": "cpu", "max_length": 1024}
-        agent = agent_app.build_app(
-            {
-                "model": model,
-                "dataset_root": str(demo_root),
-                "torch_threads": 1,
-                "adapters": {"nova-lora": str(lora)},
-                "generation": {"max_new_tokens": 8},
-                "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
-                "limits": {
-                    "max_body_bytes": 1_000_000,
-                    "max_image_bytes": 200_000,
-                    "max_new_tokens": 64,
-                    "max_image_side": 4096,
-                },
-                "deployment": {
-                    "num_replicas": 1,
-                    "max_ongoing_requests": 32,
-                    "max_queued_requests": 64,
-                    "num_cpus": 0.5,
-                    "graceful_shutdown_timeout_s": 30,
-                },
-            }
-        )
-        judge = judge_app.build_app(
-            {
-                "model": dict(model, max_length=2048),
-                "dataset_root": str(demo_root),
-                "torch_threads": 1,
-                "generation": {"max_new_tokens": 8, "min_new_tokens": 8},
-                "max_retries": 0,
-                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-                "deployment": {
-                    "num_replicas": 1,
-                    "max_ongoing_requests": 8,
-                    "max_queued_requests": 4,
-                    "num_cpus": 0.5,
-                    "env": {"MMROLE_API_TOKEN": TOKEN},
-                },
-            }
-        )
-        serve.run(agent, name="agent", route_prefix="/agent")
-        serve.run(judge, name="judge", route_prefix="/judge")
-        yield {
-            "tiny": str(tiny),
-            "base": f"http://127.0.0.1:{port}",
-            "agent": f"http://127.0.0.1:{port}/agent",
-            "judge": f"http://127.0.0.1:{port}/judge",
-        }
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+def cluster(serve_stack):
+    """The session's Serve stack (tests/conftest.py): agent under /agent, judge (auth on) under /judge."""
+    return serve_stack
 
 
 @pytest.fixture(scope="module")
