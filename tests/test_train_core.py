@@ -371,32 +371,31 @@ def test_row_encoder_keeps_order_and_rejects_bad_rows_by_id(tiny_encoder, tmp_pa
 
 def test_local_encoders_start_no_ray(tiny_encoder, tmp_path):
     """``data.encode_actors: 0`` encodes in a thread: a process without Ray (a spawned DeepSpeed rank, a debugging
-    run) gets its micro-batches in plan order and no Ray instance is started behind its back."""
-    import ray
+    run) gets its micro-batches in plan order and no Ray instance is started behind its back. Run in a fresh
+    interpreter: that is the process the bug hit, and this test's own process may hold the session's Ray."""
+    import subprocess
+    import sys
 
-    from mmrole.ray_data_ingest import RankEncoders
-    from mmrole.train.data_order import MicroBatchPlan
     from mmrole.train.synthetic import write_prepared
 
-    if ray.is_initialized():
-        ray.shutdown()
     _, model_dir = tiny_encoder
     prep = write_prepared(tmp_path / "prep", 4)
-    enc = RankEncoders(
-        0,
-        1.0,
-        2,
-        local_node=True,
-        model={"model_path": str(model_dir), "max_length": 512},
-        prepared=str(prep),
-        split="train",
-    )
-    try:
-        got = [(p.rows, [s["id"] for s in e.samples]) for p, e in enc.encode([MicroBatchPlan(0, (2, 0), 0)])]
-    finally:
-        enc.close()
-    assert got == [((2, 0), ["syn_00002", "syn_00000"])]
-    assert not ray.is_initialized()
+    script = f"""
+import json, ray
+from mmrole.ray_data_ingest import RankEncoders
+from mmrole.train.data_order import MicroBatchPlan
+enc = RankEncoders(0, 1.0, 2, local_node=True, model={{"model_path": {str(model_dir)!r}, "max_length": 512}},
+                   prepared={str(prep)!r}, split="train")
+try:
+    got = [[list(p.rows), [s["id"] for s in e.samples]] for p, e in enc.encode([MicroBatchPlan(0, (2, 0), 0)])]
+finally:
+    enc.close()
+print(json.dumps({{"got": got, "ray_started": ray.is_initialized()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"got": [[[2, 0], ["syn_00002", "syn_00000"]]], "ray_started": False}
 
 
 def test_background_iterator_keeps_order_raises_in_order_and_closes_its_source():
