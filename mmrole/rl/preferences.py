@@ -43,6 +43,15 @@ class PreferenceData:
 
 
 @dataclass
+class SamplingParams(GenerationParams):
+    """How the K answers are sampled (GenerationParams with sampling on and a seed by default)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    seed: Optional[int] = 0
+
+
+@dataclass
 class PreferenceJobConfig:
     """``jobs/build_preferences.py``: K sampled answers per prompt, judged, turned into (chosen, rejected) pairs."""
 
@@ -51,9 +60,7 @@ class PreferenceJobConfig:
     data: PreferenceData = field(default_factory=PreferenceData)
     out: str = path_field("output", default="outputs/preferences")  # a prepared folder: manifest + pref_train/
     samples_per_prompt: int = 4  # K answers sampled per prompt
-    generation: GenerationParams = field(
-        default_factory=lambda: GenerationParams(max_new_tokens=128, do_sample=True, temperature=1.0, seed=0)
-    )
+    generation: SamplingParams = field(default_factory=SamplingParams)
     metrics: Optional[list[str]] = None  # judge metrics averaged into a candidate's score (default: all 8)
     min_margin: float = 0.0  # best - worst score must exceed this, else the row is a tie
     max_reject_ratio: float = 0.5  # the run is "ok" only if at most this share of prompts is rejected
