@@ -124,6 +124,7 @@ class DPORecipe(Recipe):
         dist.all_gather_object(gathered, local)
         if self.rank == 0:
             rows = sorted((rec for part in gathered for rec in part), key=lambda rec: rec["id"])
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 for rec in rows:

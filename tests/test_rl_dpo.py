@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,8 +74,6 @@ def test_dpo_config_is_typed_validated_and_defaults_to_the_preference_split(tmp_
     from mmrole.rl.dpo_config import DPOJobConfig, load_dpo_config, reference_model_config
     from mmrole.train.config import TrainJobConfig
 
-    from pathlib import Path
-
     smoke = Path(__file__).resolve().parents[1] / "configs" / "dpo_smoke_cpu.yaml"
     cfg = load_dpo_config(smoke, ["dpo.beta=0.2", "dpo.loss=ipo"])
     assert isinstance(cfg, DPOJobConfig) and isinstance(cfg, TrainJobConfig)
@@ -132,3 +131,87 @@ def test_pair_encoder_gives_chosen_then_rejected_with_one_prompt(tiny_models):
     assert n_prompt(c) == n_prompt(r) and (c["input_ids"][: n_prompt(c)] == r["input_ids"][: n_prompt(r)]).all()
     with pytest.raises(SampleTooLong):
         encode_pair(enc, row | {"rejected": "long " * 2000}, image)
+
+
+def _dpo_worker(rank: int, port: int, runs: list, result: str) -> None:
+    """A world-1 gloo group running the real DPO recipe + DeepSpeed for each config: two optimizer steps on rows
+    0-3 and 4-7 (2 micro-batches of 2 pairs each), their metrics written to ``result``."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from mmrole.ray_dpo_recipe import DPORecipe
+    from mmrole.ray_recipe import WorkerInfo
+    from mmrole.rl.dpo_config import DPOJobConfig
+    from mmrole.train.data_order import MicroBatchPlan
+
+    out = []
+    for cfg_dict in runs:
+        cfg = DPOJobConfig.from_dict(cfg_dict)
+        recipe = DPORecipe(cfg, cfg.run_dir, 8, WorkerInfo(0, 1, torch.device("cpu")))
+        recipe.setup()
+        recipe.setup_data()
+        steps = []
+        for rows in ((0, 1, 2, 3), (4, 5, 6, 7)):
+            plans = [MicroBatchPlan(0, rows[:2], 0), MicroBatchPlan(0, rows[2:], 0)]
+            micro = [e.samples for _, e in recipe.data.encoders.encode_local(plans)]
+            o = recipe.optimizer_step(micro, 0.0)
+            steps.append({"loss": o.totals.loss_sum, "samples": o.totals.samples, **o.metrics})
+        out.append({"steps": steps, "eval": recipe.evaluate(), "ref_file": (cfg.run_dir / "reference_logps.jsonl").is_file()})
+        recipe.close()
+    Path(result).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_online_and_precomputed_references_give_the_same_steps(tiny_models, tmp_path):
+    """The real recipe (DeepSpeed ZeRO-2, gloo, a spawned rank): a frozen reference scoring each micro-batch and the
+    log-probs precomputed once give the same DPO steps (length-normalised loss: means over reply tokens); step 1
+    starts at loss log 2 with zero rewards."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from test_train_dpo_ray import write_learnable_pairs
+
+    prefs = write_learnable_pairs(tmp_path)
+
+    def cfg(name: str, reference: str) -> dict:
+        return DPOJobConfig.from_dict(
+            {
+                "run_name": name,
+                "output_dir": str(tmp_path / "runs"),
+                "model": {"model_path": tiny_models["agent"], "max_length": 512},
+                "data": {"prepared": str(prefs), "encode_actors": 0, "eval_rows": 4, "max_rows": 12},
+                "train": {"global_batch_size": 4, "micro_batch_size": 2, "lr": 2e-3, "warmup_steps": 0},
+                "scaling": {"num_workers": 1},
+                "report_to": [],
+                # per-token means: the precomputed table's counts and the online reference's own must agree too
+                "dpo": {"beta": 0.5, "reference": reference, "loss": "sigmoid_norm"},
+            }
+        ).to_dict()
+
+    from mmrole.rl.dpo_config import DPOJobConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "out.json"
+    runs = [cfg("pre", "precomputed"), cfg("online", "online")]
+    mp.spawn(_dpo_worker, args=(port, runs, str(result)), nprocs=1, join=True)
+    pre, online = json.loads(result.read_text())
+    assert pre["ref_file"] and not online["ref_file"]
+    for run in (pre, online):
+        first = run["steps"][0]
+        assert first["samples"] == 4 and first["pairs"] == 4
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(first["reward_margin"]) < 1e-5
+    for a, b in zip(pre["steps"] + [pre["eval"]], online["steps"] + [online["eval"]]):
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert pre["steps"][1]["reward_margin"] > 0 and pre["eval"]["eval_pairs"] == 4
