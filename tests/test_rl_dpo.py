@@ -215,3 +215,51 @@ def test_online_and_precomputed_references_give_the_same_steps(tiny_models, tmp_
         for k, v in a.items():
             assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert pre["steps"][1]["reward_margin"] > 0 and pre["eval"]["eval_pairs"] == 4
+
+
+def test_shipped_rl_configs_load_show_and_print(monkeypatch, capsys):
+    """configs/dpo_*.yaml and configs/preferences_smoke_cpu.yaml load as their typed configs, `mmrole config show`
+    detects their kind, and both jobs' --print-config resolves paths without starting anything."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmrole.config_cli import detect_kind, show
+    from mmrole.rl.dpo_config import load_dpo_config
+    from mmrole.rl.preferences import load_preference_config
+    from mmrole.train.config import batch_geometry
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    gpu = load_dpo_config(repo / "configs" / "dpo_7b_8gpu.yaml")
+    t = gpu.train
+    assert gpu.scaling.num_workers == 8 and gpu.scaling.use_gpu and t.zero_stage == 3 and t.precision == "bf16"
+    assert batch_geometry(t.global_batch_size, t.micro_batch_size, 8).grad_accum == 4
+    assert gpu.dpo.reference == "precomputed" and gpu.data.eval_rows > 0
+    pref = load_preference_config(repo / "configs" / "preferences_smoke_cpu.yaml")
+    assert pref.samples_per_prompt == 4 and pref.generation.do_sample and pref.judge.kind == "local"
+    for path, kind in (
+        ("configs/dpo_smoke_cpu.yaml", "dpo"),
+        ("configs/dpo_7b_8gpu.yaml", "dpo"),
+        ("configs/preferences_smoke_cpu.yaml", "preferences"),
+    ):
+        assert detect_kind(yaml.safe_load((repo / path).read_text())) == kind
+    shown = yaml.safe_load(show("configs/dpo_smoke_cpu.yaml", ["dpo.beta=0.3"]))
+    assert shown["dpo"]["beta"] == 0.3 and shown["data"]["prepared"] == str(repo / "demo_out/preferences")
+    for job, cfg in (("train_dpo", "dpo_smoke_cpu"), ("build_preferences", "preferences_smoke_cpu")):
+        p = subprocess.run(
+            [sys.executable, f"jobs/{job}.py", "--config", f"configs/{cfg}.yaml", "--print-config"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr
+        assert str(repo / "demo_out") in p.stdout
+    bad = subprocess.run(
+        [sys.executable, "jobs/train_dpo.py", "--config", "configs/dpo_smoke_cpu.yaml", "dpo.loss=hinge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("config error: dpo.loss:")
