@@ -63,7 +63,9 @@ class DPORecipe(Recipe):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reference = None  # frozen VLM (dpo.reference: online)
-        self.ref_table: Optional[dict[str, list[float]]] = None  # id -> [chosen sum, chosen n, rejected sum, rejected n]
+        self.ref_table: Optional[dict[str, list[float]]] = (
+            None  # id -> [chosen sum, chosen n, rejected sum, rejected n]
+        )
 
     # ---- models ----------------------------------------------------------------------------------------------------
     def build_engine(self, weights_from: Optional[Path]) -> TrainEngine:

@@ -135,9 +135,7 @@ def score_candidates(cfg: PreferenceJobConfig, requests: list, images_root: str,
     return [results[r.key] for r in requests]
 
 
-def run_preferences(
-    cfg: PreferenceJobConfig, log: Log = _log, start_ray: Optional[Callable[[], None]] = None
-) -> dict:
+def run_preferences(cfg: PreferenceJobConfig, log: Log = _log, start_ray: Optional[Callable[[], None]] = None) -> dict:
     """Sample, judge, pair and write (see the module docstring); returns the summary (also ``out/summary.json``)."""
     from mmrole.data.prepared import images_root as prepared_images_root
     from mmrole.data.prepared import iter_samples
@@ -169,14 +167,10 @@ def run_preferences(
     t_sample = time.perf_counter()
     answers = sample_candidates(cfg, samples, images_root, log)
     t_judge = time.perf_counter()
-    requests = [
-        req for s in samples for req in candidate_requests(s, answers[s.id][0], answers[s.id][1], metrics)
-    ]
+    requests = [req for s in samples for req in candidate_requests(s, answers[s.id][0], answers[s.id][1], metrics)]
     results = score_candidates(cfg, requests, images_root, log)
     t_pair = time.perf_counter()
-    candidates = {
-        s.id: [Candidate(k, a, e) for k, (a, e) in enumerate(zip(*answers[s.id]))] for s in samples
-    }
+    candidates = {s.id: [Candidate(k, a, e) for k, (a, e) in enumerate(zip(*answers[s.id]))] for s in samples}
     attach_results(candidates, results)
     rows = [choose_pair(s, candidates[s.id], metrics, cfg.min_margin) for s in samples]
     summary = summarize(rows, metrics, results, cfg)

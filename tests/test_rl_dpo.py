@@ -161,7 +161,9 @@ def _dpo_worker(rank: int, port: int, runs: list, result: str) -> None:
             micro = [e.samples for _, e in recipe.data.encoders.encode_local(plans)]
             o = recipe.optimizer_step(micro, 0.0)
             steps.append({"loss": o.totals.loss_sum, "samples": o.totals.samples, **o.metrics})
-        out.append({"steps": steps, "eval": recipe.evaluate(), "ref_file": (cfg.run_dir / "reference_logps.jsonl").is_file()})
+        out.append(
+            {"steps": steps, "eval": recipe.evaluate(), "ref_file": (cfg.run_dir / "reference_logps.jsonl").is_file()}
+        )
         recipe.close()
     Path(result).write_text(json.dumps(out))
     dist.destroy_process_group()
@@ -177,7 +179,6 @@ def test_online_and_precomputed_references_give_the_same_steps(tiny_models, tmp_
     import socket
 
     import torch.multiprocessing as mp
-
     from test_train_dpo_ray import write_learnable_pairs
 
     prefs = write_learnable_pairs(tmp_path)

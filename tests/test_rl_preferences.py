@@ -177,6 +177,9 @@ def test_build_preferences_counts_reasons_and_seeded_reruns(ray_local, tiny_mode
     assert [r["id"] for r in rows] == [s.id for s in samples if s.id in {p["id"] for p in pairs}]  # manifest order
 
     # Seeded per prompt: batching did not change a single answer.
+    assert {k: v for k, v in b.items() if k not in ("seconds", "out_dir")} == {
+        k: v for k, v in a.items() if k not in ("seconds", "out_dir")
+    }
     for name in ("candidates.jsonl", "pairs.jsonl", "rejects.jsonl"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
     assert pq.read_table(tmp_path / "a" / "pref_train" / "part-00000.parquet").equals(

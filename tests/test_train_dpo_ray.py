@@ -21,8 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = "sunny bright golden warm happy".split()
 BAD = "rainy dark grey cold gloomy".split()
 N_TRAIN, N_EVAL = 24, 12
-STEP_KEYS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward", "logp_chosen",
-             "logp_rejected", "lr", "samples")
+STEP_KEYS = (
+    "loss",
+    "reward_margin",
+    "reward_accuracy",
+    "chosen_reward",
+    "rejected_reward",
+    "logp_chosen",
+    "logp_rejected",
+    "lr",
+    "samples",
+)
 
 
 def write_learnable_pairs(root: Path) -> Path:
@@ -41,8 +50,15 @@ def write_learnable_pairs(root: Path) -> Path:
         for rec in pq.read_table(src / r).to_pylist():
             s = Sample.from_row(rec)
             say = lambda words: " ".join(rng.choice(words) for _ in range(rng.randint(3, 6))) + "."  # noqa: E731
-            pair = dict(chosen=say(GOOD), rejected=say(BAD), chosen_score=1.0, rejected_score=0.5, chosen_k=0,
-                        rejected_k=1, scored=2)
+            pair = dict(
+                chosen=say(GOOD),
+                rejected=say(BAD),
+                chosen_score=1.0,
+                rejected_score=0.5,
+                chosen_k=0,
+                rejected_k=1,
+                scored=2,
+            )
             rows.append(RowOutcome(s, [], pair=pair))
     summary = {"in": len(rows), "out": len(rows), "rejected": 0, "rejected_by_reason": {}}
     out = root / "prefs"
