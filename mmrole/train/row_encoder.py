@@ -99,6 +99,8 @@ class RowEncoder:
         max_rows: Optional[int] = None,
         rejects_dir: Optional[str] = None,
         with_target: bool = True,
+        reserve: int = 0,
+        with_meta: bool = False,
     ):
         from mmrole.models.config import VLMConfig
         from mmrole.models.encoding import build_encoder
@@ -106,6 +108,8 @@ class RowEncoder:
         self.rows = SplitRows(prepared, split, max_rows)
         self.encoder = build_encoder(VLMConfig.from_dict(model))
         self.with_target = with_target
+        self.reserve = int(reserve)  # tokens kept free after the prompt (generation: the reply's room)
+        self.with_meta = with_meta  # add the sample's text fields as JSON under META (rollout rewards need them)
         self.rejects = RejectWriter(rejects_dir, prefix=f"encode-{split}") if rejects_dir else None
 
     def encode_rows(self, indices: Sequence[int]) -> EncodedRows:
@@ -119,7 +123,11 @@ class RowEncoder:
             stage, reason, length = None, "", None
             try:
                 image = load_image(self.rows.images_root, row["image"], data=row.get("image_bytes"))
-                out.samples.append(self.encoder.encode(Sample.from_row(row), image, with_target=self.with_target))
+                sample = Sample.from_row(row)
+                enc = self.encoder.encode(sample, image, with_target=self.with_target, reserve=self.reserve)
+                if self.with_meta:
+                    enc[META] = sample_meta(sample)
+                out.samples.append(enc)
                 continue
             except ImageError as e:
                 stage, reason = "image", str(e)
@@ -132,6 +140,15 @@ class RowEncoder:
             if self.rejects is not None:
                 self.rejects.write(sid, reason, stage, image=row.get("image"), split=self.rows.split)
         return out
+
+
+META = "meta"  # encoded-sample key of the sample's text fields (``with_meta``)
+
+
+def sample_meta(sample: Any) -> str:
+    """The text fields of a sample that a reward needs (question, ground truth, character, image), as JSON."""
+    keys = ("system", "user_text", "target", "image", "role", "other_role", "script", "dialogue_type", "group")
+    return json.dumps({k: getattr(sample, k) for k in keys}, ensure_ascii=False)
 
 
 def filler_sample(encoder: Any, with_target: bool = True) -> dict:
