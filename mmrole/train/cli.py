@@ -11,10 +11,17 @@ from mmrole.config import config_error_message, resolve_paths
 from .config import ConfigError, load_config
 
 
-def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
+RECIPES = ("sft", "grpo")
+
+
+def main(argv: Optional[list[str]] = None, kind: str = "agent", recipe: str = "sft") -> int:
+    """``recipe``: ``sft`` (train_agent / train_reward_model) or ``grpo`` (train_grpo: a :class:`GRPOJobConfig`)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    what = {"sft": "role-playing agent" if kind == "agent" else "reward model", "grpo": "agent with online GRPO"}
     ap = argparse.ArgumentParser(
-        prog=f"train_{'agent' if kind == 'agent' else 'reward_model'}",
-        description=f"Train the {'role-playing agent' if kind == 'agent' else 'reward model'} with Ray Train + "
+        prog="train_grpo" if recipe == "grpo" else f"train_{'agent' if kind == 'agent' else 'reward_model'}",
+        description=f"Train the {what[recipe]} with Ray Train + "
         "DeepSpeed. Extra arguments are dotted overrides, e.g. train.lr=2e-5 run_name=x.",
     )
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -28,7 +35,13 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     args = ap.parse_args(argv)
     try:
         # relative paths become absolute here, on the driver: the workers run elsewhere
-        cfg = resolve_paths(load_config(args.config, args.overrides, defaults={"kind": kind}))
+        if recipe == "grpo":
+            from mmrole.config import load_config_file
+            from mmrole.rl.config import GRPOJobConfig
+
+            cfg = resolve_paths(load_config_file(GRPOJobConfig, args.config, args.overrides, {"kind": kind}))
+        else:
+            cfg = resolve_paths(load_config(args.config, args.overrides, defaults={"kind": kind}))
         if cfg.kind != kind:
             raise ConfigError(f"kind: {cfg.kind!r} config ({args.config}); this job trains kind={kind!r}")
     except ConfigError as e:
@@ -53,7 +66,16 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
             from mmrole.console import setup_console
 
             setup_console(False)
-        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose)
+        extra = {}
+        if recipe == "grpo":
+            from mmrole.ray_grpo_recipe import grpo_verdict, train_loop_per_worker
+
+            extra = {"train_loop": train_loop_per_worker, "verdict": grpo_verdict(cfg.grpo.max_failed_share)}
+        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose, **extra)
+        if recipe == "grpo":
+            import json
+
+            print(json.dumps({k: summary.to_dict()[k] for k in ("ok", "final_step", "error", "counts")}))
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
         print(config_error_message(e), file=sys.stderr)
         return 2
