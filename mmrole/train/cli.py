@@ -10,7 +10,6 @@ from mmrole.config import config_error_message, resolve_paths
 
 from .config import ConfigError, load_config
 
-
 RECIPES = ("sft", "grpo")
 
 
