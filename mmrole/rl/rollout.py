@@ -36,7 +36,14 @@ def rollout_seed(seed: int, step: int, sample_id: str, index: int) -> int:
 class RowSeededSampler:
     """A transformers logits processor that turns greedy decoding into per-row seeded sampling (Gumbel-max)."""
 
-    def __init__(self, seeds: Sequence[int], device: torch.device, temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        device: torch.device,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        banned: Sequence[int] = (),
+    ):
         if temperature <= 0:
             raise ValueError("temperature must be > 0 for sampling")
         self.gens = []
@@ -45,9 +52,12 @@ class RowSeededSampler:
             g.manual_seed(int(s))
             self.gens.append(g)
         self.temperature, self.top_p = float(temperature), float(top_p)
+        self.banned = list(banned)  # never sampled (vision placeholders: a reply must not claim image features)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float() / self.temperature
+        if self.banned:
+            logits[:, self.banned] = float("-inf")
         if self.top_p < 1.0:
             sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
             cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
@@ -78,12 +88,24 @@ class Rollout:
         return f"{self.sample_id}#g{self.index}"
 
 
+def banned_token_ids(vlm) -> list[int]:
+    """Control tokens a reply may not contain (chat and vision markers), except the end tokens: a sampled
+    ``<|image_pad|>`` would ask the model for image features that do not exist when the rollout is trained on."""
+    from mmrole.models.encoding import CONTROL_TOKENS
+
+    eos = set(vlm._eos_ids())
+    tok = vlm.tokenizer
+    ids = {tok.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
+    unk = getattr(tok, "unk_token_id", None)
+    return sorted(int(i) for i in ids if i is not None and i != unk and int(i) not in eos)
+
+
 def _generate(vlm, prompts: list[dict], seeds: list[int], max_new_tokens: int, temperature, top_p) -> list[list[int]]:
     from transformers import LogitsProcessorList
 
     batch = vlm.to_device(vlm.pad_batch([model_inputs(p) for p in prompts], padding_side="left"))
     batch.pop("labels", None)
-    sampler = RowSeededSampler(seeds, batch["input_ids"].device, temperature, top_p)
+    sampler = RowSeededSampler(seeds, batch["input_ids"].device, temperature, top_p, banned_token_ids(vlm))
     out = vlm.model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
