@@ -83,3 +83,26 @@ def test_rule_rewards_and_judge_ratio():
         RewardSettings(judge=0.0)
     with pytest.raises(ValueError, match="unknown metric"):
         RewardSettings(metrics=["Charm"])
+
+
+def test_grpo_configs_load_and_bad_keys_are_named():
+    from pathlib import Path
+
+    from mmrole.config import ConfigError
+    from mmrole.rl.config import load_grpo_config
+
+    repo = Path(__file__).resolve().parents[1]
+    smoke = load_grpo_config(repo / "configs" / "grpo_smoke_cpu.yaml")
+    assert smoke.grpo.group_size == 4 and not smoke.grpo.reward.uses_judge
+    big = load_grpo_config(repo / "configs" / "grpo_7b_8gpu.yaml")
+    assert big.grpo.judge.kind == "local" and big.scaling.num_workers == 6 and big.train.zero_stage == 2
+    for override, key in (
+        ("grpo.group_size=1", "grpo.group_size"),
+        ("grpo.reward.metrics=[Charm]", "reward.metrics"),
+        ("grpo.reward.judge=1", "grpo.judge"),
+        ("train.zero_stage=3", "train.zero_stage"),
+        ("grpo.max_new_tokens=5000", "grpo.max_new_tokens"),
+        ("grpo.clip_eps=fast", "grpo.clip_eps"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_grpo_config(repo / "configs" / "grpo_smoke_cpu.yaml", [override])
