@@ -18,17 +18,17 @@ def test_rollouts_are_seeded_per_row_and_train_on_the_sampled_tokens(tiny_models
     prompts = enc.encode_rows([0, 1, 2]).samples
     vlm = build_vlm(VLMConfig(model_path=tiny_models["agent"], device="cpu", dtype="float32"))
     seeds = [[rollout_seed(0, 1, p["id"], g) for g in range(2)] for p in prompts]
-    full = sample_rollouts(vlm, prompts, 2, seeds, max_new_tokens=12)
+    full = sample_rollouts(vlm, prompts, 2, seeds, max_new_tokens=8)
     assert [(r.prompt, r.index) for r in full] == [(p, g) for p in range(3) for g in range(2)]
     assert all(r.error is None and r.token_ids for r in full)
     # The same rollout comes out of a batch of one, of another prompt order, or row by row.
-    alone = sample_rollouts(vlm, prompts[1:2], 2, seeds[1:2], max_new_tokens=12)
+    alone = sample_rollouts(vlm, prompts[1:2], 2, seeds[1:2], max_new_tokens=8)
     assert [r.token_ids for r in alone] == [r.token_ids for r in full[2:4]]
-    one_by_one = sample_rollouts(vlm, prompts, 2, seeds, max_new_tokens=12, batch_size=1)
-    assert [r.token_ids for r in one_by_one] == [r.token_ids for r in full]
+    chunked = sample_rollouts(vlm, prompts[:2], 2, seeds[:2], max_new_tokens=8, batch_size=3)
+    assert [r.token_ids for r in chunked] == [r.token_ids for r in full[:4]]
     # Different seeds (another step) give different rollouts; the two rollouts of a prompt differ.
-    other = sample_rollouts(vlm, prompts, 2, [[rollout_seed(0, 2, p["id"], g) for g in range(2)] for p in prompts], 12)
-    assert [r.token_ids for r in other] != [r.token_ids for r in full]
+    other = sample_rollouts(vlm, prompts[:1], 2, [[rollout_seed(0, 2, prompts[0]["id"], g) for g in range(2)]], 8)
+    assert [r.token_ids for r in other] != [r.token_ids for r in full[:2]]
     assert full[0].token_ids != full[1].token_ids
     # A training sample has labels exactly on the sampled tokens; its log-prob is finite and negative.
     s = training_sample(prompts[0], full[0].token_ids)
