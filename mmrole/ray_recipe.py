@@ -77,6 +77,7 @@ class StepOutcome:
 
     totals: StepTotals
     metrics: dict = field(default_factory=dict)
+    stop: Optional[str] = None  # the recipe ends the run after this step (e.g. GRPO's failure cap), and why
 
 
 class Recipe:
@@ -257,6 +258,9 @@ class Recipe:
             self._log_rows(pending)
             self._log_step(outcome, lr, time.time() - t_step)
             pending = []
+            if outcome.stop:
+                self._stop(outcome.stop)
+                break
             self._maybe_kill()
             every = self.cfg.train.eval_every
             if every and pos.step % every == 0 and pos.step < self.total_steps:
@@ -268,6 +272,13 @@ class Recipe:
                 break
         stream.close()
         self.stream = None
+
+    def _stop(self, reason: str) -> None:
+        """The recipe ended the run early: an event the driver turns into ``"ok": false``, and a message."""
+        if self.rank == 0 and self.sink is not None:
+            self.sink.event("stopped", step=self.pos.step, reason=reason)
+        if self.rank == 0:
+            say(f"[mmrole] stopping at step {self.pos.step}: {reason}")
 
     def _epoch_end(self, epoch: int) -> None:
         if self.rank == 0 and self.sink is not None:

@@ -221,10 +221,14 @@ def run_training(
     quiet: bool = False,
     verbose: bool = True,
     train_loop: Callable[[dict], None] = train_loop_per_worker,
+    verdict: Optional[Callable[[Path], tuple[Optional[str], dict]]] = None,
 ) -> TrainSummary:
     """Train per ``cfg`` on an embedded local Ray (or the cluster at ``ray.address`` / $RAY_ADDRESS).
 
     ``train_loop``: what each Ray Train worker runs (default: the SFT recipe; the RL recipes pass their own).
+    ``verdict(run_dir) -> (error or None, extra counts)``: the recipe's own check of a finished run (e.g. GRPO's
+    failed-reward share); an error makes the run ``"ok": false``. A ``stopped`` event in metrics.jsonl (a recipe
+    ended the run early) always does.
 
     ``quiet``: do not print the resolved config. ``verbose=False``: Ray/DeepSpeed/transformers output and the
     workers' lines go to Ray's log files; the console gets our own lines and a progress bar."""
@@ -330,6 +334,13 @@ def run_training(
     }
     if error is None:
         error = reject_verdict(final.step if final else 0, source.n_rows, by_stage, cfg.data.max_reject_ratio)
+    if verdict is not None:
+        extra_error, extra_counts = verdict(run_dir)
+        counts.update(extra_counts)
+        error = error or extra_error
+    stopped = _stopped_events(read_metrics(run_dir))
+    if error is None and stopped:
+        error = f"stopped at step {stopped[-1].get('step')}: {stopped[-1].get('reason')}"
     evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
     summary = TrainSummary(
         eval_loss=evals[-1] if evals else None,
@@ -364,6 +375,13 @@ def run_training(
             flush=True,
         )
     return summary
+
+
+def _stopped_events(records: list[dict]) -> list[dict]:
+    """``stopped`` events of the last attempt (after its start or resume event): a rerun that got further is not
+    failed by an earlier attempt's stop."""
+    starts = [i for i, r in enumerate(records) if r.get("event") in ("start", "resume")]
+    return [r for r in records[starts[-1] if starts else 0 :] if r.get("event") == "stopped"]
 
 
 def _samples_trained(records: list[dict]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 from mmrole.config import config_error_message, resolve_paths
 
@@ -20,9 +20,13 @@ def main(
     what: Optional[str] = None,
     loader: Callable = load_config,
     train_loop: Optional[Callable[[], Callable]] = None,
+    verdict: Optional[Callable[[Any], Callable]] = None,
+    print_summary: bool = False,
 ) -> int:
     """A training job's command line. ``loader`` builds its config (default: the SFT one); ``train_loop`` returns
-    the per-worker loop of its recipe (imported lazily: a finished run answers without Ray or torch)."""
+    the per-worker loop of its recipe (imported lazily: a finished run answers without Ray or torch); ``verdict``
+    (given the config) returns the run's verdict for :func:`run_training`; ``print_summary`` ends with a JSON line
+    (ok, final step, error, counts)."""
     what = what or ("the role-playing agent" if kind == "agent" else "the reward model")
     ap = argparse.ArgumentParser(
         prog=prog or f"train_{'agent' if kind == 'agent' else 'reward_model'}",
@@ -65,8 +69,14 @@ def main(
             from mmrole.console import setup_console
 
             setup_console(False)
-        extra = {"train_loop": train_loop()} if train_loop is not None else {}
+        extra: dict[str, Any] = {"train_loop": train_loop()} if train_loop is not None else {}
+        if verdict is not None:
+            extra["verdict"] = verdict(cfg)
         summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose, **extra)
+        if print_summary:
+            import json
+
+            print(json.dumps({k: summary.to_dict().get(k) for k in ("ok", "final_step", "error", "counts")}))
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
         print(config_error_message(e), file=sys.stderr)
         return 2

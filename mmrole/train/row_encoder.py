@@ -100,6 +100,8 @@ class RowEncoder:
         rejects_dir: Optional[str] = None,
         with_target: bool = True,
         pairs: bool = False,
+        reserve: int = 0,
+        with_meta: bool = False,
     ):
         from mmrole.models.config import VLMConfig
         from mmrole.models.encoding import build_encoder
@@ -109,6 +111,8 @@ class RowEncoder:
         self.with_target = with_target
         # Preference rows (DPO): each row gives two samples, its ``target`` (chosen) then its ``rejected`` reply.
         self.pairs = pairs
+        self.reserve = int(reserve)  # tokens kept free after the prompt (generation: the reply's room)
+        self.with_meta = with_meta  # add the sample's text fields as JSON under META (rollout rewards need them)
         self.rejects = RejectWriter(rejects_dir, prefix=f"encode-{split}") if rejects_dir else None
 
     def encode_rows(self, indices: Sequence[int]) -> EncodedRows:
@@ -124,8 +128,12 @@ class RowEncoder:
                 image = load_image(self.rows.images_root, row["image"], data=row.get("image_bytes"))
                 if self.pairs:
                     out.samples.extend(encode_pair(self.encoder, row, image))
-                else:
-                    out.samples.append(self.encoder.encode(Sample.from_row(row), image, with_target=self.with_target))
+                    continue
+                sample = Sample.from_row(row)
+                enc = self.encoder.encode(sample, image, with_target=self.with_target, reserve=self.reserve)
+                if self.with_meta:
+                    enc[META] = sample_meta(sample)
+                out.samples.append(enc)
                 continue
             except ImageError as e:
                 stage, reason = "image", str(e)
@@ -164,6 +172,15 @@ def encode_pair(encoder: Any, row: dict, image: Any) -> list[dict]:
         for e in enc:  # counted against the full history, as for every sample
             e["history_dropped"] = len(chosen.history_lines) - kept
     return enc
+
+
+META = "meta"  # encoded-sample key of the sample's text fields (``with_meta``)
+
+
+def sample_meta(sample: Any) -> str:
+    """The text fields of a sample that a reward needs (question, ground truth, character, image), as JSON."""
+    keys = ("system", "user_text", "target", "image", "role", "other_role", "script", "dialogue_type", "group")
+    return json.dumps({k: getattr(sample, k) for k in keys}, ensure_ascii=False)
 
 
 def filler_sample(encoder: Any, with_target: bool = True) -> dict:
