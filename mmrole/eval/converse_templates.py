@@ -70,8 +70,15 @@ class PartnerTemplate:
     ) -> tuple[str, str]:
         """(system, user text) asking for the human's next message; ``human`` is the human's speaker name in
         ``turns`` (their own turns are shown as ``you``)."""
-        info = [f" - {k}: {v}" for k, v in (("People in it", image.role_info), ("Where", image.place_info),
-                                              ("What is happening", image.scene_info)) if v]
+        info = [
+            f" - {k}: {v}"
+            for k, v in (
+                ("People in it", image.role_info),
+                ("Where", image.place_info),
+                ("What is happening", image.scene_info),
+            )
+            if v
+        ]
         fields = dict(
             role=role,
             role_with_script=f"{role} from {script}" if script else role,
@@ -79,8 +86,10 @@ class PartnerTemplate:
             image_info=self.image_info_header + "\n".join(info) if info else "",
             history=(
                 self.history_header
-                + "\n".join(self.history_line.format(speaker=self.you if t.speaker == human else t.speaker,
-                                                     text=t.text) for t in turns)
+                + "\n".join(
+                    self.history_line.format(speaker=self.you if t.speaker == human else t.speaker, text=t.text)
+                    for t in turns
+                )
                 if turns
                 else ""
             ),

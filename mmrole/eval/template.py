@@ -154,9 +154,7 @@ class JudgeTemplate:
         scale = Scale.from_dict(d.get("scale"), source)
         metric_set = str(d.get("metric_set", "mmrole"))
         if metric_set not in METRIC_SETS and metric_set != "custom":
-            raise JudgeTemplateError(
-                f"{source}: metric_set: {metric_set!r} is not one of {[*METRIC_SETS, 'custom']}"
-            )
+            raise JudgeTemplateError(f"{source}: metric_set: {metric_set!r} is not one of {[*METRIC_SETS, 'custom']}")
         metrics = d["metrics"]
         if not isinstance(metrics, dict):
             raise JudgeTemplateError(f"{source}: 'metrics' must map metric name -> description")
