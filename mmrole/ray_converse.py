@@ -497,3 +497,59 @@ def run_converse_scoring(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"[converse-score] done: {json.dumps(summary, default=str)[:3000]}")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------- report
+def write_converse_outputs(cfg: ConverseJobConfig, log: Log = _log, plots: bool = True):
+    """The report over what the stores hold (no Ray): ``<out>/converse/report/``. Returns (report, paths)."""
+    import importlib.util
+
+    from mmrole.eval.converse_report import build_converse_report, write_converse_report
+
+    items, _, cast, _ = build_cast(cfg, lambda _msg: None)
+    convs = load_conversations(cfg, items, cast, log)
+    turn_res: dict = {}
+    conv_res: dict = {}
+    pair_res: dict = {}
+    if cfg.judge is not None:
+        plans = plan_judging(cfg, convs, cast)
+        for tag, p in plans.items():
+            keys = {r.key for r in p["requests"]}
+            results = {k: r for k, r in p["store"].load().items() if k in keys}
+            if tag.startswith("pairwise/"):
+                pair, level = tag[len("pairwise/") :].split(".", 1)
+                a, b = pair.split("__", 1)
+                level = level.replace(".swapped", "")
+                pair_res.setdefault((a, b), {}).setdefault("turn" if level == "turns" else level, {}).update(results)
+            else:
+                model, level = tag.rsplit(".", 1)
+                (turn_res if level == "turns" else conv_res)[model] = results
+    rep = build_converse_report(
+        convs,
+        turn_res,
+        conv_res,
+        pair_res,
+        turns=cfg.turns,
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+        repetition_n=cfg.repetition_n,
+    )
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        log("[converse] warning: matplotlib is not installed (pip install 'mmrole[plots]'); writing no plots")
+        plots = False
+    paths = write_converse_report(rep, converse_dir(cfg) / "report", plots=plots)
+    return rep, paths
+
+
+def run_converse_job(cfg: ConverseJobConfig, log: Log = _log, start_ray: Optional[Callable[[], None]] = None) -> dict:
+    """Conversations, then (with a judge) their judging, then the report; each stage resumes from its stores."""
+    from mmrole.eval.converse_report import render_converse_markdown
+
+    summary = {"conversations": run_converse(cfg, log, start_ray=start_ray)}
+    if cfg.judge is not None:
+        summary["judging"] = run_converse_scoring(cfg, log, start_ray=start_ray)
+    rep, paths = write_converse_outputs(cfg, log)
+    log(render_converse_markdown(rep))
+    log(f"[converse] report written to {converse_dir(cfg) / 'report'} ({len(paths)} files)")
+    summary["report"] = [str(p) for p in paths]
+    return summary

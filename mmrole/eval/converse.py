@@ -91,7 +91,13 @@ def build_items(
     stats = ItemStats()
     items: list[ConverseItem] = []
     seen: set[str] = set()
+    # Types interleaved (one of each in turn, in split order), so max_items keeps every type represented.
+    by_type: dict[str, list[Sample]] = {}
     for s in samples:
+        by_type.setdefault(s.dialogue_type, []).append(s)
+    queues = [by_type[t] for t in sorted(by_type)]
+    ordered = [q[i] for i in range(max((len(q) for q in queues), default=0)) for q in queues if i < len(q)]
+    for s in ordered:
         stats.samples_in += 1
         did = s.id.rsplit("_", 1)[0]
         if s.dialogue_type not in types:
