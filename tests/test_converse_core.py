@@ -127,7 +127,9 @@ def _grow(cast, conv, texts):
         k = sum(t.speaker == "agent" for t in conv.turns) if sp == "agent" else -1
         name = cast.speaker_name(conv.item, sp)
         src = "opening" if i == 0 and sp == "partner" and conv.item.opening else "generated"
-        conv.turns.append(TurnRecord("d1", conv.model, i, sp, name, text, "", src, k, cast.expected_key(conv, i, sp, part)))
+        conv.turns.append(
+            TurnRecord("d1", conv.model, i, sp, name, text, "", src, k, cast.expected_key(conv, i, sp, part))
+        )
     return conv
 
 
@@ -166,12 +168,18 @@ def test_partner_prompts_and_judge_requests():
     for r in reqs[:1] + creq[:1]:
         build_judge_sample(r, turn_t if r in reqs else conv_t)  # renders: scale and placeholders agree
     b = _grow(cast, Conversation(_item(), "b"), ["What do you see?", "Boats.", "Why dawn?", "Sun."])
-    pw = pairwise_turn_requests(cast, human, b, load_judge_template(packaged_template_path("converse_pairwise_turn.yaml")))
+    pw = pairwise_turn_requests(
+        cast, human, b, load_judge_template(packaged_template_path("converse_pairwise_turn.yaml"))
+    )
     assert len(pw) == 16 and {r.reference for r in pw} == {"Boats.", "Sun."}
     assert 0 < sum(r.swapped for r in pw) < 16  # a fixed half is shown the other way round
     b.turns[2].text = "Something else"  # different partner words: turn 2 is no longer comparable
-    assert {r.sample_id for r in pairwise_turn_requests(cast, human, b, load_judge_template(
-        packaged_template_path("converse_pairwise_turn.yaml")))} == {"d1#t0"}
+    assert {
+        r.sample_id
+        for r in pairwise_turn_requests(
+            cast, human, b, load_judge_template(packaged_template_path("converse_pairwise_turn.yaml"))
+        )
+    } == {"d1#t0"}
 
 
 def test_repetition_rate():
@@ -194,7 +202,11 @@ def test_report_drift_pairwise_and_outputs(tmp_path):
             for m in ("Fluency", "Coherency"):
                 turn_res[(f"d{n}#t{j}", m)] = JudgeResult(f"d{n}#t{j}", m, True, score_a=9.0 - j)
     turn_res[("d0#t0", "Tone Consistency")] = JudgeResult("d0#t0", "Tone Consistency", False, error="no score")
-    pw = {("a", "b"): {"turn": {(f"d{n}#t0", "Fluency"): JudgeResult(f"d{n}#t0", "Fluency", True, 8, 4) for n in range(4)}}}
+    pw = {
+        ("a", "b"): {
+            "turn": {(f"d{n}#t0", "Fluency"): JudgeResult(f"d{n}#t0", "Fluency", True, 8, 4) for n in range(4)}
+        }
+    }
     rep = build_converse_report({"a": convs}, {"a": turn_res}, {}, pw, turns=4, bootstrap=100, seed=0)
     m = rep.models[0]
     assert [e.mean for e in m.by_turn] == [9.0, 8.0, 7.0, 6.0]

@@ -460,9 +460,11 @@ def _plots(rep: ConverseReport, out: Path) -> list[Path]:
     vals = [m.drift.mean if m.drift.mean is not None else 0.0 for m in rep.models]
     err_lo = [v - m.drift.ci[0] if m.drift.ci else 0.0 for v, m in zip(vals, rep.models)]
     err_hi = [m.drift.ci[1] - v if m.drift.ci else 0.0 for v, m in zip(vals, rep.models)]
-    ax.bar(names, vals, yerr=[err_lo, err_hi], capsize=6, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(names)])
+    ax.bar(
+        names, vals, yerr=[err_lo, err_hi], capsize=6, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(names)]
+    )
     ax.axhline(0, color="black", lw=0.8)
-    for x, (v, m) in enumerate(zip(vals, rep.models)):
+    for x, m in enumerate(rep.models):
         if m.drift.mean is None:
             ax.annotate("n/a", (x, 0), ha="center", va="bottom")
     ax.set_ylabel("last third - first third of turns")
