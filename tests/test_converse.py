@@ -172,11 +172,15 @@ def test_converse_resumes_scores_and_reports(ray_local, tiny_models, demo_prepar
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo_prepared, tmp_path):
-    """The partner (a simulated human) is our Serve agent behind its OpenAI-compatible endpoint."""
-    from mmrole.ray_converse import run_converse
+def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo_prepared):
+    """The partner (a simulated human) is our Serve agent behind its OpenAI-compatible endpoint; the judge app's
+    page then opens the stored conversation with its per-turn scores."""
+    import httpx
 
-    out = tmp_path / "conv"
+    from mmrole.ray_converse import run_converse, run_converse_scoring
+
+    judge = ConverseJudgeServer()
+    out = serve_stack["converse_out"]  # the Serve judge app's converse_dir is <out>/converse
     cfg = _cfg(
         demo_prepared,
         out,
@@ -190,14 +194,36 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
         "partner.openai.require_api_key=false",
         "max_items=1",
         "types=[human-role]",
+        "judge.kind=openai",
+        "judge.openai.model=fake",
+        f"judge.openai.base_url={judge.url}",
+        "judge.openai.api_key_env=null",
+        "judge.openai.require_api_key=false",
+        "judge.openai.max_retries=0",
     )
-    s = run_converse(cfg)["models"]["local"]
-    recs = _lines(out / "converse" / "conversations" / "local.jsonl")
-    assert s["conversations"] == 1 and s["turns_stored"] == len(recs)
-    partner = [r for r in recs if r["speaker"] == "partner" and r["source"] == "generated"]
-    assert len(partner) == 1  # the Serve agent spoke between the agent's two turns
-    # A turn either succeeded or ended the conversation with its recorded reason.
-    if s["complete"] == 1:
-        assert [r["speaker"] for r in recs] == ["partner", "agent", "partner", "agent"]
-    else:
-        assert s["ended_early"] == 1 and recs[-1]["error"]
+    try:
+        s = run_converse(cfg)["models"]["local"]
+        recs = _lines(out / "converse" / "conversations" / "local.jsonl")
+        assert s["conversations"] == 1 and s["turns_stored"] == len(recs)
+        partner = [r for r in recs if r["speaker"] == "partner" and r["source"] == "generated"]
+        assert len(partner) == 1 and partner[0]["text"].strip()  # the Serve agent spoke between the agent's turns
+        assert s["complete"] == 1 and [r["speaker"] for r in recs] == ["partner", "agent", "partner", "agent"]
+        run_converse_scoring(cfg)
+    finally:
+        judge.close()
+    headers = {"Authorization": f"Bearer {serve_stack['token']}"}
+    listing = httpx.get(serve_stack["judge"] + "/v1/conversations", headers=headers, timeout=30).json()["data"]
+    assert [(c["model"], c["agent_turns"]) for c in listing] == [("local", 2)]
+    conv = listing[0]["conversation"]
+    view = httpx.get(
+        serve_stack["judge"] + "/v1/conversation", params={"model": "local", "id": conv}, headers=headers, timeout=30
+    ).json()
+    agent = [t for t in view["turns"] if t["speaker"] == "agent"]
+    assert [t["text"] for t in view["turns"]] == [r["text"] for r in recs]
+    assert len(agent) == 2 and all(len(t["scores"]) == 8 for t in agent)  # every metric: a score or a failure
+    assert all((v["score"] is None) != v["ok"] for t in agent for v in t["scores"].values())
+    assert len(view["conversation_scores"]) == 5
+    missing = httpx.get(
+        serve_stack["judge"] + "/v1/conversation", params={"model": "nobody", "id": conv}, headers=headers, timeout=30
+    )
+    assert missing.status_code == 404 and "nobody" in missing.json()["error"]["message"]
