@@ -72,7 +72,8 @@ class ItemStats:
             "samples_in": self.samples_in,
             "items_out": self.items_out,
             "rejected": dict(self.rejected),
-            "rejects": self.rejects[:20],
+            # Items past max_items are only counted: listing them would bury the real rejects.
+            "rejects": [r for r in self.rejects if r["code"] != "max_items"][:20],
         }
 
 
