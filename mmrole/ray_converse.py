@@ -230,29 +230,30 @@ def run_converse(
                     cfg.turns * 2 - len(c.turns) for cs in convs.values() for c in cs if not _done(c, cfg.turns)
                 )
                 bar = progress_bar(total, "conversations (turns)", cfg.progress)
-            fresh = _run_turn(cfg, rows, settings, generation, images)
-            by_model: dict[str, list[TurnRecord]] = defaultdict(list)
-            for sid, (answer, error) in fresh.items():
-                c, i, speaker, name, key = pending[sid]
-                agent_turn = sum(t.speaker == "agent" for t in c.turns) if speaker == "agent" else -1
-                rec = TurnRecord(c.item.id, c.model, i, speaker, name, answer, error, "generated", agent_turn, key)
-                if not error and not answer.strip():
-                    rec.error = "empty reply"
-                c.turns.append(rec)
-                if rec.error:
-                    c.ended = f"turn {i} ({speaker}) failed: {rec.error}"
-                by_model[c.model].append(rec)
-            for m, recs in by_model.items():
-                stores[m].append_records([r.to_dict() for r in recs])
-                n_new[m] += len(recs)
-            n_generated += len(fresh)
-            if bar is not None:
-                bar.update(len(fresh))
-            else:
-                log(f"[converse] {n_generated} turns generated")
-            if stop_after is not None and n_generated >= stop_after:
-                log("[converse] stopping early (stop_after)")
-                return {"stopped": True, "generated": n_generated}
+            # Each batch's turns are stored as they arrive: a run stopped mid-pipeline keeps every finished turn.
+            for fresh in _run_turn(cfg, rows, settings, generation, images):
+                by_model: dict[str, list[TurnRecord]] = defaultdict(list)
+                for sid, (answer, error) in fresh.items():
+                    c, i, speaker, name, key = pending[sid]
+                    agent_turn = sum(t.speaker == "agent" for t in c.turns) if speaker == "agent" else -1
+                    rec = TurnRecord(c.item.id, c.model, i, speaker, name, answer, error, "generated", agent_turn, key)
+                    if not error and not answer.strip():
+                        rec.error = "empty reply"
+                    c.turns.append(rec)
+                    if rec.error:
+                        c.ended = f"turn {i} ({speaker}) failed: {rec.error}"
+                    by_model[c.model].append(rec)
+                for m, recs in by_model.items():
+                    stores[m].append_records([r.to_dict() for r in recs])
+                    n_new[m] += len(recs)
+                n_generated += len(fresh)
+                if bar is not None:
+                    bar.update(len(fresh))
+                else:
+                    log(f"[converse] {n_generated} turns generated")
+                if stop_after is not None and n_generated >= stop_after:
+                    log("[converse] stopping early (stop_after)")
+                    return {"stopped": True, "generated": n_generated}
     finally:
         if bar is not None:
             bar.close()
@@ -275,8 +276,8 @@ def run_converse(
     return summary
 
 
-def _run_turn(cfg: ConverseJobConfig, rows: list[dict], settings: dict, generation: dict, images: str) -> dict:
-    """One pipeline: every row's reply (answer, error), by row id."""
+def _run_turn(cfg: ConverseJobConfig, rows: list[dict], settings: dict, generation: dict, images: str):
+    """One pipeline; yields, batch by batch as they finish, ``{row id: (answer, error)}`` (each row once)."""
     import ray
 
     needed = sorted({r["participant"] for r in rows})
@@ -289,14 +290,18 @@ def _run_turn(cfg: ConverseJobConfig, rows: list[dict], settings: dict, generati
         fn_constructor_kwargs=dict(participants=participants, images_root=images),
         **pool_args(cfg.pool),
     )
-    out = {}
+    seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        fresh = {}
         for i, a, e in zip(batch["id"], batch["answer"], batch["error"]):
-            out.setdefault(str(i), (str(a), str(e)))
-    missing = {r["id"] for r in rows} - set(out)
+            if str(i) not in seen:  # a block retried after a lost replica delivers its rows again
+                seen.add(str(i))
+                fresh[str(i)] = (str(a), str(e))
+        if fresh:
+            yield fresh
+    missing = {r["id"] for r in rows} - seen
     if missing:
         raise RuntimeError(f"converse: the pipeline lost {len(missing)} turn(s): {sorted(missing)[:5]}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ judging
