@@ -215,3 +215,65 @@ def test_report_drift_pairwise_and_outputs(tmp_path):
     paths = {p.name for p in write_converse_report(rep, tmp_path)}
     assert {"score_by_turn.png", "drift.png", "by_turn.csv", "drift.csv", "converse_report.json"} <= paths
     assert "| a | 4 | 4 |" in (tmp_path / "converse_report.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["converse.yaml", "converse_tiny_cpu.yaml"])
+def test_converse_configs_load(name):
+    from pathlib import Path
+
+    from mmrole.config_cli import detect_kind
+    from mmrole.eval.converse_config import ConverseJobConfig
+    from mmrole.eval.job_config import load_job_config
+
+    path = Path(__file__).parents[1] / "configs" / "eval" / name
+    cfg = load_job_config(ConverseJobConfig, path)
+    assert cfg.models and cfg.turns >= 1 and cfg.judge is not None
+    assert detect_kind(yaml.safe_load(path.read_text())) == "converse"
+
+
+def test_bad_converse_config_names_the_key():
+    from mmrole.config import ConfigError
+    from mmrole.eval.converse_config import ConverseJobConfig
+    from mmrole.eval.job_config import load_job_config
+
+    base = [
+        "data=d",
+        "partner.model_path=p",
+        "models=[{name: a, agent: {model_path: m}}, {name: b, agent: {model_path: m}}]",
+    ]
+    with pytest.raises(ConfigError, match="partner_turns=shared"):
+        load_job_config(ConverseJobConfig, None, [*base, "partner_turns=live"])
+    with pytest.raises(ConfigError, match="judge.kind"):
+        load_job_config(ConverseJobConfig, None, [*base, "judge.kind=serve", "judge.serve_url=http://x"])
+    with pytest.raises(ConfigError, match="types"):
+        load_job_config(ConverseJobConfig, None, [*base, "types=[comment]"])
+    with pytest.raises(ConfigError, match="more than once"):
+        load_job_config(
+            ConverseJobConfig,
+            None,
+            [
+                "data=d",
+                "partner.model_path=p",
+                "models=[{name: a, agent: {model_path: m}}, {name: a, agent: {model_path: m}}]",
+            ],
+        )
+
+
+def test_conversation_view_reads_the_stores(tmp_path):
+    from mmrole.eval.converse_view import ConversationNotFound, conversation_view, list_conversations
+    from mmrole.eval.store import JsonlStore, ResultsStore
+
+    cast = _cast()
+    c = _grow(cast, Conversation(_item(), "a"), ["What do you see?", "Ships.", "Why?", "Dawn."])
+    JsonlStore(tmp_path / "conversations" / "a.jsonl").append_records([t.to_dict() for t in c.turns])
+    ResultsStore(tmp_path / "judge_results" / "a.turns.jsonl").append(
+        [JudgeResult("d1#t1", "Fluency", True, score_a=7.0), JudgeResult("d1#t1", "Coherency", False, error="x")]
+    )
+    assert list_conversations(tmp_path) == [
+        {"model": "a", "conversation": "d1", "agent_turns": 2, "turns": 4, "failed": ""}
+    ]
+    v = conversation_view(tmp_path, "a", "d1")
+    last = v["turns"][-1]
+    assert last["text"] == "Dawn." and last["mean"] == 7.0 and last["scores"]["Coherency"]["score"] is None
+    with pytest.raises(ConversationNotFound):
+        conversation_view(tmp_path, "../a", "d1")
