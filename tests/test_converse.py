@@ -227,3 +227,56 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
         serve_stack["judge"] + "/v1/conversation", params={"model": "nobody", "id": conv}, headers=headers, timeout=30
     )
     assert missing.status_code == 404 and "nobody" in missing.json()["error"]["message"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_judge_page_shows_a_stored_conversation_in_chromium(serve_stack, tmp_path):
+    """The judge page (headless Chromium) lists the conversation stored by the test above and shows its turns with
+    their per-turn scores. Skips without chromium/chromedriver/selenium (fails under CI, as tests/test_serve.py)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver_bin and webdriver):
+        msg = "chromium, chromedriver or selenium missing: run scripts/install_browser.sh, pip install selenium"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    if not list((serve_stack["converse_out"] / "converse" / "conversations").glob("*.jsonl")):
+        pytest.skip("no stored conversation: run with test_converse_with_our_serve_agent_as_partner")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1360,1400",
+        f"--user-data-dir={tmp_path}",
+    ):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
+    try:
+        drv.set_page_load_timeout(60)
+        drv.get(serve_stack["judge"] + "/")
+        wait = WebDriverWait(drv, 60, poll_frequency=0.2)
+        wait.until(lambda d: d.find_element("id", "token-box").is_displayed())
+        drv.find_element("id", "token").send_keys(serve_stack["token"])
+        drv.find_element("id", "token-save").click()
+        wait.until(lambda d: len(d.find_elements("css selector", "#conv-log .msg")) == 4)
+        assert drv.find_element("id", "conv-panel").is_displayed()
+        whos = [e.text for e in drv.find_elements("css selector", "#conv-log .msg .who")]
+        assert sum("turn" in w and "score" in w for w in whos) == 2, whos  # the agent's two turns, with scores
+        assert len(drv.find_elements("css selector", "#conv-log details .metric")) == 2 * 8
+        assert drv.find_element("id", "conv-error").text == ""
+        artifacts = Path(os.environ.get("MMROLE_TEST_ARTIFACTS", Path(__file__).parents[1] / "tmp" / "artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        drv.save_screenshot(str(artifacts / "judge_conversation.png"))
+    finally:
+        drv.quit()

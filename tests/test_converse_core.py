@@ -277,3 +277,15 @@ def test_conversation_view_reads_the_stores(tmp_path):
     assert last["text"] == "Dawn." and last["mean"] == 7.0 and last["scores"]["Coherency"]["score"] is None
     with pytest.raises(ConversationNotFound):
         conversation_view(tmp_path, "../a", "d1")
+
+
+def test_cli_converse_prints_config_and_names_bad_keys(capsys):
+    from pathlib import Path
+
+    from mmrole.cli import main
+
+    cfg = str(Path(__file__).parents[1] / "configs" / "eval" / "converse_tiny_cpu.yaml")
+    assert main(["eval", "converse", "--config", cfg, "--print-config", "turns=5"]) == 0
+    assert "turns: 5" in capsys.readouterr().out
+    assert main(["eval", "converse", "--config", cfg, "--print-config", "turnz=5"]) == 2
+    assert "turnz" in capsys.readouterr().err
