@@ -185,7 +185,11 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
         demo_prepared,
         out,
         tiny_models["agent"],
-        f"models=[{{name: local, agent: {{model_path: {tiny_models['agent']}}}}}]",
+        # A second model behind an endpoint that refuses connections: its first turn fails and ends its
+        # conversation there (recorded, counted), while the first model's goes on.
+        f"models=[{{name: local, agent: {{model_path: {tiny_models['agent']}}}}}, {{name: unreachable, agent: "
+        "{kind: openai, openai: {model: x, base_url: 'http://127.0.0.1:9/v1', api_key_env: null, "
+        "require_api_key: false, max_http_retries: 0}}}]",
         "partner.kind=openai",
         "partner.model_path=",
         "partner.openai.model=mmrole-agent",
@@ -202,7 +206,11 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
         "judge.openai.max_retries=0",
     )
     try:
-        s = run_converse(cfg)["models"]["local"]
+        summary = run_converse(cfg)["models"]
+        s, broken = summary["local"], summary["unreachable"]
+        assert broken["ended_early"] == 1 and broken["complete"] == 0 and broken["turns_stored"] == 2
+        failed = _lines(out / "converse" / "conversations" / "unreachable.jsonl")[-1]
+        assert failed["speaker"] == "agent" and "127.0.0.1:9" in failed["error"] and failed["text"] == ""
         recs = _lines(out / "converse" / "conversations" / "local.jsonl")
         assert s["conversations"] == 1 and s["turns_stored"] == len(recs)
         partner = [r for r in recs if r["speaker"] == "partner" and r["source"] == "generated"]
@@ -213,7 +221,10 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
         judge.close()
     headers = {"Authorization": f"Bearer {serve_stack['token']}"}
     listing = httpx.get(serve_stack["judge"] + "/v1/conversations", headers=headers, timeout=30).json()["data"]
-    assert [(c["model"], c["agent_turns"]) for c in listing] == [("local", 2)]
+    assert [(c["model"], c["agent_turns"], bool(c["failed"])) for c in listing] == [
+        ("local", 2, False),
+        ("unreachable", 0, True),
+    ]
     conv = listing[0]["conversation"]
     view = httpx.get(
         serve_stack["judge"] + "/v1/conversation", params={"model": "local", "id": conv}, headers=headers, timeout=30
