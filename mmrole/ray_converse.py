@@ -99,6 +99,7 @@ def load_conversations(cfg: ConverseJobConfig, items, cast: Cast, log: Log = _lo
             c = Conversation(item, m.name)
             lead = lead_by_item.get(item.id) if shared and mi > 0 else None
             stale += restore(cast, c, records.get(item.id, []), lead=lead, retry_failed=cfg.retry_failed)
+            _keep_turns(c, cfg.turns)
             if mi == 0:
                 lead_by_item[item.id] = c
             out.append(c)
@@ -108,6 +109,17 @@ def load_conversations(cfg: ConverseJobConfig, items, cast: Cast, log: Log = _lo
             )
         convs[m.name] = out
     return convs
+
+
+def _keep_turns(conv: Conversation, turns: int) -> None:
+    """A conversation stored with more agent turns than this run asks for is used up to its ``turns``-th (a
+    larger ``turns`` extends the stored ones instead)."""
+    n = 0
+    for i, t in enumerate(conv.turns):
+        n += t.speaker == "agent" and not t.error
+        if n == turns:
+            del conv.turns[i + 1 :]
+            return
 
 
 # ------------------------------------------------------------------------------------------------ workers
