@@ -289,3 +289,14 @@ def test_cli_converse_prints_config_and_names_bad_keys(capsys):
     assert "turns: 5" in capsys.readouterr().out
     assert main(["eval", "converse", "--config", cfg, "--print-config", "turnz=5"]) == 2
     assert "turnz" in capsys.readouterr().err
+
+
+def test_fewer_turns_use_the_first_stored_ones():
+    from mmrole.ray_converse import _keep_turns
+
+    cast = _cast()
+    c = _grow(cast, Conversation(_item(), "a"), ["What do you see?", "Ships.", "Why?", "Dawn.", "And?", "Gulls."])
+    _keep_turns(c, 2)
+    assert [t.text for t in c.turns] == ["What do you see?", "Ships.", "Why?", "Dawn."]
+    _keep_turns(c, 5)  # more than stored: nothing dropped (the run extends it)
+    assert len(c.turns) == 4
