@@ -303,6 +303,9 @@ def _resolve_into(cfg, base, submitted, prefix: str, errors: list[str]) -> None:
                 setattr(
                     cfg, f.name, [resolve_path(v, kind, f"{key}[{i}]", base, submitted) for i, v in enumerate(value)]
                 )
+            elif isinstance(value, list):  # a list of sections (e.g. converse's models)
+                for i, v in enumerate(value):
+                    _resolve_into(v, base, submitted, f"{key}[{i}]", errors)
             elif dataclasses.is_dataclass(value):
                 _resolve_into(value, base, submitted, key, errors)
         except ConfigError as e:

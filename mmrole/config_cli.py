@@ -1,6 +1,6 @@
 """``mmrole config show FILE [key=value ...]``: a config file as the job or Serve app that reads it sees it.
 
-The kind (train, generate, score, serve) is read from the file's keys, or given with ``--kind``. Every kind is
+The kind (train, generate, score, serve, converse) is read from the file's keys, or given with ``--kind``. Every kind is
 built by the one config system (:mod:`mmrole.config`), so an error reads ``config error: <dotted.key>: <what>``
 (exit code 2), exactly as the job would print it.
 """
@@ -23,7 +23,7 @@ from mmrole.config import (
     resolve_paths,
 )
 
-KINDS = ("train", "generate", "score", "serve", "dpo", "preferences")
+KINDS = ("train", "generate", "score", "serve", "dpo", "preferences", "converse")
 
 
 def detect_kind(d: dict) -> str:
@@ -36,6 +36,8 @@ def detect_kind(d: dict) -> str:
         return "preferences"
     if "run_name" in d or d.get("kind") in ("agent", "reward_model"):
         return "train"
+    if "partner" in d:
+        return "converse"
     if "agent" in d:
         return "generate"
     if "judge" in d or "eval_dir" in d:
@@ -56,6 +58,10 @@ def _job_class(kind: str):
         from mmrole.train.config import TrainJobConfig
 
         return TrainJobConfig
+    if kind == "converse":
+        from mmrole.eval.converse_config import ConverseJobConfig
+
+        return ConverseJobConfig
     from mmrole.eval.job_config import GenerateJobConfig, ScoreJobConfig
 
     return GenerateJobConfig if kind == "generate" else ScoreJobConfig

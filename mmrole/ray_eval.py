@@ -34,7 +34,7 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
-def _pool_args(pool: PoolSettings) -> dict:
+def pool_args(pool: PoolSettings) -> dict:
     """map_batches arguments of an actor pool whose replicas are restarted, and blocks retried, on failure."""
     import ray
 
@@ -125,7 +125,7 @@ class AnswerWorker:
         }
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar (rate, ETA) on stderr; None when disabled or nothing to do."""
     if not enabled or total <= 0:
         return None
@@ -211,10 +211,10 @@ def run_generate(
                 generation=asdict(cfg.generation),
                 images_root=str(prepared_images_root(cfg.data)),
             ),
-            **_pool_args(cfg.pool),
+            **pool_args(cfg.pool),
         )
         written: set[str] = set()
-        bar = _progress(len(todo_ids), f"answering ({cfg.model_name})", cfg.progress)
+        bar = progress_bar(len(todo_ids), f"answering ({cfg.model_name})", cfg.progress)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 recs = [
@@ -335,7 +335,7 @@ def judge_dataset(requests: list, tags: list[str], judge: JudgeSettings, images_
     return ds.map_batches(
         JudgeWorker,
         fn_constructor_kwargs=dict(judge=asdict(judge), images_root=images_root),
-        **_pool_args(pool),
+        **pool_args(pool),
     )
 
 
@@ -410,7 +410,7 @@ def run_score(
         expected = {m: {r.key for r in p["todo"]} for m, p in plans.items()}
         written: dict[str, set] = {m: set() for m in plans}
         n_new = n_ok = 0
-        bar = _progress(len(todo), "scoring", cfg.progress)
+        bar = progress_bar(len(todo), "scoring", cfg.progress)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 fresh: dict[str, list] = defaultdict(list)

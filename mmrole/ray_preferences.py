@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from mmrole.eval.contract import JudgeResult
-from mmrole.ray_eval import AnswerWorker, _log, _pool_args, _progress, _rows, judge_dataset
+from mmrole.ray_eval import AnswerWorker, _log, _rows, judge_dataset, pool_args, progress_bar
 from mmrole.rl.preferences import (
     Candidate,
     PreferenceJobConfig,
@@ -89,10 +89,10 @@ def sample_candidates(cfg: PreferenceJobConfig, samples: list, images_root: str,
             images_root=images_root,
             k=cfg.samples_per_prompt,
         ),
-        **_pool_args(cfg.agent_pool),
+        **pool_args(cfg.agent_pool),
     )
     out: dict[str, tuple[list[str], list[str]]] = {}
-    bar = _progress(len(rows), "sampling answers", cfg.progress)
+    bar = progress_bar(len(rows), "sampling answers", cfg.progress)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, a, e in zip(batch["id"], batch["answers"], batch["errors"]):
@@ -116,7 +116,7 @@ def score_candidates(cfg: PreferenceJobConfig, requests: list, images_root: str,
         return []
     ds = judge_dataset(requests, ["candidates"] * len(requests), cfg.judge, images_root, cfg.judge_pool)
     results: dict = {}
-    bar = _progress(len(requests), "judging", cfg.progress)
+    bar = progress_bar(len(requests), "judging", cfg.progress)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             fresh = [JudgeResult.from_dict(json.loads(x)) for x in batch["result"]]

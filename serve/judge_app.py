@@ -9,7 +9,9 @@ prompt via ``build_judge_sample``, same parser via ``result_from_reply``), so se
 
 Response: ``{sample_id, judge, results: [{metric, ok, parse_status, review, score: [A, B] | null, ratio, error,
 attempts, swapped}], parsed, failed}``. Also ``GET /`` (a page to score an answer), ``/v1/metrics``, ``/v1/models``, ``/v1/stats``, ``/health``,
-``/openapi.json`` and ``/docs``.
+``/openapi.json`` and ``/docs``. With ``converse_dir`` (``<out>/converse`` of ``mmrole eval converse``):
+``GET /v1/conversations`` (the stored conversations) and ``GET /v1/conversation?model=M&id=C`` (its turns with
+per-turn scores and the whole-conversation scores), shown on the page.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ray import serve
 from mmrole.eval.contract import B_ZERO_ERROR, build_judge_sample, result_from_reply
 from mmrole.eval.metrics import METRICS
 from mmrole.serving import JudgeAppConfig, decode_image, load_characters, models_response, parse_score, score_response
+from mmrole.serving.errors import RequestError
 from mmrole.serving.schemas import MetricList, ModelList, ScoreResponse
 
 from .common import ServerBase, json_response
@@ -73,6 +76,10 @@ class JudgeServer(ServerBase):
         )
         self.route(app, "GET", "/v1/models", self._models, response_model=ModelList, summary="served models")
         self.route(app, "GET", "/v1/metrics", self._metrics, response_model=MetricList, summary="metric names")
+        self.route(app, "GET", "/v1/conversations", self._conversations, summary="stored converse conversations")
+        self.route(
+            app, "GET", "/v1/conversation", self._conversation, summary="one stored conversation with its scores"
+        )
 
     def _retry_params(self, attempt: int):
         """Re-ask settings of the offline VLMJudge: sampling, a new seed per attempt."""
@@ -128,6 +135,27 @@ class JudgeServer(ServerBase):
 
     async def _models(self, request) -> Any:
         return json_response(models_response([self.cfg.model_name], self.created), headers=self._headers())
+
+    def _converse_dir(self) -> str:
+        if not self.cfg.converse_dir:
+            raise RequestError(404, "no converse_dir configured for this judge app", "converse_dir", "not_found")
+        return self.cfg.converse_dir
+
+    async def _conversations(self, request) -> Any:
+        from mmrole.eval.converse_view import list_conversations
+
+        data = list_conversations(self._converse_dir())
+        return json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def _conversation(self, request) -> Any:
+        from mmrole.eval.converse_view import ConversationNotFound, conversation_view
+
+        q = request.query_params
+        try:
+            view = conversation_view(self._converse_dir(), q.get("model", ""), q.get("id", ""))
+        except ConversationNotFound as e:
+            raise RequestError(404, str(e.args[0]), "id", "not_found") from None
+        return json_response(view, headers=self._headers())
 
     async def _metrics(self, request) -> Any:
         return json_response({"object": "list", "data": list(METRICS)}, headers=self._headers())

@@ -139,10 +139,13 @@ def serve_stack(ray_session, demo_root, tmp_path_factory):
             },
         }
     )
+    converse_out = tmp_path_factory.mktemp("converse_out")  # the judge page shows <converse_out>/converse
+    (converse_out / "converse").mkdir()
     judge = judge_app.build_app(
         {
             "model": model,
             "dataset_root": str(demo_root),
+            "converse_dir": str(converse_out / "converse"),
             "torch_threads": 1,
             "generation": {"max_new_tokens": 8, "min_new_tokens": 8},
             "max_retries": 0,
@@ -165,6 +168,7 @@ def serve_stack(ray_session, demo_root, tmp_path_factory):
             "agent": f"http://127.0.0.1:{port}/agent",
             "judge": f"http://127.0.0.1:{port}/judge",
             "token": SERVE_TOKEN,
+            "converse_out": converse_out,
         }
     finally:
         if ray_session.is_initialized():  # an exclusive_ray test may have ended the session's Ray already

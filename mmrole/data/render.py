@@ -9,7 +9,7 @@ Sample ids are ``<dialogue id>_<k>``, the same as the published test split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -198,3 +198,40 @@ def expand_dialogue(
         stats.dialogues_out += 1
     else:
         stats.dialogues_rejected += 1
+
+
+def turn_sample(
+    t: RoleplayTemplate,
+    role: Character,
+    other: Optional[Character],
+    image: ImageRef,
+    turns: Sequence[Turn],
+    *,
+    sample_id: str,
+    dialogue_type: str,
+) -> Sample:
+    """The sample asking ``role`` for its next utterance in a live conversation (``turns`` so far), rendered as
+    training samples are: the last turn is the words to answer, the earlier ones the history; no turns asks the
+    role to open. ``other`` None means the other party is the human."""
+    if turns and turns[-1].speaker == role.name:
+        raise ValueError(f"{sample_id}: the last turn is {role.name}'s own; the other party must speak first")
+    history, last = (list(turns[:-1]), turns[-1].text) if turns else ([], None)
+    head, header, lines, tail = render_question(t, role, other, image, history, last)
+    return Sample(
+        id=sample_id,
+        system=t.system,
+        user_text=assemble_question(head, header, lines, t.section_separator, tail),
+        image=image.path,
+        target="",
+        role=role.name,
+        other_role=t.human_indefinite if other is None else other.name,
+        script=role.script,
+        dialogue_type=dialogue_type,
+        k=len(turns),
+        group=role.group,
+        prompt_head=head,
+        history_header=header,
+        history_lines=lines,
+        history_footer=t.section_separator,
+        prompt_tail=tail,
+    )

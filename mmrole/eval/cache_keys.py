@@ -118,7 +118,10 @@ def agent_identity(agent: dict, generation: Any) -> dict:
         model = {k: v for k, v in agent.items() if k != "kind"}
         return {**local_model_identity(model), "generation": gen}
     keep = ("base_url", "model", "image_detail", "extra_body", "system_role")
-    return {"kind": agent["kind"], **{k: agent.get(k) for k in keep}, "generation": gen}
+    # The endpoint settings sit under ``openai`` in AgentSettings (flat in older callers): either way they are
+    # the identity, so another endpoint or model name never reuses these answers.
+    endpoint = agent.get("openai") if isinstance(agent.get("openai"), dict) else agent
+    return {"kind": agent["kind"], **{k: endpoint.get(k) for k in keep}, "generation": gen}
 
 
 def answer_key(agent_digest: str, system: str, user_text: str, image: str) -> str:

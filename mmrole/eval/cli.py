@@ -1,4 +1,5 @@
-"""``mmrole eval ...``: ``report``, ``score`` (single-process API judging), ``prompts`` (dry run), ``agreement``, ``import-template``."""
+"""``mmrole eval ...``: ``report``, ``score`` (single-process API judging), ``prompts`` (dry run), ``agreement``,
+``import-template``, ``converse`` (whole conversations with a partner, judged per turn and as a whole)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,20 @@ def register(subparsers) -> None:
     t.add_argument("script", help="path to RM_review.py (from a checkout of the MMRole repository)")
     t.add_argument("-o", "--out", required=True, help="template YAML to write")
     t.set_defaults(func=cmd_import_template)
+
+    c = sub.add_parser(
+        "converse",
+        help="whole conversations: each model talks N turns with a partner; judged per turn and as a whole",
+        description="Runs jobs/converse.py's pipeline (Ray Data, resumable turn by turn): conversations, judging "
+        "(absolute and/or pairwise), and the report under <out>/converse/report/ (drift by turn, repetition, "
+        "win rates). --report-only rewrites the report from the stores without Ray.",
+    )
+    c.add_argument("--config", help="YAML config (ConverseJobConfig; e.g. configs/eval/converse_tiny_cpu.yaml)")
+    c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    c.add_argument("--report-only", action="store_true", help="only (re)write the report from the stores")
+    c.add_argument("--no-plots", action="store_true")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. turns=6 max_items=10")
+    c.set_defaults(func=cmd_converse)
 
 
 def cmd_report(args) -> int:
@@ -326,4 +341,43 @@ def cmd_import_template(args) -> int:
         print(f"mmrole eval import-template: {out} does not load back identically", file=sys.stderr)
         return 1
     print(f"wrote {out} (from {args.script})", file=sys.stderr)
+    return 0
+
+
+def cmd_converse(args) -> int:
+    from mmrole.config import ConfigError, config_error_message, config_to_yaml, load_config_file, resolve_paths
+
+    from .converse_config import ConverseJobConfig
+
+    try:
+        cfg = resolve_paths(load_config_file(ConverseJobConfig, args.config, args.overrides))
+    except ConfigError as e:
+        print(config_error_message(e), file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from mmrole.ray_converse import run_converse_job, write_converse_outputs
+
+    try:
+        if args.report_only:
+            from .converse_report import render_converse_markdown
+
+            rep, paths = write_converse_outputs(cfg, plots=not args.no_plots)
+            print(render_converse_markdown(rep))
+            print(f"wrote {len(paths)} files under {Path(cfg.out) / 'converse' / 'report'}", file=sys.stderr)
+            return 0
+        from mmrole.ray_env import init_ray
+
+        started = []
+
+        def start_ray():
+            if not started:
+                init_ray(cfg.ray_address)
+                started.append(True)
+
+        run_converse_job(cfg, start_ray=start_ray)
+    except (ValueError, OSError) as e:
+        print(f"mmrole eval converse: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -17,7 +17,7 @@ from mmrole.data.records import TEST_SETS, Sample
 
 from .formats import AnswerRecord
 from .metrics import check_metrics
-from .parse import try_parse_scores
+from .parse import try_parse_absolute, try_parse_pairwise, try_parse_scores
 from .template import JudgeTemplate
 from .template_loader import load_judge_template
 
@@ -45,6 +45,12 @@ class JudgeRequest:
     dialogue_type: str = ""
     swapped: bool = False  # show the reference as Model A (position-bias check)
     image_bytes: Optional[bytes] = field(default=None, repr=False)  # embedded image, used instead of the file
+    # What the reply is parsed as (the template's scale.kind, checked when rendered): "reference" (A vs the ground
+    # truth B, the MMRole-Eval pair), "absolute" (one score of ``answer``) or "pairwise" (``answer`` vs another
+    # candidate in ``reference``); scores must lie in [scale_min, scale_max].
+    scale: str = "reference"
+    scale_min: float = 0.0
+    scale_max: float = 10.0
 
     @property
     def key(self) -> Key:
@@ -87,8 +93,8 @@ class JudgeResult:
 
     @property
     def ratio(self) -> Optional[float]:
-        """The per-(sample, metric) score A / B (None for a failure)."""
-        return self.score_a / self.score_b if self.ok else None
+        """The per-(sample, metric) score A / B (None for a failure or an absolute score)."""
+        return self.score_a / self.score_b if self.ok and self.score_b else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +160,11 @@ def expand_requests(
 def build_judge_sample(request: JudgeRequest, template: Optional[JudgeTemplate] = None) -> Sample:
     """The judge call as a :class:`Sample` (user_text = judge prompt), for any VLM or for RM training data."""
     template = template or load_judge_template()
+    if template.scale.kind != request.scale:
+        raise ValueError(
+            f"{request.sample_id}: a {request.scale!r} request rendered with {template.source}, whose scale is "
+            f"{template.scale.kind!r}"
+        )
     shown_a, shown_b = request.presented()
     prompt = template.render(
         question=request.question,
@@ -194,7 +205,26 @@ def result_from_reply(
     request: JudgeRequest, reply: str, *, attempts: int = 1, judge: str = "", elapsed_s: float = 0.0
 ) -> JudgeResult:
     """Parse a reply into a result, un-swapping the pair for swapped requests; unparsable -> failure."""
-    pair, reason = try_parse_scores(reply, require_positive_b=False)
+    if request.scale == "absolute":
+        score, reason = try_parse_absolute(reply, request.scale_min, request.scale_max)
+        if score is None:
+            return failure(
+                request, reason or "unparsable", review=reply, attempts=attempts, judge=judge, elapsed_s=elapsed_s
+            )
+        return JudgeResult(
+            sample_id=request.sample_id,
+            metric=request.metric,
+            ok=True,
+            score_a=score,
+            review=reply,
+            attempts=attempts,
+            judge=judge,
+            elapsed_s=elapsed_s,
+        )
+    if request.scale == "pairwise":
+        pair, reason = try_parse_pairwise(reply, request.scale_min, request.scale_max)
+    else:
+        pair, reason = try_parse_scores(reply, require_positive_b=False)
     if pair is None:
         return failure(
             request, reason or "unparsable", review=reply, attempts=attempts, judge=judge, elapsed_s=elapsed_s
@@ -202,7 +232,7 @@ def result_from_reply(
     a, b = pair
     if request.swapped:  # the judge saw the reference as A
         a, b = b, a
-    if b == 0:
+    if b == 0 and request.scale == "reference":
         return failure(request, B_ZERO_ERROR, review=reply, attempts=attempts, judge=judge, elapsed_s=elapsed_s)
     return JudgeResult(
         sample_id=request.sample_id,

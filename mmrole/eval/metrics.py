@@ -22,6 +22,18 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "Role-Playing Qualities": ("Personality Consistency", "Knowledge Consistency", "Tone Consistency"),
 }
 
+# Whole-conversation metrics (``mmrole eval converse``): scored once per conversation, over all its turns.
+CONVERSATION_METRICS: tuple[str, ...] = (
+    "Persona Consistency Across Turns",
+    "Knowledge Consistency Across Turns",
+    "Tone Consistency Across Turns",
+    "Non-Repetition",
+    "Late Image Grounding",
+)
+
+# Named metric sets a judge template may declare (``metric_set``); ``custom`` takes the template's own names.
+METRIC_SETS: dict[str, tuple[str, ...]] = {"mmrole": METRICS, "conversation": CONVERSATION_METRICS}
+
 METRIC_TO_DIMENSION: dict[str, str] = {m: d for d, ms in DIMENSIONS.items() for m in ms}
 
 # Published eval layout: {set}_answers/<model>/<type>_test.json, {set}_reviews/..., {set}_results/.../*.csv

@@ -137,3 +137,63 @@ def try_parse_scores(text: str, require_positive_b: bool = True) -> tuple[Option
         return parse_scores(text, require_positive_b), None
     except ScoreParseError as e:
         return None, e.reason
+
+
+# ------------------------------------------------------------------------------------ absolute (one score)
+# "[Score]: 7", "**Score:** 7/10", "Score = 7.5": the marker is required (the parser never guesses a number).
+_ONE_MARKERS = (
+    re.compile(r"\[\s*score\s*\]", re.IGNORECASE),
+    re.compile(r"(?<!['’]s\s)\bscore\b", re.IGNORECASE),
+)
+_ONE = re.compile(
+    r"[\s:：=\-*_]*[(\[（【]?\s*" + _NUM + _DENOM + r"(?![\d.]*\d)(?!\s*(?:/\s*\d|[,，;；、]\s*[-+]?\d))",
+    re.IGNORECASE,
+)
+_ONE_AFTER = re.compile(r"[\s:：=\-*_]*[(\[（【]?\s*[-+]?\d", re.IGNORECASE)
+
+
+def parse_absolute(text: str, lo: float = 1.0, hi: float = 10.0) -> float:
+    """The one score of an absolute-scale reply (``[Score]: 7``) in [lo, hi]; raises :class:`ScoreParseError`
+    when there is none, when several markers give different scores, when the marker is followed by a pair
+    (``[Score]: 7, 8``) or when the score is out of range."""
+    if not isinstance(text, str) or not text.strip():
+        raise ScoreParseError("empty reply")
+    for marker in _ONE_MARKERS:
+        found, bad = [], []
+        for m in marker.finditer(text):
+            om = _ONE.match(text, m.end())
+            if om:
+                found.append(float(om.group(1)))
+            elif _ONE_AFTER.match(text, m.end()):
+                bad.append(text[m.start() : m.end() + 12].strip())
+        if bad:
+            raise ScoreParseError(f"ambiguous: not one score after the marker in {bad[0]!r}")
+        if found:
+            if len(set(found)) > 1:
+                raise ScoreParseError(f"ambiguous: several markers give different scores {sorted(set(found))}")
+            v = found[-1]
+            if not lo <= v <= hi:
+                raise ScoreParseError(f"score {v:g} outside [{lo:g}, {hi:g}]")
+            return v
+    raise ScoreParseError("no score found")
+
+
+def try_parse_absolute(text: str, lo: float = 1.0, hi: float = 10.0) -> tuple[Optional[float], Optional[str]]:
+    """``(score, None)`` on success, ``(None, reason)`` otherwise."""
+    try:
+        return parse_absolute(text, lo, hi), None
+    except ScoreParseError as e:
+        return None, e.reason
+
+
+def try_parse_pairwise(
+    text: str, lo: float = 1.0, hi: float = 10.0
+) -> tuple[Optional[tuple[float, float]], Optional[str]]:
+    """The (A, B) pair of a pairwise reply (two candidates, both scored in [lo, hi]), or ``(None, reason)``."""
+    pair, reason = try_parse_scores(text, require_positive_b=False)
+    if pair is None:
+        return None, reason
+    for name, v in zip("AB", pair):
+        if not lo <= v <= hi:
+            return None, f"score {name}={v:g} outside [{lo:g}, {hi:g}]"
+    return pair, None

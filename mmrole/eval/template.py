@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .metrics import METRICS
+from .metrics import METRIC_SETS
 
 JUDGE_TEMPLATE_ENV = "MMROLE_JUDGE_TEMPLATE"
 PACKAGED_TEMPLATE = "judge.yaml"
@@ -25,6 +25,41 @@ PROMPT_FIELDS = ("question", "answer_a", "answer_b", "metric_description", *DESC
 # A judge prompt without these cannot do its job.
 REQUIRED_FIELDS = ("question", "answer_a", "answer_b", "metric_description")
 NAME_FIELDS = ("name", "script")  # placeholders of the `roles` patterns
+# How a reply is scored (``scale.kind``): ``reference`` = the answer (A) against the ground truth (B), a pair, B > 0
+# (MMRole-Eval); ``absolute`` = one score for one reply (no ground truth); ``pairwise`` = two candidates, a pair.
+SCALE_KINDS = ("reference", "absolute", "pairwise")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What a template asks the judge for: ``kind`` (see SCALE_KINDS) and the range of each score."""
+
+    kind: str = "reference"
+    min: float = 0.0
+    max: float = 10.0
+
+    @classmethod
+    def from_dict(cls, d, source: str) -> Scale:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise JudgeTemplateError(f"{source}: 'scale' must be a mapping {{kind, min, max}}")
+        unknown = sorted(set(d) - {"kind", "min", "max"})
+        if unknown:
+            raise JudgeTemplateError(f"{source}: scale: unknown key(s) {unknown}; known ['kind', 'max', 'min']")
+        kind = str(d.get("kind", "reference"))
+        if kind not in SCALE_KINDS:
+            raise JudgeTemplateError(f"{source}: scale.kind: {kind!r} is not one of {list(SCALE_KINDS)}")
+        try:
+            lo, hi = float(d.get("min", 0.0)), float(d.get("max", 10.0))
+        except (TypeError, ValueError):
+            raise JudgeTemplateError(f"{source}: scale.min / scale.max must be numbers") from None
+        if not lo < hi:
+            raise JudgeTemplateError(f"{source}: scale: min {lo:g} must be below max {hi:g}")
+        return cls(kind, lo, hi)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "min": self.min, "max": self.max}
 
 
 class JudgeTemplateError(ValueError):
@@ -103,6 +138,8 @@ class JudgeTemplate:
     metrics: dict = field(default_factory=dict)
     roles: RoleWording = field(default_factory=RoleWording)
     source: str = "<dict>"
+    scale: Scale = field(default_factory=Scale)
+    metric_set: str = "mmrole"  # a name in METRIC_SETS, or "custom" (the template's own metric names)
 
     @classmethod
     def from_dict(cls, d, source: str = "<dict>") -> JudgeTemplate:
@@ -111,41 +148,60 @@ class JudgeTemplate:
         for key in ("system", "prompt", "metrics"):
             if key not in d:
                 raise JudgeTemplateError(f"{source}: missing key {key!r}")
-        unknown_keys = sorted(set(d) - {"system", "prompt", "metrics", "roles"})
+        unknown_keys = sorted(set(d) - {"system", "prompt", "metrics", "roles", "scale", "metric_set"})
         if unknown_keys:
             raise JudgeTemplateError(f"{source}: unknown key(s) {unknown_keys}")
+        scale = Scale.from_dict(d.get("scale"), source)
+        metric_set = str(d.get("metric_set", "mmrole"))
+        if metric_set not in METRIC_SETS and metric_set != "custom":
+            raise JudgeTemplateError(f"{source}: metric_set: {metric_set!r} is not one of {[*METRIC_SETS, 'custom']}")
         metrics = d["metrics"]
         if not isinstance(metrics, dict):
             raise JudgeTemplateError(f"{source}: 'metrics' must map metric name -> description")
-        missing = [m for m in METRICS if not str(metrics.get(m) or "").strip()]
-        unknown = [m for m in metrics if m not in METRICS]
-        if missing or unknown:
+        expected = METRIC_SETS.get(metric_set) or tuple(str(m) for m in metrics)
+        missing = [m for m in expected if not str(metrics.get(m) or "").strip()]
+        unknown = [m for m in metrics if m not in expected]
+        if missing or unknown or not expected:
             raise JudgeTemplateError(
-                f"{source}: metrics missing {missing}, unknown {unknown}; expected {list(METRICS)}"
+                f"{source}: metrics missing {missing}, unknown {unknown}; expected {list(expected)} "
+                f"(metric_set {metric_set})"
             )
         used = placeholders(str(d["prompt"]), PROMPT_FIELDS, f"{source}: prompt")
-        absent = [f for f in REQUIRED_FIELDS if f not in used]
+        # An absolute template shows one reply: it must not have a Model B slot; the others need both.
+        required = [f for f in REQUIRED_FIELDS if f != "answer_b" or scale.kind != "absolute"]
+        absent = [f for f in required if f not in used]
         if absent:
             raise JudgeTemplateError(f"{source}: prompt lacks placeholder(s) {absent}")
+        if scale.kind == "absolute" and "answer_b" in used:
+            raise JudgeTemplateError(f"{source}: prompt: an absolute-scale template has no {{answer_b}}")
         placeholders(str(d["system"]), SYSTEM_FIELDS, f"{source}: system")
-        for m in METRICS:
+        for m in expected:
             placeholders(str(metrics[m]), DESCRIPTION_FIELDS, f"{source}: metrics.{m}")
         return cls(
             system=str(d["system"]),
             prompt=str(d["prompt"]),
             # Surrounding whitespace of a YAML folded block is noise; an exact (imported) template has none.
-            metrics={m: str(metrics[m]).strip() for m in METRICS},
+            metrics={m: str(metrics[m]).strip() for m in expected},
             roles=RoleWording.from_dict(d.get("roles"), source),
             source=source,
+            scale=scale,
+            metric_set=metric_set,
         )
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "system": self.system,
             "prompt": self.prompt,
             "metrics": dict(self.metrics),
             "roles": {k: getattr(self.roles, k) for k in RoleWording.__dataclass_fields__},
         }
+        # Only a non-default scale / metric set is written: the MMRole templates' dicts (and cache keys) stay as
+        # they were.
+        if self.scale != Scale():
+            d["scale"] = self.scale.to_dict()
+        if self.metric_set != "mmrole":
+            d["metric_set"] = self.metric_set
+        return d
 
     def _role_fields(self, role: str, other_role: str, script: str) -> dict:
         return self.roles.fields(role or "the character", other_role or "the other party", script)
@@ -159,7 +215,7 @@ class JudgeTemplate:
         *,
         question: str,
         answer_a: str,
-        answer_b: str,
+        answer_b: str = "",
         metric: str,
         role: str = "",
         other_role: str = "",

@@ -204,6 +204,8 @@ class JudgeAppConfig(AppConfig):
     judge_template_path: Optional[str] = path_field("input", default=None)
     max_retries: int = 2
     retry_temperature: float = 0.7
+    # `<out>/converse` of `mmrole eval converse`: the page can open its stored conversations and per-turn scores
+    converse_dir: Optional[str] = path_field("input", default=None)
 
     def __post_init__(self):
         super().__post_init__()

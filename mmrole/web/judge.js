@@ -46,7 +46,55 @@ async function score(ev) {
 
 async function loadJudgeLimits() { try { jstate.limits = await getJSON("v1/limits"); } catch (e) { /* asked for a token */ } }
 
-setupToken(loadJudgeLimits);
+// Stored conversations (the app's converse_dir): pick one, see each turn with its per-metric scores.
+function scoreText(v) { return v === null || v === undefined ? "n/a" : Number(v).toFixed(1); }
+
+function showConversation(view) {
+  const log = $("conv-log"); log.innerHTML = "";
+  $("conv-summary").textContent = `${view.model} | ${view.conversation} | whole conversation: ${scoreText(view.conversation_mean)}`;
+  for (const t of view.turns) {
+    const agent = t.speaker === "agent";
+    const box = el("div", { class: "msg " + (agent ? "" : "me"), "data-index": String(t.index) },
+      el("div", { class: "who" }, t.name + (agent ? `  (turn ${t.agent_turn + 1}, score ${scoreText(t.mean)})` : "")),
+      el("div", { class: "text" }, t.error ? `failed: ${t.error}` : t.text));
+    if (agent && t.scores) {
+      const rows = Object.entries(t.scores).map(([m, r]) => el("div", { class: "metric " + (r.ok ? "ok" : "failed"), "data-metric": m },
+        bar(m, r.ok ? r.score : null, "a"), r.ok ? null : el("div", { class: "muted" }, r.error)));
+      box.append(el("details", {}, el("summary", {}, "per-metric scores"), ...rows));
+    }
+    log.append(box);
+  }
+  const whole = Object.entries(view.conversation_scores || {});
+  if (whole.length) {
+    log.append(el("div", { class: "metric" }, el("h3", {}, "Whole conversation"),
+      ...whole.map(([m, r]) => bar(m, r.ok ? r.score : null, "b"))));
+  }
+}
+
+async function openConversation() {
+  const v = $("conv-select").value; if (!v) return;
+  const [model, id] = JSON.parse(v);
+  $("conv-error").textContent = "";
+  try {
+    showConversation(await getJSON(`v1/conversation?model=${encodeURIComponent(model)}&id=${encodeURIComponent(id)}`));
+  } catch (e) { $("conv-error").textContent = e.message; }
+}
+
+async function loadConversations() {
+  let list;
+  try { list = await getJSON("v1/conversations"); } catch (e) { return; } // none configured (404) or a token is asked for
+  const sel = $("conv-select"); sel.innerHTML = "";
+  for (const c of list.data) {
+    sel.append(el("option", { value: JSON.stringify([c.model, c.conversation]) },
+      `${c.model}: ${c.conversation} (${c.agent_turns} turns${c.failed ? ", ended on a failed turn" : ""})`));
+  }
+  $("conv-panel").hidden = list.data.length === 0;
+  if (list.data.length) openConversation();
+}
+
+$("conv-select").addEventListener("change", openConversation);
+setupToken(() => { loadJudgeLimits(); loadConversations(); });
 wireDropZone($("drop"), $("file"), onJudgeFile);
 $("score-form").addEventListener("submit", score);
 loadJudgeLimits();
+loadConversations();
