@@ -31,7 +31,7 @@ class VLLMSettings:
     max_num_seqs: int = 16  # sequences decoded together (continuous batching)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9  # GPU only
-    kv_cache_space_gb: float = 1.0  # CPU only: the KV cache (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_space_gb: int = 1  # CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)
     enable_prefix_caching: bool = True  # a judge's 8 metric prompts of one answer share their long prefix
     enforce_eager: Optional[bool] = None  # None: eager on CPU (no compile step), CUDA graphs on GPU
     max_loras: int = 4  # LoRA adapters active at once
@@ -46,8 +46,8 @@ class VLLMSettings:
             raise ConfigError("vllm.max_num_seqs, vllm.tensor_parallel_size and vllm.max_loras must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1]")
-        if self.kv_cache_space_gb <= 0:
-            raise ConfigError("vllm.kv_cache_space_gb must be positive")
+        if self.kv_cache_space_gb < 1:
+            raise ConfigError("vllm.kv_cache_space_gb must be >= 1 (whole GiB)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -76,12 +76,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # replicas share the machine's cores
         s = self.settings
         self.max_model_len = int(s.max_model_len or cfg.max_length)
-        ip = getattr(self.encoder.processor, "image_processor", None)
-        mm_kwargs = {}
-        for k in ("min_pixels", "max_pixels"):
-            v = getattr(ip, k, None)
-            if v is not None:
-                mm_kwargs[k] = int(v)
+        # vLLM's processor reads the same preprocessor_config.json; only an explicit budget needs passing on
+        mm_kwargs = {k: int(v) for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
         kw: dict[str, Any] = dict(
             model=base_path,
             tokenizer=proc_path,
@@ -211,6 +207,60 @@ class VLLMEngine:
             for i, r in zip(idx, results):
                 out[i] = self.decode(r.outputs[0].token_ids, params)
         return out
+
+    def encode(self, sample: Sample, image: Any, with_target: bool = False, reserve: int = 0) -> dict:
+        """One generation prompt (as :meth:`VLM.encode`, raising the same errors), carrying its images."""
+        if with_target:
+            raise ValueError("VLLMEngine encodes generation prompts only")
+        enc = self.encoder.encode(sample, image, with_target=False, reserve=reserve)
+        ims = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        if IMAGE_MARKER_PATTERN.search(sample.user_text_with_history(None)):
+            text = sample.user_text_with_history(enc["history_kept"] if enc.get("history_dropped") else None)
+            ims = [ims[int(m.group(1))] for m in IMAGE_MARKER_PATTERN.finditer(text)]
+        enc["images"] = ims
+        return enc
+
+    def generate_steps(
+        self,
+        encoded: Sequence[dict],
+        params: Sequence[GenerationParams],
+        on_tokens: Optional[Any] = None,
+        cancelled: Optional[Any] = None,
+        lora_requests: Optional[Sequence[Any]] = None,
+    ) -> list[str]:
+        """Rows with their own decoding settings in one continuous batch, step by step: ``on_tokens(i, token_ids)``
+        after each step that gave row ``i`` new tokens (streaming); a row for which ``cancelled(i)`` is true is
+        aborted (its client went away). Returns each row's reply (cut and decoded as :meth:`decode`)."""
+        import itertools
+
+        eng = self.llm.llm_engine
+        self._ids = getattr(self, "_ids", itertools.count())
+        rid_of: dict[str, int] = {}
+        final: list[Optional[list[int]]] = [None] * len(encoded)
+        for i, (e, p) in enumerate(zip(encoded, params)):
+            rid = f"mmrole-{next(self._ids)}"
+            lora = lora_requests[i] if lora_requests is not None else self.lora_request
+            eng.add_request(rid, self._prompt(e), self.sampling_params(p), lora_request=lora)
+            rid_of[rid] = i
+        live = dict(rid_of)
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                i = rid_of.get(out.request_id)
+                if i is None:
+                    continue
+                toks = list(out.outputs[0].token_ids)
+                if on_tokens is not None:
+                    on_tokens(i, toks)
+                if out.finished:
+                    final[i] = toks
+                    live.pop(out.request_id, None)
+            if cancelled is not None:
+                gone = [rid for rid, i in live.items() if cancelled(i)]
+                if gone:
+                    eng.abort_request(gone)
+                    for rid in gone:
+                        live.pop(rid)
+        return [self.decode(t or [], p) for t, p in zip(final, params)]
 
     def generate(
         self, samples: Sequence[Sample], images: Sequence[Any], params: Optional[GenerationParams] = None
