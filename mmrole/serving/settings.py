@@ -162,12 +162,11 @@ class AppConfig:
             raise ValueError("model.model_path is required (a model dir, a hub id, or tiny:<family>)")
         VLMConfig.from_dict(self.model)  # typos and wrong types fail at deploy time, naming model.<key>
         GenerationParams.from_dict(self.generation)  # typos fail at deploy time, not at the first request
-        from mmrole.models.engines import VLLMSettings, check_engine, require_vllm
+        from mmrole.models.engines import VLLMSettings, check_engine
 
         check_engine(self.engine, "engine")
-        config_from_dict(VLLMSettings, self.vllm, "vllm")  # typos fail at deploy time, naming vllm.<key>
-        if self.engine == "vllm":
-            require_vllm("engine")
+        # typos fail at deploy time, naming vllm.<key>; a replica without vLLM fails at start, saying what to install
+        config_from_dict(VLLMSettings, self.vllm, "vllm")
         if self.deployment.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError(
                 f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be >= "
