@@ -76,8 +76,10 @@ class AgentServer(ServerBase):
         self.template = load_roleplay_template(cfg.template_path)
         assets = load_dataset_assets(cfg.dataset_root)
         self.characters, self.images, self._demo_tmp = assets.characters, assets.images, assets.tmp_dir
-        self._setup(cfg)
         loras = {n: p for n, p in cfg.adapters.items() if is_lora_dir(p)}
+        if loras and cfg.engine == "vllm":  # vLLM takes LoRA requests only when started with LoRA on
+            cfg.vllm = {**cfg.vllm, "enable_lora": True}
+        self._setup(cfg)
         self._full_models = {n: p for n, p in cfg.adapters.items() if n not in loras}
         if loras and getattr(self.engine, "lora_paths", None) is not None:  # engine: vllm: vLLM's LoRA
             self.engine.lora_paths.update(loras)

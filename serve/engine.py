@@ -121,7 +121,12 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model: dict, name: str, torch_threads: Optional[int] = None, engine: str = "hf", vllm: Optional[dict] = None
+        cls,
+        model: dict,
+        name: str,
+        torch_threads: Optional[int] = None,
+        engine: str = "hf",
+        vllm: Optional[dict] = None,
     ) -> Engine:
         import torch
 
@@ -230,7 +235,7 @@ class VLLMServeEngine(Engine):
         if adapter not in self._lora_requests:
             from vllm.lora.request import LoRARequest
 
-            self._lora_requests[adapter] = LoRARequest(adapter, len(self._lora_requests) + 1, self.lora_paths[adapter])
+            self._lora_requests[adapter] = LoRARequest(adapter, len(self._lora_requests) + 2, self.lora_paths[adapter])
         return self._lora_requests[adapter]
 
     def generate(

@@ -60,7 +60,9 @@ def _vllm_python() -> Path:
         [sys.executable, "-c", "import ray; print(ray.__version__)"], capture_output=True, text=True, check=True
     ).stdout.strip()
     env.setdefault("MMROLE_RAY_VERSION", ray_version)
-    r = subprocess.run(["bash", str(REPO / "scripts" / "bootstrap_vllm.sh")], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / "bootstrap_vllm.sh")], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, f"scripts/bootstrap_vllm.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return REPO / ".venv-vllm" / "bin" / "python"
 
@@ -88,3 +90,25 @@ def test_vllm_answers_and_scores_like_hf_through_ray(tmp_path):
     assert report["generate_vllm"]["answered"] == report["generate_hf"]["answered"] > 0, report
     assert report["ok"], json.dumps(report, indent=2)[:4000]
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("MMROLE_SKIP_VLLM") == "1", reason="MMROLE_SKIP_VLLM=1")
+def test_serve_agent_on_vllm_answers_the_openai_client(tmp_path):
+    """The agent app with engine: vllm (in .venv-vllm): the official openai client gets a reply, a stream of
+    several chunks equal to it (greedy), and a LoRA adapter's reply (vLLM LoRA) that differs."""
+    py = _vllm_python()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "VIRTUAL_ENV"))}
+    r = subprocess.run(
+        [str(py), str(REPO / "tests" / "vllm_serve_check.py"), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    path = tmp_path / "serve_check.json"
+    assert path.exists(), f"the Serve check wrote no report:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    report = json.loads(path.read_text())
+    assert report["ok"], json.dumps(report, indent=2)

@@ -28,7 +28,10 @@ def _answers(out: Path, model: str) -> dict[str, str]:
 
 def _scores(out: Path, model: str) -> dict[str, object]:
     recs = [json.loads(x) for x in (out / "judge_results" / f"{model}.jsonl").read_text().splitlines() if x.strip()]
-    return {f"{r['sample_id']}|{r['metric']}": [r.get("score_a"), r.get("score_b"), r.get("review"), r.get("ok")] for r in recs}
+    return {
+        f"{r['sample_id']}|{r['metric']}": [r.get("score_a"), r.get("score_b"), r.get("review"), r.get("ok")]
+        for r in recs
+    }
 
 
 def main(argv=None) -> int:
@@ -83,10 +86,17 @@ def main(argv=None) -> int:
             ov.append(f"max_samples={args.samples}")
         t0 = time.perf_counter()
         s = run_generate(load_job_config(GenerateJobConfig, None, ov), log=lambda m: print(m, flush=True))
-        report[f"generate_{engine}"] = {"seconds": round(time.perf_counter() - t0, 1), **{k: s[k] for k in ("samples", "answered", "failed", "failure_reasons")}}
+        report[f"generate_{engine}"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            **{k: s[k] for k in ("samples", "answered", "failed", "failure_reasons")},
+        }
     a_hf, a_vl = _answers(out / "eval", "agent-hf"), _answers(out / "eval", "agent-vllm")
     diff = sorted(k for k in a_hf if a_hf[k] != a_vl.get(k))
-    report["answers"] = {"n": len(a_hf), "identical": len(a_hf) - len(diff), "differences": [{"id": k, "hf": a_hf[k], "vllm": a_vl.get(k)} for k in diff[:20]]}
+    report["answers"] = {
+        "n": len(a_hf),
+        "identical": len(a_hf) - len(diff),
+        "differences": [{"id": k, "hf": a_hf[k], "vllm": a_vl.get(k)} for k in diff[:20]],
+    }
     ok = not diff
     if not args.skip_score:
         for engine in ("hf", "vllm"):
@@ -109,7 +119,10 @@ def main(argv=None) -> int:
             ] + ([f"judge.{x}" for x in vllm_settings] if engine == "vllm" else [])
             t0 = time.perf_counter()
             s = run_score(load_job_config(ScoreJobConfig, None, ov), log=lambda m: print(m, flush=True))
-            report[f"score_{engine}"] = {"seconds": round(time.perf_counter() - t0, 1), **{k: s[k] for k in ("requests", "parsed", "failed")}}
+            report[f"score_{engine}"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                **{k: s[k] for k in ("requests", "parsed", "failed")},
+            }
         s_hf, s_vl = _scores(out / "score-hf", "agent-hf"), _scores(out / "score-vllm", "agent-hf")
         same_raw = [k for k in s_hf if s_hf[k][2] == s_vl.get(k, [None] * 4)[2]]
         same_score = [k for k in s_hf if s_hf[k][:2] == s_vl.get(k, [None] * 4)[:2]]

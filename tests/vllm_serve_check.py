@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     img = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     msgs = [
         {"role": "system", "content": "You are Captain Nova."},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi?"}],
+        },
     ]
     oc = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/agent/v1", api_key="unused", max_retries=0, timeout=300)
     checks = {}

@@ -34,6 +34,7 @@ class VLLMSettings:
     kv_cache_space_gb: int = 1  # CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)
     enable_prefix_caching: bool = True  # a judge's 8 metric prompts of one answer share their long prefix
     enforce_eager: Optional[bool] = None  # None: eager on CPU (no compile step), CUDA graphs on GPU
+    enable_lora: bool = False  # LoRA requests on (on by itself when model_path is an adapter dir)
     max_loras: int = 4  # LoRA adapters active at once
     max_lora_rank: int = 64
     seed: int = 0
@@ -77,6 +78,13 @@ def engine_identity(engine: str, settings: Optional[VLLMSettings]) -> dict:
     if engine == "hf":
         return {}
     s = asdict(settings or VLLMSettings())
-    for k in ("gpu_memory_utilization", "kv_cache_space_gb", "max_num_seqs", "max_loras", "enforce_eager"):
+    for k in (
+        "gpu_memory_utilization",
+        "kv_cache_space_gb",
+        "max_num_seqs",
+        "max_loras",
+        "enforce_eager",
+        "enable_lora",
+    ):
         s.pop(k, None)
     return {"engine": engine, "vllm": s}

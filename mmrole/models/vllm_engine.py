@@ -96,10 +96,12 @@ class VLLMEngine:
         if on_gpu:
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         self.lora_request = None
+        if adapter or s.enable_lora:
+            kw.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
         if adapter:
             from vllm.lora.request import LoRARequest
 
-            kw.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
+            # id 1 is this adapter; the Serve app numbers its adapters from 2
             self.lora_request = LoRARequest(Path(adapter).name or "adapter", 1, str(adapter))
         kw.update(s.engine_kwargs)
         from vllm import LLM
