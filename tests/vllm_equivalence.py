@@ -34,6 +34,21 @@ def _scores(out: Path, model: str) -> dict[str, object]:
     }
 
 
+def _make_adapter(base: Path, out: Path) -> None:
+    """A LoRA adapter with non-zero B (peft starts B at zero, which would change nothing)."""
+    import torch
+
+    from mmrole.models import LoRASettings, VLMConfig, build_vlm
+
+    vlm = build_vlm(VLMConfig(model_path=str(base), device="cpu", lora=LoRASettings(r=8, alpha=64)))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for n, p in vlm.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    vlm.save(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -90,6 +105,34 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             **{k: s[k] for k in ("samples", "answered", "failed", "failure_reasons")},
         }
+    # LoRA: the agent as an adapter dir (vLLM LoRA request vs peft), a few samples
+    adapter = out / "tiny-agent-lora"
+    if not (adapter / "adapter_config.json").exists():
+        _make_adapter(agent, adapter)
+    for engine in ("hf", "vllm"):
+        ov = [
+            f"model_name=lora-{engine}",
+            f"agent.model_path={adapter}",
+            f"agent.engine={engine}",
+            f"data={prepared}",
+            f"out={out / 'eval'}",
+            f"generation.max_new_tokens={args.max_new_tokens}",
+            "max_samples=6",
+            "pool.concurrency=[1]",
+            "pool.batch_size=64",
+            "pool.num_cpus=1",
+            "progress=false",
+            *[f"agent.{k}={v}" for k, v in common.items()],
+        ] + ([f"agent.{x}" for x in vllm_settings + ["vllm.max_lora_rank=8"]] if engine == "vllm" else [])
+        run_generate(load_job_config(GenerateJobConfig, None, ov), log=lambda m: print(m, flush=True))
+    l_hf, l_vl = _answers(out / "eval", "lora-hf"), _answers(out / "eval", "lora-vllm")
+    base = _answers(out / "eval", "agent-hf")
+    report["lora"] = {
+        "n": len(l_hf),
+        "identical": sum(l_hf[k] == l_vl.get(k) for k in l_hf),
+        "differs_from_base": sum(l_hf[k] != base.get(k) for k in l_hf),
+        "differences": [{"id": k, "hf": l_hf[k], "vllm": l_vl.get(k)} for k in l_hf if l_hf[k] != l_vl.get(k)],
+    }
     a_hf, a_vl = _answers(out / "eval", "agent-hf"), _answers(out / "eval", "agent-vllm")
     diff = sorted(k for k in a_hf if a_hf[k] != a_vl.get(k))
     report["answers"] = {
@@ -135,6 +178,8 @@ def main(argv=None) -> int:
         ok = (not diff or len(a_hf) - len(diff) >= 0.95 * len(a_hf)) and len(same_score) >= 0.95 * max(1, len(s_hf))
     else:
         ok = not diff or len(a_hf) - len(diff) >= 0.95 * len(a_hf)
+    lo = report["lora"]
+    ok = ok and lo["identical"] >= 0.95 * lo["n"] and lo["differs_from_base"] > 0
     report["ok"] = ok
     (out / "equivalence.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(json.dumps(report, indent=2, ensure_ascii=False)[:6000])

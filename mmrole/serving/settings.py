@@ -152,7 +152,9 @@ class AppConfig:
     torch_threads: Optional[int] = None
     stuck_batch_s: float = 600.0
     engine: str = "hf"  # hf (transformers) or vllm (needs vLLM: scripts/bootstrap_vllm.sh on CPU)
-    vllm: dict = field(default_factory=dict)  # VLLMSettings fields (mmrole/models/engines.py)  # a batch running longer than this makes check_health fail (replica restarts)
+    vllm: dict = field(
+        default_factory=dict
+    )  # VLLMSettings fields (mmrole/models/engines.py)  # a batch running longer than this makes check_health fail (replica restarts)
 
     def __post_init__(self):
         self.limits = RequestLimits.from_dict(self.limits)
