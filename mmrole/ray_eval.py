@@ -72,9 +72,9 @@ class AnswerWorker:
 
             self.remote = OpenAIAgent(settings.openai, self.params)
         else:
-            from mmrole.models import build_vlm
+            from mmrole.models.vllm_engine import build_engine
 
-            self.vlm = build_vlm(settings.vlm_config())
+            self.vlm = build_engine(settings.vlm_config(), settings.engine, settings.vllm)
 
     def _local(self, samples: list[Sample]) -> list[tuple[str, str]]:
         from mmrole.data.images import ImageError, load_image
@@ -96,8 +96,8 @@ class AnswerWorker:
                 todo.append((i, e))
         if todo:
             texts = self.vlm.generate_encoded([e for _, e in todo], self.params)
-            for (i, _), t in zip(todo, texts):
-                out[i] = (t, "")
+            for (i, _), t in zip(todo, texts):  # engine: vllm returns a refused prompt's error in its place
+                out[i] = (t, "") if isinstance(t, str) else ("", f"prompt: {type(t).__name__}: {t}")
         return out
 
     def _remote(self, samples: list[Sample]) -> list[tuple[str, str]]:
@@ -277,16 +277,16 @@ def build_judge(settings: JudgeSettings, images_root: str):
     template = load_judge_template(settings.template)
     if settings.kind == "local":
         from mmrole.eval.judges import VLMJudge
-        from mmrole.models import build_vlm
+        from mmrole.models.vllm_engine import build_engine
 
-        vlm = build_vlm(settings.model)
+        vlm = build_engine(settings.model, settings.engine, settings.vllm)
         return VLMJudge(
             vlm,
             settings.generation,
             max_retries=settings.max_retries,
             template=template,
             images_root=images_root,
-            name=f"local:{Path(settings.model.model_path).name}",
+            name=f"local:{Path(settings.model.model_path).name}" + (":vllm" if settings.engine == "vllm" else ""),
         )
     if settings.kind == "openai":
         from mmrole.eval.judges import OpenAIJudge

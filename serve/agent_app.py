@@ -76,10 +76,14 @@ class AgentServer(ServerBase):
         self.template = load_roleplay_template(cfg.template_path)
         assets = load_dataset_assets(cfg.dataset_root)
         self.characters, self.images, self._demo_tmp = assets.characters, assets.images, assets.tmp_dir
-        self._setup(cfg)
         loras = {n: p for n, p in cfg.adapters.items() if is_lora_dir(p)}
+        if loras and cfg.engine == "vllm":  # vLLM takes LoRA requests only when started with LoRA on
+            cfg.vllm = {**cfg.vllm, "enable_lora": True}
+        self._setup(cfg)
         self._full_models = {n: p for n, p in cfg.adapters.items() if n not in loras}
-        if loras:
+        if loras and getattr(self.engine, "lora_paths", None) is not None:  # engine: vllm: vLLM's LoRA
+            self.engine.lora_paths.update(loras)
+        elif loras:
             self.engine.pool = AdapterPool(self.engine, loras, cfg.max_adapters, cfg.max_adapter_bytes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -89,7 +93,7 @@ class AgentServer(ServerBase):
     @serve.multiplexed(max_num_models_per_replica=MAX_FULL_MODELS_PER_REPLICA)
     async def _full_model(self, name: str) -> Engine:
         model = dict(self.cfg.model, model_path=self._full_models[name])
-        return await self._load_call(Engine.load, model, name, None)
+        return await self._load_call(Engine.load, model, name, None, self.cfg.engine, self.cfg.vllm)
 
     async def _engine_for(self, name: str | None) -> tuple[Engine, str | None, str]:
         """(engine, LoRA adapter or None, model name) serving ``model`` (body field, else the Serve multiplex
@@ -99,6 +103,8 @@ class AgentServer(ServerBase):
         if name == self.cfg.model_name:
             return self.engine, None, name
         if self.engine.pool is not None and name in self.engine.pool.paths:
+            return self.engine, name, name
+        if name in (getattr(self.engine, "lora_paths", None) or {}):
             return self.engine, name, name
         if name in self._full_models:
             return await self._full_model(name), None, name

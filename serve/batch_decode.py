@@ -46,7 +46,11 @@ def decode_batch(jobs: list[Job]) -> tuple[list[Any], int]:
                 for i in idx:
                     out[i] = e
                 continue
-        texts = eng.generate([jobs[i].encoded for i in idx], [jobs[i].params for i in idx], [jobs[i].sink for i in idx])
+        # engine: vllm takes the LoRA adapter per call (a vLLM LoRA request), not through a peft pool
+        extra = {"adapter": jobs[idx[0]].adapter} if getattr(eng, "lora_paths", None) is not None else {}
+        texts = eng.generate(
+            [jobs[i].encoded for i in idx], [jobs[i].params for i in idx], [jobs[i].sink for i in idx], **extra
+        )
         for i, t in zip(idx, texts):
             enc = jobs[i].encoded
             out[i] = Row(

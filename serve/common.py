@@ -79,7 +79,7 @@ class ServerBase:
         self._ongoing = 0  # admitted requests inside a handler or stream right now
         self._admit = cfg.deployment.max_ongoing_requests
         self._latency_s = 1.0  # moving average of admitted requests' durations (for Retry-After)
-        self.engine = Engine.load(cfg.model, cfg.model_name, cfg.torch_threads)
+        self.engine = Engine.load(cfg.model, cfg.model_name, cfg.torch_threads, cfg.engine, cfg.vllm)
         # Size the batcher from the config (the decorator's values are only defaults).
         self._batch.set_max_batch_size(cfg.batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)

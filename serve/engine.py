@@ -120,7 +120,14 @@ class Engine:
         self.pool: Optional[AdapterPool] = None  # LoRA adapters on this base (set by the app)
 
     @classmethod
-    def load(cls, model: dict, name: str, torch_threads: Optional[int] = None) -> Engine:
+    def load(
+        cls,
+        model: dict,
+        name: str,
+        torch_threads: Optional[int] = None,
+        engine: str = "hf",
+        vllm: Optional[dict] = None,
+    ) -> Engine:
         import torch
 
         from mmrole.models import VLMConfig, build_vlm
@@ -128,6 +135,15 @@ class Engine:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         cfg, tmp = materialize_model_path(model)
+        if engine == "vllm":
+            from mmrole.models.engines import VLLMSettings
+            from mmrole.models.vllm_engine import VLLMEngine
+
+            if tmp:  # vLLM's CPU attention needs head_dim >= 32: a wider tiny model
+                from mmrole.models import make_tiny_vlm
+
+                make_tiny_vlm(tmp, family=str(model["model_path"])[5:] or "qwen2_5_vl", seed=0, hidden=128)
+            return VLLMServeEngine(VLLMEngine(VLMConfig.from_dict(cfg), VLLMSettings(**(vllm or {}))), name, tmp)
         vlm = build_vlm(VLMConfig.from_dict(cfg))
         return cls(vlm, name, tmp)
 
@@ -201,6 +217,56 @@ class Engine:
 
     def __del__(self):  # called by Serve's multiplexer on eviction
         self.close()
+
+
+class VLLMServeEngine(Engine):
+    """``engine: vllm``: the replica's model on vLLM. Rows of a batch decode in one continuous batch with their own
+    decoding settings; streamed rows get their text after every engine step; a row whose client left is aborted.
+    LoRA adapters (``adapters``) are vLLM LoRA requests on the one base model (no peft pool)."""
+
+    def __init__(self, vlm: Any, name: str, tmp_dir: Optional[str] = None):
+        super().__init__(vlm, name, tmp_dir)
+        self.lora_paths: dict[str, str] = {}
+        self._lora_requests: dict[str, Any] = {}
+
+    def lora_request(self, adapter: Optional[str]):
+        if adapter is None:
+            return self.vlm.lora_request
+        if adapter not in self._lora_requests:
+            from vllm.lora.request import LoRARequest
+
+            self._lora_requests[adapter] = LoRARequest(adapter, len(self._lora_requests) + 2, self.lora_paths[adapter])
+        return self._lora_requests[adapter]
+
+    def generate(
+        self,
+        encoded: Sequence[dict],
+        params: Sequence[Any],
+        sinks: Optional[Sequence[Optional[TokenSink]]] = None,
+        adapter: Optional[str] = None,
+    ) -> list[str]:
+        sinks = list(sinks) if sinks is not None else [None] * len(encoded)
+        tok = self.vlm.tokenizer
+        eos = set(self.vlm.eos_ids)
+
+        def on_tokens(i: int, toks: list[int]) -> None:
+            sink = sinks[i]
+            if sink is None:
+                return
+            cut = next((k for k, t in enumerate(toks) if t in eos), len(toks))
+            text = tok.decode(toks[:cut], skip_special_tokens=True).lstrip()
+            if text and not text.endswith("\ufffd"):  # a character split over tokens: wait for its last byte
+                sink.push(apply_stops(text, params[i].stop))
+
+        plain = [dataclasses.replace(p, stop=None) for p in params]
+        lora = [self.lora_request(adapter)] * len(encoded)
+        texts = self.vlm.generate_steps(
+            encoded, plain, on_tokens, lambda i: sinks[i] is not None and sinks[i].cancelled, lora
+        )
+        return [apply_stops(t, p.stop) for t, p in zip(texts, params)]
+
+    def eos_ids(self) -> list[int]:
+        return list(self.vlm.eos_ids)
 
 
 def is_lora_dir(path: str) -> bool:

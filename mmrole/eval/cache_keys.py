@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
+from mmrole.models.engines import engine_identity
+
 from .contract import JudgeRequest, Key
 from .template import JudgeTemplate
 
@@ -78,6 +80,7 @@ def judge_identity(settings: Any) -> dict:
             **local_model_identity(settings.model),
             "generation": _plain(settings.generation),
             "max_retries": settings.max_retries,
+            **engine_identity(getattr(settings, "engine", "hf"), getattr(settings, "vllm", None)),
         }
     if settings.kind == "openai":
         return openai_judge_identity(settings.openai)
@@ -115,13 +118,21 @@ def agent_identity(agent: dict, generation: Any) -> dict:
     generation parameters."""
     gen = _plain(generation)
     if agent.get("kind", "local") == "local":
-        model = {k: v for k, v in agent.items() if k != "kind"}
-        return {**local_model_identity(model), "generation": gen}
+        model = {k: v for k, v in agent.items() if k not in ("kind", "engine", "vllm")}
+        # the engine (and its settings) only when it is not hf: keys of stores written before it existed hold
+        return {**local_model_identity(model), "generation": gen, **_engine_part(agent)}
     keep = ("base_url", "model", "image_detail", "extra_body", "system_role")
     # The endpoint settings sit under ``openai`` in AgentSettings (flat in older callers): either way they are
     # the identity, so another endpoint or model name never reuses these answers.
     endpoint = agent.get("openai") if isinstance(agent.get("openai"), dict) else agent
     return {"kind": agent["kind"], **{k: endpoint.get(k) for k in keep}, "generation": gen}
+
+
+def _engine_part(agent: dict) -> dict:
+    from mmrole.models.engines import VLLMSettings
+
+    v = agent.get("vllm")
+    return engine_identity(agent.get("engine", "hf"), VLLMSettings(**v) if isinstance(v, dict) else v)
 
 
 def answer_key(agent_digest: str, system: str, user_text: str, image: str) -> str:

@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from mmrole.config import ConfigError, load_config_file, path_field
 from mmrole.models.config import GenerationParams, VLMConfig
+from mmrole.models.engines import VLLMSettings, check_engine, require_vllm
 
 from .judges import OpenAIJudgeConfig
 from .remote_agent import OpenAIAgentConfig
@@ -42,11 +43,16 @@ class AgentSettings(VLMConfig):
     model_path: str = path_field("model", literals=("",), default="")  # empty for kind: openai
     kind: str = "local"
     openai: Optional[OpenAIAgentConfig] = None
+    engine: str = "hf"  # a local agent runs on transformers (hf) or vLLM (vllm: needs .venv-vllm)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def __post_init__(self):
         super().__post_init__()
         if self.kind not in AGENT_KINDS:
             raise ConfigError(f"agent.kind: {self.kind!r} is not one of {AGENT_KINDS}")
+        check_engine(self.engine, "agent.engine")
+        if self.kind == "local" and self.engine == "vllm":
+            require_vllm("agent.engine")
         if self.kind == "local" and not self.model_path:
             raise ConfigError("agent.model_path: a local agent needs a model (agent.model_path=...)")
         if self.kind == "openai" and (self.openai is None or not self.openai.model):
@@ -56,7 +62,7 @@ class AgentSettings(VLMConfig):
 
     def vlm_config(self) -> VLMConfig:
         d = asdict(self)
-        for k in ("kind", "openai"):
+        for k in ("kind", "openai", "engine", "vllm"):
             d.pop(k)
         return VLMConfig.from_dict(d)
 
@@ -91,10 +97,15 @@ class JudgeSettings:
     serve_url: str = ""  # kind=serve, e.g. http://127.0.0.1:8000/judge
     serve_token_env: str = "MMROLE_API_TOKEN"
     template: Optional[str] = path_field("input", default=None)  # judge prompt template YAML (default: packaged)
+    engine: str = "hf"  # a local judge runs on transformers (hf) or vLLM (vllm: needs .venv-vllm)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def __post_init__(self):
         if self.kind not in JUDGE_KINDS:
             raise ConfigError(f"judge.kind: {self.kind!r} is not one of {JUDGE_KINDS}")
+        check_engine(self.engine, "judge.engine")
+        if self.kind == "local" and self.engine == "vllm":
+            require_vllm("judge.engine")
         if self.kind == "local" and self.model is None:
             raise ConfigError("judge.model: a local judge needs a model (judge.model.model_path=...)")
         if self.kind == "openai" and self.openai is None:

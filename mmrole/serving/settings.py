@@ -150,7 +150,11 @@ class AppConfig:
     template_path: Optional[str] = path_field("input", default=None)
     api_token_env: str = TOKEN_ENV  # bearer-token auth is on when this variable is set and non-empty
     torch_threads: Optional[int] = None
-    stuck_batch_s: float = 600.0  # a batch running longer than this makes check_health fail (replica restarts)
+    stuck_batch_s: float = 600.0
+    engine: str = "hf"  # hf (transformers) or vllm (needs vLLM: scripts/bootstrap_vllm.sh on CPU)
+    vllm: dict = field(
+        default_factory=dict
+    )  # VLLMSettings fields (mmrole/models/engines.py)  # a batch running longer than this makes check_health fail (replica restarts)
 
     def __post_init__(self):
         self.limits = RequestLimits.from_dict(self.limits)
@@ -160,6 +164,11 @@ class AppConfig:
             raise ValueError("model.model_path is required (a model dir, a hub id, or tiny:<family>)")
         VLMConfig.from_dict(self.model)  # typos and wrong types fail at deploy time, naming model.<key>
         GenerationParams.from_dict(self.generation)  # typos fail at deploy time, not at the first request
+        from mmrole.models.engines import VLLMSettings, check_engine
+
+        check_engine(self.engine, "engine")
+        # typos fail at deploy time, naming vllm.<key>; a replica without vLLM fails at start, saying what to install
+        config_from_dict(VLLMSettings, self.vllm, "vllm")
         if self.deployment.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError(
                 f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must be >= "
