@@ -74,6 +74,19 @@ def main(argv=None) -> int:
     ap.add_argument("--until", default=None, help="stop after this stage")
     ap.add_argument("--timings", default=None, help="also write the per-stage seconds to this JSON file")
     ap.add_argument("--verbose", action="store_true", help="show Ray, DeepSpeed and worker output")
+    for flag, what in (
+        ("agent", "agent.yaml"),
+        ("reward-model", "reward_model.yaml"),
+        ("answer", "generate.yaml"),
+        ("score", "score.yaml"),
+    ):
+        ap.add_argument(
+            f"--{flag}",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"override a key of configs/demo/{what} (repeatable), e.g. --agent train.max_steps=4",
+        )
     args = ap.parse_args(argv)
     t_start = time.time()
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
@@ -136,6 +149,7 @@ def main(argv=None) -> int:
             f"data.prepared={prepared}",
             f"model.model_path={models / model_dir}",
             *(["--verbose"] if args.verbose else []),
+            *(args.agent if kind == "agent" else args.reward_model),
         ]
         ray_session()
         script = "jobs/train_agent.py" if kind == "agent" else "jobs/train_reward_model.py"
@@ -156,6 +170,7 @@ def main(argv=None) -> int:
             f"agent.model_path={agent_final}",
             f"data={prepared}",
             f"out={evaldir}",
+            *args.answer,
         ]
         ray_session()
         _run("answer", ["python", "jobs/generate_answers.py", *argv], lambda: _job_main("generate_answers.py")(argv))
@@ -168,6 +183,7 @@ def main(argv=None) -> int:
             f"eval_dir={evaldir}",
             f"images_root={data / 'images'}",
             f"judge.model.model_path={rm_final}",
+            *args.score,
         ]
         ray_session()
         _run("score", ["python", "jobs/score_answers.py", *argv], lambda: _job_main("score_answers.py")(argv))

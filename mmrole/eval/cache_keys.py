@@ -129,4 +129,3 @@ def agent_identity(agent: dict, generation: Any) -> dict:
 def answer_key(agent_digest: str, system: str, user_text: str, image: str) -> str:
     """The cache key of one answer: the agent (and generation parameters) and the rendered sample."""
     return digest([agent_digest, system, user_text, image])
-

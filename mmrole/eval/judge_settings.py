@@ -28,7 +28,12 @@ def judge_settings_record(settings: Any, metrics: Iterable[str], previous: Optio
     how = "constrained" if getattr(settings, "constrained_scores", False) else "free"
     per_metric = dict((previous or {}).get("metrics") or {})
     per_metric.update({m: {"score_pair": how, "judge_digest": digest(ident)} for m in metrics})
-    return {"judge": ident, "judge_digest": digest(ident), "constrained_scores": how == "constrained", "metrics": per_metric}
+    return {
+        "judge": ident,
+        "judge_digest": digest(ident),
+        "constrained_scores": how == "constrained",
+        "metrics": per_metric,
+    }
 
 
 def write_judge_settings(store_path: Union[str, Path], settings: Any, metrics: Iterable[str]) -> Path:

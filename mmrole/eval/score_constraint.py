@@ -73,9 +73,7 @@ class ScoreGrammar:
         self.vocab_size = len(token_texts)
         alphabet = set("".join(p for p in self.parts if isinstance(p, str))) | set("0123456789")
         # Only tokens made of the line's characters can ever be allowed in it: a small set even for a large vocab.
-        self._cands = {
-            i: t for i, t in enumerate(token_texts) if t and i not in self.eos_ids and set(t) <= alphabet
-        }
+        self._cands = {i: t for i, t in enumerate(token_texts) if t and i not in self.eos_ids and set(t) <= alphabet}
         # What the free review may not generate: the end token (the closing line must follow) and any "[".
         self.banned_in_review = frozenset(
             {i for i, t in enumerate(token_texts) if BANNED_IN_REVIEW in (t or "")} | set(self.eos_ids)
