@@ -98,7 +98,6 @@ def main(argv=None) -> int:
     runs, models, evaldir = out / "runs", out / "models", out / "eval"
     agent_final, rm_final = runs / "demo-agent" / "final_model", runs / "demo-rm" / "final_model"
     timings: dict = {}
-    started_ray = []
 
     def ray_session() -> None:
         """One Ray for every stage: started once, by the first stage that needs it (each job's own start-up then
@@ -113,7 +112,6 @@ def main(argv=None) -> int:
         t0 = time.time()
         log_to_driver = setup_console(args.verbose)
         init_ray(num_cpus=4, log_to_driver=log_to_driver)
-        started_ray.append(True)
         timings["ray_start"] = round(time.time() - t0, 1)
         print(f"[demo] Ray started in {timings['ray_start']:.1f}s (one session for every stage)", flush=True)
 
@@ -172,7 +170,8 @@ def main(argv=None) -> int:
             f"out={evaldir}",
             *args.answer,
         ]
-        ray_session()
+        # no ray_session() here: the job starts Ray only when something is left to answer (after the training
+        # stages it is already up)
         _run("answer", ["python", "jobs/generate_answers.py", *argv], lambda: _job_main("generate_answers.py")(argv))
         return {}
 
@@ -185,7 +184,6 @@ def main(argv=None) -> int:
             f"judge.model.model_path={rm_final}",
             *args.score,
         ]
-        ray_session()
         _run("score", ["python", "jobs/score_answers.py", *argv], lambda: _job_main("score_answers.py")(argv))
         return {"report": str(evaldir / "report")}
 
@@ -199,6 +197,7 @@ def main(argv=None) -> int:
         ("score", stage_score, evaldir / "report" / "report.md"),
     ]
     summary: dict = {}
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     redone = False  # once a stage runs again, every later stage does too: its inputs changed
     try:
         for i, (name, fn, path) in enumerate(stages, 1):
@@ -218,12 +217,11 @@ def main(argv=None) -> int:
             if args.until == name:
                 break
     finally:
-        if started_ray:  # a Ray this demo started; a caller's own session (tests) stays up
-            import ray
-
-            ray.shutdown()
+        # A Ray this demo started (here or in a job); a caller's own session (tests) stays up.
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized() and not ray_was_up:
+            sys.modules["ray"].shutdown()
     timings["total"] = round(time.time() - t_start, 1)
-    print(f"\nfinished in {timings['total']:.1f}s. Seconds per stage (- = already done):")
+    print(f"\nfinished in {timings['total']:.1f}s. Seconds per stage (-: skipped, done before):")
     for k, v in timings.items():
         print(f"  {k:18s} {'-' if v is None else f'{v:.1f}'}")
     print("Outputs:")

@@ -68,7 +68,7 @@ def render_judges(judges: dict, short: dict) -> list[str]:
     for model, rec in judges.items():
         per = rec.get("metrics") or {}
         ident = rec.get("judge") or {}
-        name = Path(str(ident.get("model_path") or ident.get("model") or ident.get("url") or "?")).name
+        name = ident.get("model_path") or ident.get("model") or ident.get("url") or "?"
         parts = []
         for how, label in (
             ("constrained", "constrained score decoding (judge.constrained_scores)"),
@@ -79,5 +79,5 @@ def render_judges(judges: dict, short: dict) -> list[str]:
                 which = "all 8 metrics" if len(ms) == len(METRICS) else ", ".join(short.get(m, m) for m in ms)
                 parts.append(f"{label} for {which}")
         how_s = "; ".join(parts) or "no metric recorded"
-        lines.append(f"- {model}: judge {ident.get('kind', '?')}:{name}; score pair {how_s} (settings: {rec['path']})")
+        lines.append(f"- {model}: judge {ident.get('kind', '?')} {name}; score pair {how_s} (settings: {rec['path']})")
     return lines

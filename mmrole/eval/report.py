@@ -419,7 +419,8 @@ def plot_report(
     ax = fig.add_subplot()
     for y, g in enumerate(ranked):
         lo_hi = g.overall_ci
-        err = [[g.overall - lo_hi[0]], [lo_hi[1] - g.overall]] if lo_hi else None
+        # clamped: when every score is the same, the bootstrap bounds can differ from the mean in the last bit
+        err = [[max(0.0, g.overall - lo_hi[0])], [max(0.0, lo_hi[1] - g.overall)]] if lo_hi else None
         st = styles[g.model]
         ax.errorbar([g.overall], [y], xerr=err, fmt=st["marker"], color=st["color"], capsize=3)
     ax.set_yticks(range(len(ranked)))
