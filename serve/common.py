@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from fastapi import Request
-from starlette.responses import StreamingResponse
 
 from mmrole.serving import (
     AppConfig,
@@ -40,31 +39,14 @@ from mmrole.serving import (
     header_value,
     parse_json_object,
 )
-from mmrole.serving.schemas import ErrorResponse, Health, request_schemas
+from mmrole.serving.schemas import Health, request_schemas
 from mmrole.serving.streaming import DONE, error_event, sse
 
+from .batch_decode import decode_batch, is_fatal
 from .engine import Engine, Job, Row, TokenSink
+from .shell import ERRORS, EventStream, ShellMiddleware, json_response, rss_bytes, web_dir
 
 log = logging.getLogger("ray.serve")  # Serve's documented logger: lines land in the replica logs
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "bad input; error.param names the field"},
-    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-    413: {"model": ErrorResponse, "description": "body or text too large"},
-    503: {"model": ErrorResponse, "description": "overloaded (see Retry-After) or unhealthy"},
-}
-
-
-def json_response(body: Any, status: int = 200, headers: Optional[dict] = None):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def web_dir() -> str:
-    """The packaged static page (``mmrole/web``)."""
-    import mmrole
-
-    return os.path.join(os.path.dirname(os.path.abspath(mmrole.__file__)), "web")
 
 
 class ServerBase:
@@ -272,54 +254,10 @@ class ServerBase:
         t0 = time.monotonic()
         self._batch_started = t0
 
-        def work() -> tuple[list[Any], int]:
-            out: list[Any] = [None] * len(jobs)
-            ready: list[int] = []
-            for i, j in enumerate(jobs):
-                if j.sink is not None and j.sink.cancelled:  # its client left while it waited
-                    out[i] = RequestError(499, "client closed the request", None, "cancelled")
-                    continue
-                try:
-                    if j.encoded is None:
-                        j.encoded = j.prepare()
-                    ready.append(i)
-                except RequestError as e:
-                    out[i] = e
-                except Exception as e:  # a bug, not bad input: fail this row (500), not the whole batch
-                    log.exception("preparing a row failed")
-                    out[i] = e
-            n_ready = len(ready)
-            groups: dict[tuple, list[int]] = {}  # one generate call per (engine, adapter)
-            for i in ready:
-                groups.setdefault((id(jobs[i].engine), jobs[i].adapter), []).append(i)
-            for idx in groups.values():
-                eng = jobs[idx[0]].engine
-                if eng.pool is not None:
-                    try:
-                        eng.pool.activate(jobs[idx[0]].adapter)
-                    except Exception as e:  # an unloadable adapter fails its rows, not the batch
-                        log.exception("activating adapter %s failed", jobs[idx[0]].adapter)
-                        for i in idx:
-                            out[i] = e
-                        continue
-                texts = eng.generate(
-                    [jobs[i].encoded for i in idx], [jobs[i].params for i in idx], [jobs[i].sink for i in idx]
-                )
-                for i, t in zip(idx, texts):
-                    enc = jobs[i].encoded
-                    out[i] = Row(
-                        text=t,
-                        batch_size=n_ready,
-                        prompt_tokens=int(len(enc["input_ids"])),
-                        completion_tokens=min(eng.count_tokens(t), jobs[i].params.max_new_tokens),
-                        history_dropped=int(enc.get("history_dropped", 0)),
-                    )
-            return out, n_ready
-
         try:
-            out, n = await loop.run_in_executor(self._gen, work)
+            out, n = await loop.run_in_executor(self._gen, decode_batch, jobs)
         except Exception as e:
-            if _is_fatal(e):  # a broken device: let Serve replace this replica
+            if is_fatal(e):  # a broken device: let Serve replace this replica
                 self._fatal = f"{type(e).__name__}: {e}"
             log.exception("batch of %d failed", len(jobs))
             raise
@@ -485,58 +423,6 @@ class ServerBase:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ShellMiddleware:
-    """Pure ASGI middleware: replica headers on every answer, a 500 in the project's JSON shape for server faults
-    (503 after a device fault), per-route status counts and one access-log line per request (the route template,
-    not the raw path)."""
-
-    def __init__(self, app, server: ServerBase):
-        self.app = app
-        self.server = server
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        srv = self.server
-        t0 = time.perf_counter()
-        state = {"status": None}
-        replica = [
-            (b"x-mmrole-replica", header_value(srv.replica_id).encode()),
-            (b"x-mmrole-pid", str(srv.pid).encode()),
-        ]
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                names = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = list(message.get("headers", [])) + [h for h in replica if h[0] not in names]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapped)
-        except Exception as e:
-            log.exception("request failed")
-            if state["status"] is None:
-                status = 503 if srv._fatal else 500
-                body = {
-                    "error": {
-                        "message": f"internal error ({type(e).__name__})",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "internal_error",
-                    }
-                }
-                await json_response(body, status, srv._headers())(scope, receive, send_wrapped)
-        finally:
-            status = state["status"] or 499  # no answer started: the client went away
-            route = getattr(scope.get("route"), "path", None)
-            if route is None:  # mounts and built-in routes carry no template; unknown paths are not listed
-                route = "<unmatched>" if status == 404 else scope.get("path", "")[len(scope.get("root_path", "")) :]
-            if route not in ("/v1/stats", "/health", "/healthz") and not route.startswith("/static"):
-                srv.stats.record_status(status, route)
-            log.info("route %s %s %s %.1fms", scope.get("method"), route, status, (time.perf_counter() - t0) * 1e3)
-
-
 async def _next_event(sink: TokenSink, task: asyncio.Future) -> Optional[tuple]:
     """The next ``(kind, text)`` of a streamed row, or None once the row is done (its result or error is in
     ``task``; a preparation error is raised here)."""
@@ -555,44 +441,4 @@ async def _next_event(sink: TokenSink, task: asyncio.Future) -> Optional[tuple]:
     return None
 
 
-class EventStream(StreamingResponse):
-    """A ``text/event-stream`` response that runs its ``on_close`` callbacks however it ends: completed, failed,
-    or cancelled because the client went away (even before the body started, when the body generator's own
-    ``finally`` would never run)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.on_close: list[Callable[[], None]] = []
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for fn in self.on_close:
-                fn()
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process (psutil when installed, else /proc)."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # peak, not current
-
-
-def _is_fatal(e: BaseException) -> bool:
-    """Errors after which this process cannot be trusted to decode again (CUDA faults, device OOM)."""
-    text = f"{type(e).__name__}: {e}"
-    return "CUDA" in text or "OutOfMemoryError" in text or "device-side assert" in text
-
-
-__all__ = ["Engine", "Job", "Row", "ServerBase", "json_response", "rss_bytes", "web_dir"]
+__all__ = ["Engine", "EventStream", "Job", "Row", "ServerBase", "json_response", "rss_bytes", "web_dir"]

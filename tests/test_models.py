@@ -35,7 +35,7 @@ from mmrole.models import (
     merge_lora,
     tiny_image,
 )
-from mmrole.models.encoding import plan_packs
+from mmrole.models.batching import plan_packs
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 REPO = Path(__file__).resolve().parents[1]

@@ -18,16 +18,16 @@ _EXPORTS = {
     "SampleRejected": "encoding",
     "Rejected": "encoding",
     "EncodeStats": "encoding",
-    "IGNORE_INDEX": "encoding",
+    "IGNORE_INDEX": "batching",
     "build_encoder": "encoding",
-    "plan_packs": "encoding",
+    "plan_packs": "batching",
     "VLM": "vlm",
     "build_vlm": "vlm",
     "merge_lora": "vlm",
-    "apply_lora": "vlm",
-    "freeze_parts": "vlm",
-    "resolve_device": "vlm",
-    "resolve_dtype": "vlm",
+    "apply_lora": "loading",
+    "freeze_parts": "loading",
+    "resolve_device": "loading",
+    "resolve_dtype": "loading",
     "build_processor": "processor",
     "save_processor": "processor",
     "resolve_family": "processor",
@@ -54,17 +54,17 @@ def __dir__():
 
 if TYPE_CHECKING:  # static analysers see the real names
     # ruff: noqa: F401
+    from .batching import IGNORE_INDEX, plan_packs
     from .config import DEFAULT_LORA_TARGETS, FAMILIES, NATIVE_FAMILIES, GenerationParams, LoRASettings, VLMConfig
     from .encoding import (
-        IGNORE_INDEX,
         EncodeStats,
         Rejected,
         SampleEncoder,
         SampleRejected,
         SampleTooLong,
         build_encoder,
-        plan_packs,
     )
+    from .loading import apply_lora, freeze_parts, resolve_device, resolve_dtype
     from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
     from .tiny import make_tiny_vlm, tiny_image
-    from .vlm import VLM, apply_lora, build_vlm, freeze_parts, merge_lora, resolve_device, resolve_dtype
+    from .vlm import VLM, build_vlm, merge_lora

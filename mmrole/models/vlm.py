@@ -1,4 +1,5 @@
-"""Loading a VLM (any ``AutoModelForImageTextToText``), batched generation, saving, LoRA and merging."""
+"""The VLM wrapper (any ``AutoModelForImageTextToText``): encoding, batching, batched and shared-prefix
+generation, saving; building one from a config, and merging LoRA."""
 
 from __future__ import annotations
 
@@ -15,127 +16,18 @@ import torch
 from mmrole.data.records import Sample
 
 from .config import (
-    DEFAULT_LORA_TARGETS,
     NATIVE_FAMILIES,
-    PROJECTOR_NAMES,
-    VISION_TOWER_NAMES,
     GenerationParams,
     LoRASettings,
     VLMConfig,
 )
 from .encoding import Rejected, SampleEncoder
+from .loading import apply_lora, freeze_parts, quantization_config, resolve_device, resolve_dtype
+from .prefix_groups import plan_prefix_groups
 from .processor import build_processor, resolve_family, resolve_model_paths, save_processor
 from .shared_prefix import shared_prefix_cache, shared_prefix_decoding
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` = the current CUDA device when there is one, else CPU."""
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return d
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _named_submodules(model, names: Sequence[str]) -> list[tuple[str, torch.nn.Module]]:
-    """Submodules whose last name component is one of ``names`` (outermost matches only)."""
-    found: list[tuple[str, torch.nn.Module]] = []
-    for name, mod in model.named_modules():
-        if name.split(".")[-1] in names and not any(name.startswith(f + ".") for f, _ in found):
-            found.append((name, mod))
-    return found
-
-
-def freeze_parts(model, freeze_vision: bool = False, freeze_projector: bool = False) -> dict[str, int]:
-    """Set ``requires_grad=False`` on the vision tower (without its projector) and/or the projector.
-
-    Qwen keeps the projector (``merger``, and Qwen3-VL's ``deepstack_merger_list``) inside ``visual``, so the
-    vision tower is frozen parameter by parameter, sparing the projector's. Returns frozen parameter counts."""
-    projectors = _named_submodules(model, PROJECTOR_NAMES)
-    proj_params = {id(p) for _, m in projectors for p in m.parameters()}
-    frozen = {"vision": 0, "projector": 0}
-    if freeze_vision:
-        towers = _named_submodules(model, VISION_TOWER_NAMES)
-        if not towers:
-            raise ValueError(
-                f"freeze_vision: no vision tower named one of {VISION_TOWER_NAMES} in {type(model).__name__}"
-            )
-        for _, tower in towers:
-            for p in tower.parameters():
-                if id(p) not in proj_params and p.requires_grad:
-                    p.requires_grad_(False)
-                    frozen["vision"] += p.numel()
-    if freeze_projector:
-        if not projectors:
-            raise ValueError(f"freeze_projector: no projector named one of {PROJECTOR_NAMES} in {type(model).__name__}")
-        for _, m in projectors:
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                    frozen["projector"] += p.numel()
-    return frozen
-
-
-def apply_lora(model, lora: LoRASettings, family: str):
-    """Wrap ``model`` with a peft LoRA adapter: a fresh one, or ``lora.adapter_path`` loaded as trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if lora.adapter_path:
-        return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
-    targets = lora.target_modules if lora.target_modules is not None else DEFAULT_LORA_TARGETS[family]
-    lcfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        modules_to_save=lora.modules_to_save,
-    )
-    peft_model = get_peft_model(model, lcfg)
-    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
-    if n_lora == 0:  # peft raises for no match in most versions; keep a clear message either way
-        raise ValueError(f"LoRA target_modules {targets!r} matched no module of {type(model).__name__}")
-    return peft_model
-
-
-def _quantization_config(kind: str, compute_dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ImportError("VLMConfig.quantization needs bitsandbytes (and CUDA): pip install bitsandbytes") from e
-    from transformers import BitsAndBytesConfig
-
-    if kind == "4bit":
-        # QLoRA recipe: NF4 weights, double quantization, matmuls in the compute dtype.
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"],
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(VISION_TOWER_NAMES) + ["lm_head"])
 
 
 class VLM:
@@ -322,16 +214,9 @@ class VLM:
         return texts  # type: ignore[return-value]
 
     def shared_prefix_groups(self, encoded: Sequence[dict]) -> tuple[list[tuple[list[int], int]], list[int]]:
-        """Split rows into ``([(row indices, shared prefix length), ...], other row indices)``.
-
-        Rows are sorted by (vision inputs, token ids), so rows with long common prefixes are neighbours. A group is
-        a run of >= 2 neighbours with identical vision inputs whose common prefix holds every vision token, is at
-        least ``cfg.min_shared_prefix`` tokens and leaves each row at least one token of its own. Among the ways to
-        cut the sorted rows into groups and single rows, the cheapest is chosen (dynamic programming over the
-        order) by the model's prefill work: tokens through the layers plus attention pairs weighted by
-        ``1 / (6 * hidden size)`` (their FLOPs relative to a token's). So two answers about one image, sharing
-        the profiles but not the history, become two groups of 8 metric prompts, not one group with long own
-        parts. Models with sliding-window attention layers are not grouped (their caches are not shared)."""
+        """Split rows into ``([(row indices, shared prefix length), ...], other row indices)`` by
+        :func:`.prefix_groups.plan_prefix_groups`. Only native Qwen families with ``cfg.share_prefix`` are
+        grouped, and not models with sliding-window attention layers (their caches are not shared)."""
         n = len(encoded)
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         full_attention = not getattr(text_cfg, "use_sliding_window", False) and all(
@@ -339,70 +224,7 @@ class VLM:
         )
         if not (self.cfg.share_prefix and self.family in NATIVE_FAMILIES and full_attention and n > 1):
             return [], list(range(n))
-        import hashlib
-
-        ids = [np.asarray(e["input_ids"]) for e in encoded]
-        vision_keys = []
-        for e in encoded:
-            h = hashlib.blake2b(digest_size=16)
-            for k in ("pixel_values", "image_grid_thw"):
-                if k in e:
-                    h.update(np.ascontiguousarray(np.asarray(e[k])).tobytes())
-            vision_keys.append(h.digest())
-        # Big-endian bytes sort like the token sequences themselves (ids are non-negative).
-        order = sorted(range(n), key=lambda i: (vision_keys[i], ids[i].astype(">i8").tobytes()))
-
-        def common(a: np.ndarray, b: np.ndarray) -> int:
-            m = min(len(a), len(b))
-            diff = np.flatnonzero(a[:m] != b[:m])
-            return int(diff[0]) if len(diff) else m
-
-        hidden = getattr(text_cfg, "hidden_size", 1024)
-        pair_cost = 1.0 / (6 * hidden)
-
-        def prefill_cost(prefix: int, rows: int = 0, width: int = 0) -> float:
-            """A prefix prefilled once, then ``rows`` own parts padded to ``width`` tokens."""
-            return prefix + pair_cost * prefix * prefix / 2 + rows * width * (1 + pair_cost * (prefix + width / 2))
-
-        lengths = [len(ids[i]) for i in order]
-        vision_end = [self._last_vision_index(encoded[i]) + 1 for i in order]
-        # lcp[k]: common prefix of sorted rows k-1 and k (0 across different vision inputs).
-        lcp = [0] + [
-            common(ids[order[k - 1]], ids[order[k]]) if vision_keys[order[k - 1]] == vision_keys[order[k]] else 0
-            for k in range(1, n)
-        ]
-        best = [0.0] * (n + 1)  # best[j]: cheapest cut of sorted rows [0, j)
-        cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last piece, its prefix; 0 = single row)
-        for j in range(1, n + 1):
-            best[j], cut[j] = best[j - 1] + prefill_cost(lengths[j - 1]), (j - 1, 0)
-            prefix, longest, last_vision = lengths[j - 1] - 1, lengths[j - 1], vision_end[j - 1]
-            for i in range(j - 2, -1, -1):  # piece = sorted rows [i, j)
-                prefix = min(prefix, lcp[i + 1], lengths[i] - 1)
-                longest, last_vision = max(longest, lengths[i]), max(last_vision, vision_end[i])
-                if prefix < max(self.cfg.min_shared_prefix, last_vision):
-                    break  # only shrinks further left
-                cost = best[i] + prefill_cost(prefix, j - i, longest - prefix)
-                if cost < best[j]:
-                    best[j], cut[j] = cost, (i, prefix)
-        groups: list[tuple[list[int], int]] = []
-        plain: list[int] = []
-        j = n
-        while j > 0:
-            i, prefix = cut[j]
-            if prefix:
-                groups.append(([order[k] for k in range(i, j)], prefix))
-            else:
-                plain.append(order[j - 1])
-            j = i
-        return groups[::-1], sorted(plain)
-
-    @staticmethod
-    def _last_vision_index(e: dict) -> int:
-        tt = e.get("mm_token_type_ids")
-        if tt is None:
-            return -1
-        nz = np.flatnonzero(np.asarray(tt))
-        return int(nz[-1]) if len(nz) else -1
+        return plan_prefix_groups(encoded, getattr(text_cfg, "hidden_size", 1024), self.cfg.min_shared_prefix)
 
     def _generate_from_prefixes(self, groups: list[tuple[list[dict], int]], kw: dict) -> list[list[int]]:
         """New tokens of every row of ``groups`` (``(rows, shared prefix length)``), rows in group order.
@@ -545,7 +367,7 @@ def build_vlm(cfg: VLMConfig) -> VLM:
     if cfg.quantization:
         if device.type != "cuda":
             raise ValueError("VLMConfig.quantization (bitsandbytes) needs a CUDA device")
-        kw["quantization_config"] = _quantization_config(cfg.quantization, dtype)
+        kw["quantization_config"] = quantization_config(cfg.quantization, dtype)
         kw["device_map"] = {"": device.index or 0}
     model = AutoModelForImageTextToText.from_pretrained(base_path, **kw)
     if not cfg.quantization:

@@ -215,7 +215,7 @@ def packed_tokens(lengths: Sequence[int], max_length: int, buffer: Optional[int]
     pack computed at its full ``max_length`` (fixed-size micro-batches: the worst case; varlen attention computes
     only the real tokens). ``buffer``: plan packs over windows of that many consecutive rows, as a streaming loader
     does (None: the whole list at once). Rows longer than ``max_length`` must be filtered out first."""
-    from mmrole.models.encoding import plan_packs
+    from mmrole.models.batching import plan_packs
 
     if any(n > max_length for n in lengths):
         raise ValueError(f"packed_tokens: rows longer than max_length {max_length}; filter them first")

@@ -1,5 +1,5 @@
 """Sample packing for training: a micro-batch's samples go into rows of at most ``max_length`` tokens (first-fit
-decreasing by length, :func:`~mmrole.models.encoding.plan_packs`), each row built by ``VLM.pack_batch`` (per-sample
+decreasing by length, :func:`~mmrole.models.batching.plan_packs`), each row built by ``VLM.pack_batch`` (per-sample
 position ids that restart at 0, so attention never crosses samples: a block-diagonal causal mask on CPU/sdpa,
 varlen with flash-attention), labels per sample. Rows of one micro-batch are right-padded to the longest; the
 padding is a segment of its own with no labels. The loss is the same token-weighted sum as unpacked."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mmrole.models.encoding import IGNORE_INDEX, plan_packs
+from mmrole.models.batching import IGNORE_INDEX, plan_packs
 
 
 def pack_samples(cfg, family: str) -> bool:

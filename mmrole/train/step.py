@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mmrole.models.batching import IGNORE_INDEX
 
 
 def count_target_tokens(labels: Any) -> int:
