@@ -70,7 +70,7 @@ def main() -> int:
             "DeepSpeed ops JIT-built on first use",
             str(len(jit_built)) + (f" ({', '.join(jit_built)})" if jit_built else ""),
         ),
-        ("load average (1 min) before | after", f"{load0:.1f} | {load1:.1f} on {os.cpu_count()} CPUs"),
+        ("load average (1 min), start | end", f"{load0:.1f} | {load1:.1f} ({os.cpu_count()} CPUs)"),
     ]
     report = out / "eval" / "report" / "report.json"
     if report.is_file():
