@@ -23,13 +23,17 @@ from mmrole.config import (
     resolve_paths,
 )
 
-KINDS = ("train", "generate", "score", "serve")
+KINDS = ("train", "generate", "score", "serve", "dpo", "preferences")
 
 
 def detect_kind(d: dict) -> str:
     """The config kind of a YAML mapping, from the keys only that kind has."""
     if "applications" in d:
         return "serve"
+    if "dpo" in d:
+        return "dpo"
+    if "samples_per_prompt" in d:
+        return "preferences"
     if "run_name" in d or d.get("kind") in ("agent", "reward_model"):
         return "train"
     if "agent" in d:
@@ -40,6 +44,14 @@ def detect_kind(d: dict) -> str:
 
 
 def _job_class(kind: str):
+    if kind == "dpo":
+        from mmrole.rl.dpo_config import DPOJobConfig
+
+        return DPOJobConfig
+    if kind == "preferences":
+        from mmrole.rl.preferences import PreferenceJobConfig
+
+        return PreferenceJobConfig
     if kind == "train":
         from mmrole.train.config import TrainJobConfig
 

@@ -320,6 +320,26 @@ class JudgeWorker:
         }
 
 
+def judge_dataset(requests: list, tags: list[str], judge: JudgeSettings, images_root: str, pool: PoolSettings):
+    """A Ray Data pipeline scoring ``requests`` (JudgeRequests) through a pool of judge replicas; each output row is
+    a serialized JudgeResult (``result``) and its request's tag (``model``). One block per judge batch, in request
+    order: a sample's metric requests stay in one batch, where the judge prefills their shared prompt prefix once
+    (VLM.generate's shared-prefix path)."""
+    import pyarrow as pa
+    import ray
+
+    bs = max(1, pool.batch_size)
+    encoded = [json.dumps(r.to_dict(), ensure_ascii=False) for r in requests]
+    ds = ray.data.from_arrow(
+        [pa.table({"request": encoded[i : i + bs], "model": tags[i : i + bs]}) for i in range(0, len(requests), bs)]
+    )
+    return ds.map_batches(
+        JudgeWorker,
+        fn_constructor_kwargs=dict(judge=asdict(judge), images_root=images_root),
+        **_pool_args(pool),
+    )
+
+
 def plan_scoring(cfg: ScoreJobConfig, log: Log = _log) -> dict:
     """Per model: its answers, judge requests (empty answers excluded, as in the original), the store keyed by
     this judge, template and generation parameters, and what is still to score. No Ray."""
@@ -382,28 +402,13 @@ def run_score(
     todo = [(m, r) for m, p in plans.items() for r in p["todo"]]
     new = Counter()
     if todo:
-        import pyarrow as pa
-        import ray
-
         if cfg.judge.kind == "openai":  # a missing key fails here, naming it, not in every replica's constructor
             from mmrole.eval.judges import OpenAIJudge
 
             OpenAIJudge(cfg.judge.openai)
         if start_ray is not None:
             start_ray()
-        # One block per judge batch, in request order: a sample's metric requests stay in one batch, where the
-        # judge prefills their shared prompt prefix once (VLM.generate's shared-prefix path).
-        bs = max(1, cfg.pool.batch_size)
-        encoded = [json.dumps(r.to_dict(), ensure_ascii=False) for _, r in todo]
-        tags = [m for m, _ in todo]
-        ds = ray.data.from_arrow(
-            [pa.table({"request": encoded[i : i + bs], "model": tags[i : i + bs]}) for i in range(0, len(todo), bs)]
-        )
-        ds = ds.map_batches(
-            JudgeWorker,
-            fn_constructor_kwargs=dict(judge=asdict(cfg.judge), images_root=cfg.images_root),
-            **_pool_args(cfg.pool),
-        )
+        ds = judge_dataset([r for _, r in todo], [m for m, _ in todo], cfg.judge, cfg.images_root, cfg.pool)
         expected = {m: {r.key for r in p["todo"]} for m, p in plans.items()}
         written: dict[str, set] = {m: set() for m in plans}
         n_new = n_ok = 0

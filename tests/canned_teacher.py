@@ -224,7 +224,7 @@ def teacher_args(url: str, *extra: str) -> list[str]:
         "teacher.require_api_key=false",
         "teacher.max_concurrency=4",
         "teacher.backoff_initial_s=0.01",
-        "teacher.timeout_s=5",
+        "teacher.timeout_s=60",  # a retry after a timeout under load would overlap its own request (5 in flight)
         *extra,
     ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Optional
 
 from mmrole.config import config_error_message, resolve_paths
@@ -11,11 +12,22 @@ from mmrole.config import config_error_message, resolve_paths
 from .config import ConfigError, load_config
 
 
-def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
+def main(
+    argv: Optional[list[str]] = None,
+    kind: str = "agent",
+    *,
+    prog: Optional[str] = None,
+    what: Optional[str] = None,
+    loader: Callable = load_config,
+    train_loop: Optional[Callable[[], Callable]] = None,
+) -> int:
+    """A training job's command line. ``loader`` builds its config (default: the SFT one); ``train_loop`` returns
+    the per-worker loop of its recipe (imported lazily: a finished run answers without Ray or torch)."""
+    what = what or ("the role-playing agent" if kind == "agent" else "the reward model")
     ap = argparse.ArgumentParser(
-        prog=f"train_{'agent' if kind == 'agent' else 'reward_model'}",
-        description=f"Train the {'role-playing agent' if kind == 'agent' else 'reward model'} with Ray Train + "
-        "DeepSpeed. Extra arguments are dotted overrides, e.g. train.lr=2e-5 run_name=x.",
+        prog=prog or f"train_{'agent' if kind == 'agent' else 'reward_model'}",
+        description=f"Train {what} with Ray Train + DeepSpeed. Extra arguments are dotted overrides, e.g. "
+        "train.lr=2e-5 run_name=x.",
     )
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument(
@@ -28,7 +40,7 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
     args = ap.parse_args(argv)
     try:
         # relative paths become absolute here, on the driver: the workers run elsewhere
-        cfg = resolve_paths(load_config(args.config, args.overrides, defaults={"kind": kind}))
+        cfg = resolve_paths(loader(args.config, args.overrides, defaults={"kind": kind}))
         if cfg.kind != kind:
             raise ConfigError(f"kind: {cfg.kind!r} config ({args.config}); this job trains kind={kind!r}")
     except ConfigError as e:
@@ -53,7 +65,8 @@ def main(argv: Optional[list[str]] = None, kind: str = "agent") -> int:
             from mmrole.console import setup_console
 
             setup_console(False)
-        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose)
+        extra = {"train_loop": train_loop()} if train_loop is not None else {}
+        summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose, **extra)
     except ConfigError as e:  # e.g. relative paths under `ray job submit`
         print(config_error_message(e), file=sys.stderr)
         return 2

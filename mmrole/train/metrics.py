@@ -52,8 +52,10 @@ class StepStats:
 def progress_line(d: dict, total_steps: int) -> str:
     """One human-readable line per logged step."""
     gn = f" gnorm {d['grad_norm']:.3f}" if d.get("grad_norm") is not None else ""
+    # Preference recipes (DPO) log their reward margin and accuracy beside the loss.
+    pref = f" margin {d['reward_margin']:.4f} acc {d['reward_accuracy']:.2f}" if "reward_margin" in d else ""
     return (
-        f"step {d['step']}/{total_steps} ep {d['epoch']} loss {d['loss']:.4f} lr {d['lr']:.3e}{gn} | "
+        f"step {d['step']}/{total_steps} ep {d['epoch']} loss {d['loss']:.4f}{pref} lr {d['lr']:.3e}{gn} | "
         f"{d['samples_per_s']:.2f} samples/s {d['text_tokens_per_s']:.0f}+{d['image_tokens_per_s']:.0f} "
         f"text+image tok/s | data wait {100 * d['data_wait_frac']:.0f}% | {d['step_time_s']:.2f}s/step"
     )

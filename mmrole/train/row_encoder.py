@@ -99,6 +99,7 @@ class RowEncoder:
         max_rows: Optional[int] = None,
         rejects_dir: Optional[str] = None,
         with_target: bool = True,
+        pairs: bool = False,
     ):
         from mmrole.models.config import VLMConfig
         from mmrole.models.encoding import build_encoder
@@ -106,6 +107,8 @@ class RowEncoder:
         self.rows = SplitRows(prepared, split, max_rows)
         self.encoder = build_encoder(VLMConfig.from_dict(model))
         self.with_target = with_target
+        # Preference rows (DPO): each row gives two samples, its ``target`` (chosen) then its ``rejected`` reply.
+        self.pairs = pairs
         self.rejects = RejectWriter(rejects_dir, prefix=f"encode-{split}") if rejects_dir else None
 
     def encode_rows(self, indices: Sequence[int]) -> EncodedRows:
@@ -119,7 +122,10 @@ class RowEncoder:
             stage, reason, length = None, "", None
             try:
                 image = load_image(self.rows.images_root, row["image"], data=row.get("image_bytes"))
-                out.samples.append(self.encoder.encode(Sample.from_row(row), image, with_target=self.with_target))
+                if self.pairs:
+                    out.samples.extend(encode_pair(self.encoder, row, image))
+                else:
+                    out.samples.append(self.encoder.encode(Sample.from_row(row), image, with_target=self.with_target))
                 continue
             except ImageError as e:
                 stage, reason = "image", str(e)
@@ -132,6 +138,32 @@ class RowEncoder:
             if self.rejects is not None:
                 self.rejects.write(sid, reason, stage, image=row.get("image"), split=self.rows.split)
         return out
+
+
+REJECTED_SUFFIX = "::rejected"  # id of a preference row's rejected sample: <row id>::rejected
+
+
+def encode_pair(encoder: Any, row: dict, image: Any) -> list[dict]:
+    """A preference row -> [chosen, rejected] encoded samples with the *same* prompt: when one reply is long enough
+    to make the encoder drop history lines, both are encoded with the history both can keep. Either reply not
+    fitting rejects the row (raised)."""
+    import dataclasses
+
+    from mmrole.data.records import Sample
+    from mmrole.models.encoding import SampleRejected
+
+    if "rejected" not in row:
+        raise SampleRejected(str(row.get("id")), "not a preference row (no 'rejected' column)")
+    chosen = Sample.from_row(row)
+    rejected = dataclasses.replace(chosen, id=chosen.id + REJECTED_SUFFIX, target=row["rejected"] or "")
+    enc = [encoder.encode(s, image, with_target=True) for s in (chosen, rejected)]
+    kept = min(e["history_kept"] for e in enc)
+    if any(e["history_kept"] != kept for e in enc):
+        lines = chosen.history_lines[len(chosen.history_lines) - kept :] if kept > 0 else []
+        enc = [encoder.encode(dataclasses.replace(s, history_lines=lines), image) for s in (chosen, rejected)]
+        for e in enc:  # counted against the full history, as for every sample
+            e["history_dropped"] = len(chosen.history_lines) - kept
+    return enc
 
 
 def filler_sample(encoder: Any, with_target: bool = True) -> dict:
