@@ -287,6 +287,7 @@ def build_judge(settings: JudgeSettings, images_root: str):
             template=template,
             images_root=images_root,
             name=f"local:{Path(settings.model.model_path).name}" + (":vllm" if settings.engine == "vllm" else ""),
+            constrained_scores=settings.constrained_scores,
         )
     if settings.kind == "openai":
         from mmrole.eval.judges import OpenAIJudge
@@ -391,6 +392,7 @@ def run_score(
     only when there is work). ``stop_after`` stops after that many new results (tests of resume).
     Returns a per-model summary (a single model's summary is also at the top level)."""
     from mmrole.eval.contract import JudgeResult
+    from mmrole.eval.judge_settings import write_judge_settings
     from mmrole.eval.metrics import check_metrics
     from mmrole.eval.pipeline import write_model_outputs
 
@@ -453,6 +455,7 @@ def run_score(
             "empty_answers_excluded": p["empty"],
             "store": str(store.path),
         }
+        summary["judge_settings"] = str(write_judge_settings(store.path, cfg.judge, check_metrics(cfg.metrics)))
         if not cfg.swap:
             summary["outputs"] = write_model_outputs(out, m, p["answers"], results, check_metrics(cfg.metrics))
         summaries[m] = summary

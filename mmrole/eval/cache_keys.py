@@ -76,12 +76,17 @@ def openai_judge_identity(cfg: Any) -> dict:
 def judge_identity(settings: Any) -> dict:
     """The identity of a :class:`mmrole.eval.job_config.JudgeSettings` judge."""
     if settings.kind == "local":
-        return {
+        ident = {
             **local_model_identity(settings.model),
             "generation": _plain(settings.generation),
             "max_retries": settings.max_retries,
             **engine_identity(getattr(settings, "engine", "hf"), getattr(settings, "vllm", None)),
         }
+        if getattr(settings, "constrained_scores", False):  # absent when off: earlier stores keep their keys
+            from .score_constraint import score_format
+
+            ident["constrained_scores"] = score_format()
+        return ident
     if settings.kind == "openai":
         return openai_judge_identity(settings.openai)
     return {"kind": "serve", "url": settings.serve_url.rstrip("/")}

@@ -93,6 +93,9 @@ class JudgeSettings:
     model: Optional[VLMConfig] = None  # kind=local
     generation: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=256))
     max_retries: int = 2  # re-asks of an unparsable reply
+    # kind=local: decode the closing "[Scores]: (A, B)" line under a token mask, so every reply parses
+    # (mmrole.eval.score_constraint); part of the cache key and recorded in the report
+    constrained_scores: bool = False
     openai: Optional[OpenAIJudgeConfig] = None  # kind=openai
     serve_url: str = ""  # kind=serve, e.g. http://127.0.0.1:8000/judge
     serve_token_env: str = "MMROLE_API_TOKEN"
@@ -110,6 +113,14 @@ class JudgeSettings:
             raise ConfigError("judge.model: a local judge needs a model (judge.model.model_path=...)")
         if self.kind == "openai" and self.openai is None:
             raise ConfigError("judge.openai: an API judge needs judge.openai.model and judge.openai.base_url")
+        if self.constrained_scores and self.kind != "local":
+            raise ConfigError(
+                f"judge.constrained_scores: only a local judge (kind: local) can decode under a mask, not {self.kind!r}"
+            )
+        if self.constrained_scores and self.engine == "vllm":
+            raise ConfigError(
+                "judge.constrained_scores: the score mask is a transformers logits processor; use judge.engine=hf"
+            )
         if self.kind == "serve" and not self.serve_url:
             raise ConfigError("judge.serve_url: a Serve judge needs the endpoint's base URL")
 

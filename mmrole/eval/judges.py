@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .contract import B_ZERO_ERROR, JudgeRequest, JudgeResult, build_judge_sample, failure, result_from_reply
+from .score_constraint import RowConstraint, ScoreGrammar
 from .template import JudgeTemplate
 from .template_loader import load_judge_template
 
@@ -94,6 +95,7 @@ class VLMJudge:
         retry_temperature: float = 0.7,
         name: str = "vlm",
         image_loader: Optional[Callable[[JudgeRequest], Any]] = None,
+        constrained_scores: bool = False,
     ):
         if params is None:
             from mmrole.models import GenerationParams  # lazy: keeps torch out of plain eval imports
@@ -109,6 +111,8 @@ class VLMJudge:
         self.retry_temperature = retry_temperature
         self.name = name
         self._image_loader = image_loader
+        # judge.constrained_scores: the closing "[Scores]: (A, B)" line is decoded under a token mask
+        self.score_grammar = score_grammar_for(vlm, params.max_new_tokens) if constrained_scores else None
 
     def _load_image(self, request: JudgeRequest):
         if self._image_loader is not None:
@@ -130,8 +134,12 @@ class VLMJudge:
         """Replies for encoded prompts, in one batch; if the batch call raises a ``ValueError``, one by one, so a
         single bad prompt fails alone and the others are still scored. Per-prompt errors are returned, not raised;
         anything else (OOM, bugs) propagates."""
+        extra = {}
+        if self.score_grammar is not None:
+            grammar = self.score_grammar
+            extra["logits_processor"] = lambda: [ScoreLogitsProcessor(grammar, params.max_new_tokens)]
         try:
-            out = self.vlm.generate_encoded(prompts, params)
+            out = self.vlm.generate_encoded(prompts, params, **extra)
         except ValueError as e:
             if len(prompts) == 1:
                 return [e]
@@ -192,6 +200,57 @@ class VLMJudge:
         for r in results:
             r.elapsed_s = elapsed / max(1, len(requests))
         return results  # type: ignore[return-value]
+
+
+def score_grammar_for(vlm: Any, max_new_tokens: int) -> ScoreGrammar:
+    """The closing-score-line grammar over ``vlm``'s tokenizer; ``ValueError`` when ``max_new_tokens`` cannot hold
+    the line or the vocabulary cannot spell it."""
+    tok = vlm.tokenizer
+    # Each id decoded alone, without clean-up (which would turn " ," into ","): exactly what it adds to a reply.
+    texts = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    grammar = ScoreGrammar(texts, vlm.eos_token_ids())
+    RowConstraint(grammar, max_new_tokens)  # checks max_new_tokens now, not on the first batch
+    return grammar
+
+
+class ScoreLogitsProcessor:
+    """A transformers logits processor (``LogitsProcessor`` call protocol) for one ``generate`` call: per row, the
+    free review, then the score line of ``grammar`` (see :mod:`mmrole.eval.score_constraint`). Other processors'
+    ``-inf`` (e.g. ``min_new_tokens``) on a token the line needs is lifted to a finite floor, so a row never has
+    every token masked."""
+
+    FLOOR = -1e4
+
+    def __init__(self, grammar: ScoreGrammar, max_new_tokens: int):
+        self.grammar = grammar
+        self.max_new_tokens = max_new_tokens
+        self.rows: Optional[list[RowConstraint]] = None
+        self.start = 0
+        self._banned = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.rows is None:  # first step: input_ids is the prompt batch
+            self.start = input_ids.shape[1]
+            self.rows = [RowConstraint(self.grammar, self.max_new_tokens) for _ in range(input_ids.shape[0])]
+            banned = [i for i in self.grammar.banned_in_review if i < scores.shape[-1]]
+            self._banned = torch.tensor(banned, dtype=torch.long, device=scores.device)
+        else:
+            for row, t in zip(self.rows, input_ids[:, -1].tolist()):
+                row.consume(t)
+        n = input_ids.shape[1] - self.start
+        top = scores.argmax(-1).tolist()
+        out = scores.clone()
+        for i, row in enumerate(self.rows):
+            allowed = row.next_allowed(top[i], n)
+            if allowed is None:
+                out[i, self._banned] = -float("inf")
+            else:
+                idx = torch.tensor(allowed, dtype=torch.long, device=scores.device)
+                out[i] = -float("inf")
+                out[i, idx] = scores[i, idx].clamp(min=self.FLOOR)
+        return out
 
 
 # ------------------------------------------------------------------------------------------- OpenAI judge

@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from .aggregate import ALL, GroupStat, ScoreRow, per_sample_length_ratio, position_bias, rows_from_reviews, summarize
 from .formats import EvalDataError, LoadStats, load_reviews_file, write_results_csv
+from .judge_settings import read_judge_settings, render_judges
 from .layout import discover, known_first
 from .metrics import DIMENSIONS, METRICS, SETS
 from .stats import length_bias
@@ -64,6 +65,7 @@ class EvalReport:
     source: str = ""
     length_bias: list = field(default_factory=list)  # stats.LengthBias per model
     position: dict = field(default_factory=dict)  # model -> {metric: BiasStat}, when a swapped run exists
+    judges: dict = field(default_factory=dict)  # model -> judge settings record (judge_results/<model>.judge.json)
 
     def table(self, set_name: str = ALL) -> list[GroupStat]:
         return self.overall if set_name == ALL else [g for g in self.by_set if g.set_name == set_name]
@@ -89,6 +91,7 @@ class EvalReport:
                 "length": [b.to_dict() for b in self.length_bias],
                 "position": {m: {k: v.to_dict() for k, v in d.items()} for m, d in self.position.items()},
             },
+            "judges": self.judges,
         }
 
 
@@ -161,6 +164,7 @@ def build_report(
         rows.extend(rows_from_reviews(recs, f.model))
     rep = report_from_rows(rows, counts, bootstrap, seed, stats, str(eval_dir))
     rep.position = position_runs(eval_dir, rep.models)
+    rep.judges = read_judge_settings(eval_dir, rep.models)
     for fr in rep.files:
         fr.source = str(
             next(
@@ -224,7 +228,7 @@ def render_markdown(report: EvalReport) -> str:
     rejected = [s for s in report.load_stats if s.rejected]
     if rejected:
         lines += ["", "Rejected records:"] + [f"- {s.summary()}" for s in rejected]
-    lines += render_bias(report)
+    lines += render_bias(report) + render_judges(report.judges, SHORT)
     return "\n".join(lines) + "\n"
 
 
@@ -415,7 +419,8 @@ def plot_report(
     ax = fig.add_subplot()
     for y, g in enumerate(ranked):
         lo_hi = g.overall_ci
-        err = [[g.overall - lo_hi[0]], [lo_hi[1] - g.overall]] if lo_hi else None
+        # clamped: when every score is the same, the bootstrap bounds can differ from the mean in the last bit
+        err = [[max(0.0, g.overall - lo_hi[0])], [max(0.0, lo_hi[1] - g.overall)]] if lo_hi else None
         st = styles[g.model]
         ax.errorbar([g.overall], [y], xerr=err, fmt=st["marker"], color=st["color"], capsize=3)
     ax.set_yticks(range(len(ranked)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -116,6 +116,10 @@ class VLM:
         return self.model(**self.to_device(batch)).loss
 
     # ---- generation ------------------------------------------------------------------------------------------
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a reply (the encoder's end tokens and the generation config's)."""
+        return self._eos_ids()
+
     def _eos_ids(self) -> list[int]:
         ids = list(self.encoder.end_token_ids)
         gc_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -164,6 +168,7 @@ class VLM:
         params: Optional[GenerationParams] = None,
         streamer: Any = None,
         stopping_criteria: Any = None,
+        logits_processor: Optional[Callable[[], list]] = None,
     ) -> list[str]:
         """Generate from already-encoded prompts (``encode(..., with_target=False)``).
 
@@ -176,7 +181,9 @@ class VLM:
 
         ``streamer`` (a transformers ``BaseStreamer``) gets the prompt ids, then each step's new token of every row,
         rows in input order; ``stopping_criteria`` may end rows early (e.g. a client gone). With either, all rows
-        decode as one padded batch (no shared-prefix groups), so the streamer's row order is the input order."""
+        decode as one padded batch (no shared-prefix groups), so the streamer's row order is the input order.
+        ``logits_processor``: makes a fresh list of transformers logits processors for each ``generate`` call (they
+        may keep per-row state, e.g. the judge's constrained score line)."""
         params = params or GenerationParams()
         if not encoded:
             return []
@@ -186,18 +193,22 @@ class VLM:
             batch.pop("labels", None)
             extra = {"streamer": streamer, "stopping_criteria": stopping_criteria}
             return self._run_generate(
-                lambda kw: self._new_tokens(self.model.generate(**batch, **kw, **extra), batch), params
+                lambda kw: self._new_tokens(self.model.generate(**batch, **kw, **extra), batch),
+                params,
+                logits_processor,
             )
         groups, plain = self.shared_prefix_groups(encoded)
         if groups:  # every group in one generate call: the per-step cost is shared by all their rows
             group_rows = [([encoded[i] for i in rows], prefix_len) for rows, prefix_len in groups]
-            outs = self._run_generate(lambda kw: self._generate_from_prefixes(group_rows, kw), params)
+            outs = self._run_generate(lambda kw: self._generate_from_prefixes(group_rows, kw), params, logits_processor)
             for i, t in zip([i for rows, _ in groups for i in rows], outs):
                 texts[i] = t
         if plain:
             batch = self.to_device(self.pad_batch([encoded[i] for i in plain], padding_side="left"))
             batch.pop("labels", None)
-            outs = self._run_generate(lambda kw: self._new_tokens(self.model.generate(**batch, **kw), batch), params)
+            outs = self._run_generate(
+                lambda kw: self._new_tokens(self.model.generate(**batch, **kw), batch), params, logits_processor
+            )
             for i, t in zip(plain, outs):
                 texts[i] = t
         return texts  # type: ignore[return-value]
@@ -271,11 +282,16 @@ class VLM:
     def _new_tokens(out: torch.Tensor, batch: dict) -> list[list[int]]:
         return out[:, batch["input_ids"].shape[1] :].tolist()
 
-    def _run_generate(self, call, params: GenerationParams) -> list[str]:
+    def _run_generate(self, call, params: GenerationParams, logits_processor=None) -> list[str]:
         """Run ``call(generate kwargs) -> new token ids`` in eval mode (seeded when asked) and decode the
         replies: cut at the first end token and at any stop string."""
         eos = self._eos_ids()
-        kw: dict[str, Any] = dict(
+        kw: dict[str, Any] = {}
+        if logits_processor is not None:
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList(logits_processor())
+        kw.update(
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=params.min_new_tokens,
             do_sample=params.do_sample,
