@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     if cfg is None:
         return exit_code
     print("resolved config:\n" + json.dumps(asdict(cfg), indent=2, default=str), flush=True)
-    from mmrole.ray_converse import run_converse_job
+    from mmrole.ray_converse_judging import run_converse_job
     from mmrole.ray_env import init_ray
 
     # Ray starts only when there is work: a finished run writes its report in seconds.

@@ -2,7 +2,7 @@
 
 Concurrency to the teacher is bounded in all: ``ray_actors`` actors, each with ``teacher.max_concurrency /
 ray_actors`` requests in flight. Retries with backoff on 429/5xx happen inside the actors
-(:func:`mmrole.eval.judges.post_with_retries`); an actor lost with its node is restarted and its block retried.
+(:func:`mmrole.eval.openai_judge.post_with_retries`); an actor lost with its node is restarted and its block retried.
 The API key is read by the actors from the environment they inherit (the driver's on an embedded Ray, the job's
 runtime environment on a cluster), never shipped in task arguments. The cache stays on the driver (:class:`mmrole.datagen.pipeline.DataGenerator`): only missing items reach Ray, so
 the same run works on an embedded Ray or a cluster without shared storage.

@@ -290,7 +290,7 @@ def build_judge(settings: JudgeSettings, images_root: str):
             constrained_scores=settings.constrained_scores,
         )
     if settings.kind == "openai":
-        from mmrole.eval.judges import OpenAIJudge
+        from mmrole.eval.openai_judge import OpenAIJudge
 
         oc = settings.openai
         if oc.images_root is None:
@@ -403,7 +403,7 @@ def run_score(
     new = Counter()
     if todo:
         if cfg.judge.kind == "openai":  # a missing key fails here, naming it, not in every replica's constructor
-            from mmrole.eval.judges import OpenAIJudge
+            from mmrole.eval.openai_judge import OpenAIJudge
 
             OpenAIJudge(cfg.judge.openai)
         if start_ray is not None:

@@ -159,7 +159,7 @@ def run_preferences(cfg: PreferenceJobConfig, log: Log = _log, start_ray: Option
         f"metric(s) by a {cfg.judge.kind} judge"
     )
     if cfg.judge.kind == "openai":  # a missing key fails here, naming it, not in every replica's constructor
-        from mmrole.eval.judges import OpenAIJudge
+        from mmrole.eval.openai_judge import OpenAIJudge
 
         OpenAIJudge(cfg.judge.openai)
     if start_ray is not None:

@@ -92,7 +92,8 @@ def _cfg(demo_prepared, out, agent, *extra):
 @pytest.mark.slow
 def test_converse_resumes_scores_and_reports(ray_local, tiny_models, demo_prepared, tmp_path):
     from mmrole.eval.store import ResultsStore
-    from mmrole.ray_converse import run_converse, run_converse_scoring, write_converse_outputs
+    from mmrole.ray_converse import run_converse
+    from mmrole.ray_converse_judging import run_converse_scoring, write_converse_outputs
 
     agent = tiny_models["agent"]
     judge = ConverseJudgeServer()
@@ -177,7 +178,8 @@ def test_converse_with_our_serve_agent_as_partner(serve_stack, tiny_models, demo
     page then opens the stored conversation with its per-turn scores."""
     import httpx
 
-    from mmrole.ray_converse import run_converse, run_converse_scoring
+    from mmrole.ray_converse import run_converse
+    from mmrole.ray_converse_judging import run_converse_scoring
 
     judge = ConverseJudgeServer()
     out = serve_stack["converse_out"]  # the Serve judge app's converse_dir is <out>/converse

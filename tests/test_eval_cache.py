@@ -11,7 +11,7 @@ import pytest
 from mmrole.eval.cache_keys import agent_identity, answer_key, digest, judgement_keys, openai_judge_identity
 from mmrole.eval.contract import expand_requests, result_from_reply
 from mmrole.eval.formats import AnswerRecord
-from mmrole.eval.judges import OpenAIJudgeConfig
+from mmrole.eval.openai_judge import OpenAIJudgeConfig
 from mmrole.eval.pipeline import score_requests
 from mmrole.eval.store import ResultsStore
 from mmrole.eval.template import JudgeTemplate

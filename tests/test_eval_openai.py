@@ -13,8 +13,9 @@ import pytest
 
 from mmrole.eval.contract import expand_requests
 from mmrole.eval.formats import AnswerRecord
-from mmrole.eval.judges import JudgeConfigError, OpenAIJudge, OpenAIJudgeConfig
+from mmrole.eval.judges import JudgeConfigError
 from mmrole.eval.metrics import METRICS
+from mmrole.eval.openai_judge import OpenAIJudge, OpenAIJudgeConfig
 
 
 class FakeOpenAI:

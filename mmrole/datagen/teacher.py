@@ -1,7 +1,7 @@
 """The teacher client: chat completions against any OpenAI-compatible endpoint, bounded concurrency, retries.
 
 HTTP retries (429, 5xx, timeouts, connection errors) with jittered backoff go through
-:func:`mmrole.eval.judges.post_with_retries`; a malformed (non-JSON) reply is re-asked ``max_reasks`` times. Each
+:func:`mmrole.eval.openai_judge.post_with_retries`; a malformed (non-JSON) reply is re-asked ``max_reasks`` times. Each
 request ends as a :class:`TeacherResult` (never an exception), so one bad item never stops a stage; a 401/403/404
 marks every later request of the run as failed too (no retry can fix a bad key or URL).
 """
@@ -14,7 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mmrole.eval.judges import JudgeConfigError, post_with_retries, retry_options
+from mmrole.eval.judges import JudgeConfigError
+from mmrole.eval.openai_judge import post_with_retries, retry_options
 
 from .config import TeacherConfig
 from .parse import ReplyError, parse_json_reply

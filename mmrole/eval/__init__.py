@@ -27,8 +27,9 @@ from .formats import (
     write_results_csv,
     write_reviews_file,
 )
-from .judges import JudgeConfigError, OpenAIJudge, OpenAIJudgeConfig, VLMJudge
+from .judges import JudgeConfigError, VLMJudge
 from .metrics import DIMENSIONS, METRICS
+from .openai_judge import OpenAIJudge, OpenAIJudgeConfig
 from .parse import ScoreParseError, parse_scores, try_parse_scores
 from .pipeline import ScoringSummary, load_answers_dir, score_requests, write_model_outputs
 from .report import EvalReport, build_report, render_markdown, write_report

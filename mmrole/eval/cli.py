@@ -139,7 +139,7 @@ def cmd_report(args) -> int:
 def _judge_config(args):
     import yaml
 
-    from .judges import OpenAIJudgeConfig
+    from .openai_judge import OpenAIJudgeConfig
 
     d = {}
     if args.judge_config:
@@ -177,8 +177,9 @@ def cmd_score(args) -> int:
     from .cache_keys import judgement_keys, openai_judge_identity
     from .contract import expand_requests
     from .formats import EvalDataError
-    from .judges import JudgeConfigError, OpenAIJudge
+    from .judges import JudgeConfigError
     from .metrics import check_metrics
+    from .openai_judge import OpenAIJudge
     from .pipeline import load_answers_dir, score_requests, write_model_outputs
     from .store import store_for
 
@@ -357,7 +358,7 @@ def cmd_converse(args) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from mmrole.ray_converse import run_converse_job, write_converse_outputs
+    from mmrole.ray_converse_judging import run_converse_job, write_converse_outputs
 
     try:
         if args.report_only:

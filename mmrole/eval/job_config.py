@@ -10,7 +10,7 @@ from mmrole.config import ConfigError, load_config_file, path_field
 from mmrole.models.config import GenerationParams, VLMConfig
 from mmrole.models.engines import VLLMSettings, check_engine, require_vllm
 
-from .judges import OpenAIJudgeConfig
+from .openai_judge import OpenAIJudgeConfig
 from .remote_agent import OpenAIAgentConfig
 
 JUDGE_KINDS = ("local", "openai", "serve")

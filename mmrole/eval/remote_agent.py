@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from mmrole.config import ConfigError
 
-from .judges import JudgeConfigError, image_data_url, post_with_retries, retry_options
+from .judges import JudgeConfigError, image_data_url
+from .openai_judge import post_with_retries, retry_options
 
 
 @dataclass

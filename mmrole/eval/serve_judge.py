@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .contract import JudgeRequest, JudgeResult, failure
-from .judges import image_data_url, post_with_retries, request_image_bytes
+from .judges import image_data_url, request_image_bytes
+from .openai_judge import post_with_retries
 
 log = logging.getLogger(__name__)
 
