@@ -52,9 +52,9 @@ def read_judge_settings(eval_dir: Union[str, Path], models: Sequence[str]) -> di
     """{model: record} for the models with a settings file under ``<eval_dir>/judge_results/``."""
     out = {}
     for m in models:
-        p = Path(eval_dir) / "judge_results" / f"{m}{SUFFIX}"
+        rel = f"judge_results/{m}{SUFFIX}"  # named relative to the eval dir: the report moves with its folder
         try:
-            out[m] = {**json.loads(p.read_text(encoding="utf-8")), "path": str(p)}
+            out[m] = {**json.loads((Path(eval_dir) / rel).read_text(encoding="utf-8")), "path": rel}
         except (OSError, ValueError):
             continue
     return out
