@@ -5,58 +5,31 @@ as the OpenAI-compatible partner."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_chat_server import FakeChatServer, text_hash
 
 from mmrole.eval.converse_config import ConverseJobConfig
 from mmrole.eval.job_config import load_job_config
 
 
-class ConverseJudgeServer:
+class ConverseJudgeServer(FakeChatServer):
     """An OpenAI-compatible judge on 127.0.0.1: the score is a hash of the prompt (deterministic), ``[Score]: n``
     when the prompt asks for one score, ``[Scores]: (a, b)`` when it asks for two; every 6th prompt (by hash) gets a
     reply without a score, which must be recorded as a failure, never a score."""
 
     def __init__(self):
-        self.calls = 0
-        fake = self
+        def reply(body: dict) -> str:
+            text = body["messages"][-1]["content"][-1]["text"]
+            h = text_hash(text)
+            if h % 6 == 0:
+                return "Both replies have merits; I cannot decide."
+            if text.rstrip().endswith("[Score]: (a number from 1 to 10)"):
+                return f"Assessment. [Score]: {1 + h % 10}"
+            return f"Comparison. [Scores]: ({1 + h % 10}, {1 + (h // 10) % 10})"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"][-1]["text"]
-                h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
-                fake.calls += 1
-                if h % 6 == 0:
-                    content = "Both replies have merits; I cannot decide."
-                elif text.rstrip().endswith("[Score]: (a number from 1 to 10)"):
-                    content = f"Assessment. [Score]: {1 + h % 10}"
-                else:
-                    content = f"Comparison. [Scores]: ({1 + h % 10}, {1 + (h // 10) % 10})"
-                data = json.dumps(
-                    {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(reply)
 
 
 def _lines(path):

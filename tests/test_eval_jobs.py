@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_chat_server import FakeChatServer, text_hash
 
 from mmrole.eval.job_config import GenerateJobConfig, ScoreJobConfig, load_job_config
 from mmrole.eval.metrics import METRICS
@@ -83,50 +82,17 @@ def test_answer_then_score_resumes_exactly_once(ray_local, tiny_models, demo_pre
     assert len(list(out.glob("*-test_results/tiny-agent/*_test.csv"))) == 6
 
 
-class HashJudgeServer:
+class HashJudgeServer(FakeChatServer):
     """An OpenAI-compatible fake on 127.0.0.1 whose scores are a hash of the prompt: deterministic, so two runs
     of the same requests must give the same report however the work was spread over nodes."""
 
     def __init__(self, delay_s: float = 0.0):
-        self.calls = 0
-        self.lock = threading.Lock()
-        fake = self
+        def reply(body: dict) -> str:
+            h = text_hash(json.dumps(body["messages"], sort_keys=True))
+            threading.Event().wait(delay_s)
+            return f"Compared. [Scores]: ({1 + h % 10}, {1 + (h // 10) % 10})"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = json.dumps(body["messages"], sort_keys=True)
-                h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
-                with fake.lock:
-                    fake.calls += 1
-                threading.Event().wait(delay_s)
-                content = f"Compared. [Scores]: ({1 + h % 10}, {1 + (h // 10) % 10})"
-                data = json.dumps(
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(reply)
 
 
 def _published_answers(sample_dir, out, model="gpt-4-turbo"):

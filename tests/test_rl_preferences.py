@@ -4,12 +4,10 @@ scores them through the eval scoring path; counts, reasons and seeded determinis
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_chat_server import FakeChatServer, text_hash
 
 from mmrole.rl.preferences import (
     Candidate,
@@ -23,44 +21,17 @@ METRICS = ["Fluency", "Tone Consistency"]
 ROWS = 12
 
 
-class FakeJudge:
+class FakeJudge(FakeChatServer):
     """POST /v1/chat/completions: ``[Scores]: (A, 8)`` with A a hash of the request; a reply with no score pair
     for a sixth of the requests and for every request whose text holds ``poison`` (one prompt's ground truth)."""
 
     def __init__(self, poison: str):
-        fake = self
-        self.calls = 0
-        self.lock = threading.Lock()
+        def reply(body: dict) -> str:
+            text = json.dumps(body["messages"], sort_keys=True, ensure_ascii=False)
+            h = text_hash(text)
+            return "I cannot decide." if h % 6 == 0 or poison in text else f"Compared. [Scores]: ({1 + h % 9}, 8)"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = json.dumps(body["messages"], sort_keys=True, ensure_ascii=False)
-                h = int(hashlib.sha256(text.encode()).hexdigest(), 16)
-                with fake.lock:
-                    fake.calls += 1
-                bad = h % 6 == 0 or poison in text
-                content = "I cannot decide." if bad else f"Compared. [Scores]: ({1 + h % 9}, 8)"
-                data = json.dumps(
-                    {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(reply)
 
 
 def _cfg(tiny_models, demo_prepared, judge_url, out, *extra) -> PreferenceJobConfig:
