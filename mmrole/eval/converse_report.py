@@ -11,82 +11,16 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mmrole.data.records import has_cjk
-
 from .contract import JudgeResult, Key
 from .converse import Conversation, agent_turns
+from .converse_stats import Estimate, mean_or_none, repetition_by_turn
 
 Results = Mapping[Key, JudgeResult]
-
-
-def _mean(xs: Sequence[float]) -> Optional[float]:
-    return sum(xs) / len(xs) if xs else None
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int) -> Optional[tuple[float, float]]:
-    """Percentile 95% interval of the mean (None with fewer than 2 values or no resamples)."""
-    if len(values) < 2 or n_boot <= 0:
-        return None
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values, dtype=float)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-@dataclass
-class Estimate:
-    mean: Optional[float]
-    n: int
-    ci: Optional[tuple[float, float]] = None
-
-    @classmethod
-    def of(cls, values: Sequence[float], n_boot: int, seed: int) -> Estimate:
-        return cls(_mean(values), len(values), bootstrap_ci(values, n_boot, seed))
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "n": self.n, "ci": list(self.ci) if self.ci else None}
-
-    def fmt(self, digits: int = 2) -> str:
-        if self.mean is None:
-            return "n/a"
-        ci = f" [{self.ci[0]:.{digits}f}, {self.ci[1]:.{digits}f}]" if self.ci else ""
-        return f"{self.mean:.{digits}f}{ci} (n={self.n})"
-
-
-# ------------------------------------------------------------------------------------------- repetition
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def tokens(text: str) -> list[str]:
-    """Lower-cased words; characters for Chinese text (no spaces between words)."""
-    if has_cjk(text):
-        return [c for c in text if not c.isspace() and (c.isalnum() or has_cjk(c))]
-    return [w.lower() for w in _WORD.findall(text)]
-
-
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    t = tokens(text)
-    return {tuple(t[i : i + n]) for i in range(len(t) - n + 1)}
-
-
-def repetition_by_turn(texts: Sequence[str], n: int = 3) -> list[Optional[float]]:
-    """For each of an agent's turns after the first: the share of its n-grams already said in its earlier turns
-    (None for the first turn, or a turn shorter than n words)."""
-    seen: set = set()
-    out: list[Optional[float]] = []
-    for i, text in enumerate(texts):
-        g = ngrams(text, n)
-        out.append(len(g & seen) / len(g) if i > 0 and g else None)
-        seen |= g
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -202,7 +136,7 @@ def build_converse_report(
         conv_overall = []
         for c in convs:
             scores = _turn_scores(c, by_conv.get(c.item.id, {}))
-            turn_means = {j: _mean(list(v.values())) for j, v in scores.items()}
+            turn_means = {j: mean_or_none(list(v.values())) for j, v in scores.items()}
             for j, v in turn_means.items():
                 if v is not None:
                     per_turn.setdefault(j, []).append(v)
@@ -215,25 +149,25 @@ def build_converse_report(
                 f = [turn_means[j] for j in first if turn_means.get(j) is not None]
                 la = [turn_means[j] for j in last if turn_means.get(j) is not None]
                 if f and la:
-                    drift = _mean(la) - _mean(f)
+                    drift = mean_or_none(la) - mean_or_none(f)
                     drifts.append(drift)
                 for m in {m for v in scores.values() for m in v}:
                     fm = [scores[j][m] for j in first if m in scores[j]]
                     lm = [scores[j][m] for j in last if m in scores[j]]
                     if fm and lm:
-                        drift_metric.setdefault(m, []).append(_mean(lm) - _mean(fm))
+                        drift_metric.setdefault(m, []).append(mean_or_none(lm) - mean_or_none(fm))
             rt = repetition_by_turn([t.text for t in agent_turns(c)], repetition_n)
             vals = [x for x in rt if x is not None]
             for j, x in enumerate(rt):
                 if x is not None:
                     rep_turn.setdefault(j, []).append(x)
-            rep = _mean(vals)
+            rep = mean_or_none(vals)
             if rep is not None:
                 reps.append(rep)
             cs = {m: r.score_a for (s, m), r in cr.items() if s == c.item.id and r.ok}
             for m, x in cs.items():
                 conv_metric.setdefault(m, []).append(x)
-            co = _mean(list(cs.values()))
+            co = mean_or_none(list(cs.values()))
             if co is not None:
                 conv_overall.append(co)
             rows.append(
@@ -245,7 +179,7 @@ def build_converse_report(
                     "partner": c.item.partner or "human",
                     "agent_turns": c.agent_turns,
                     "ended": c.ended,
-                    "turn_score_mean": _mean([v for v in turn_means.values() if v is not None]),
+                    "turn_score_mean": mean_or_none([v for v in turn_means.values() if v is not None]),
                     "conversation_score": co,
                     "drift": drift,
                     "repetition": rep,
@@ -263,10 +197,10 @@ def build_converse_report(
                 conversations=len(convs),
                 complete=sum(c.agent_turns >= turns for c in convs),
                 ended_early=ended,
-                turns_mean=_mean([c.agent_turns for c in convs]),
+                turns_mean=mean_or_none([c.agent_turns for c in convs]),
                 by_turn=[Estimate.of(per_turn.get(j, []), bootstrap, s + j) for j in range(n_turns)],
                 by_turn_metric={
-                    m: [_mean(v.get(j, [])) for j in range(n_turns)] for m, v in sorted(per_turn_metric.items())
+                    m: [mean_or_none(v.get(j, [])) for j in range(n_turns)] for m, v in sorted(per_turn_metric.items())
                 },
                 drift=Estimate.of(drifts, bootstrap, s + 101),
                 drift_by_metric={m: Estimate.of(v, bootstrap, s + 103) for m, v in sorted(drift_metric.items())},
