@@ -15,13 +15,6 @@ from __future__ import annotations
 
 import sys
 
-
-def _dpo_loop():
-    from mmrole.ray_dpo_recipe import train_loop_per_worker
-
-    return train_loop_per_worker
-
-
 if __name__ == "__main__":
     from mmrole.rl.dpo_config import load_dpo_config
     from mmrole.train.cli import main
@@ -33,6 +26,6 @@ if __name__ == "__main__":
             prog="train_dpo",
             what="the agent on judge preferences (DPO)",
             loader=load_dpo_config,
-            train_loop=_dpo_loop,
+            recipe_module="mmrole.ray_dpo_recipe",
         )
     )

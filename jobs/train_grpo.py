@@ -15,12 +15,6 @@ from __future__ import annotations
 import sys
 
 
-def _grpo_loop():
-    from mmrole.ray_grpo_recipe import train_loop_per_worker
-
-    return train_loop_per_worker
-
-
 def _grpo_verdict(cfg):
     from mmrole.ray_grpo_recipe import grpo_verdict
 
@@ -38,7 +32,7 @@ if __name__ == "__main__":
             prog="train_grpo",
             what="the agent with online GRPO",
             loader=load_grpo_config,
-            train_loop=_grpo_loop,
+            recipe_module="mmrole.ray_grpo_recipe",
             verdict=_grpo_verdict,
             print_summary=True,
         )

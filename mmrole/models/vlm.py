@@ -118,9 +118,6 @@ class VLM:
     # ---- generation ------------------------------------------------------------------------------------------
     def eos_token_ids(self) -> list[int]:
         """The ids that end a reply (the encoder's end tokens and the generation config's)."""
-        return self._eos_ids()
-
-    def _eos_ids(self) -> list[int]:
         ids = list(self.encoder.end_token_ids)
         gc_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         for t in [gc_eos] if isinstance(gc_eos, int) else (gc_eos or []):
@@ -285,7 +282,7 @@ class VLM:
     def _run_generate(self, call, params: GenerationParams, logits_processor=None) -> list[str]:
         """Run ``call(generate kwargs) -> new token ids`` in eval mode (seeded when asked) and decode the
         replies: cut at the first end token and at any stop string."""
-        eos = self._eos_ids()
+        eos = self.eos_token_ids()
         kw: dict[str, Any] = {}
         if logits_processor is not None:
             from transformers import LogitsProcessorList

@@ -93,7 +93,7 @@ def banned_token_ids(vlm) -> list[int]:
     ``<|image_pad|>`` would ask the model for image features that do not exist when the rollout is trained on."""
     from mmrole.models.encoding import CONTROL_TOKENS
 
-    eos = set(vlm._eos_ids())
+    eos = set(vlm.eos_token_ids())
     tok = vlm.tokenizer
     ids = {tok.convert_tokens_to_ids(t) for t in CONTROL_TOKENS}
     unk = getattr(tok, "unk_token_id", None)
@@ -114,7 +114,7 @@ def _generate(vlm, prompts: list[dict], seeds: list[int], max_new_tokens: int, t
         top_p=None,
         top_k=None,
         logits_processor=LogitsProcessorList([sampler]),
-        eos_token_id=vlm._eos_ids(),
+        eos_token_id=vlm.eos_token_ids(),
         pad_token_id=vlm.encoder.pad_token_id,
     )
     return out[:, batch["input_ids"].shape[1] :].tolist()
@@ -135,7 +135,7 @@ def sample_rollouts(
     ``seeds[p][g]`` seeds rollout g of prompt p. Rows go through ``generate`` ``batch_size`` at a time (0 = all
     at once). A batch that raises is retried row by row, so one bad prompt fails alone (recorded in ``error``)."""
     rows = [(p, g) for p in range(len(prompts)) for g in range(group_size)]
-    eos = set(vlm._eos_ids())
+    eos = set(vlm.eos_token_ids())
     out: list[Rollout] = []
     was_training = vlm.model.training
     vlm.model.eval()

@@ -19,14 +19,14 @@ def main(
     prog: Optional[str] = None,
     what: Optional[str] = None,
     loader: Callable = load_config,
-    train_loop: Optional[Callable[[], Callable]] = None,
+    recipe_module: Optional[str] = None,
     verdict: Optional[Callable[[Any], Callable]] = None,
     print_summary: bool = False,
 ) -> int:
-    """A training job's command line. ``loader`` builds its config (default: the SFT one); ``train_loop`` returns
-    the per-worker loop of its recipe (imported lazily: a finished run answers without Ray or torch); ``verdict``
-    (given the config) returns the run's verdict for :func:`run_training`; ``print_summary`` ends with a JSON line
-    (ok, final step, error, counts)."""
+    """A training job's command line. ``loader`` builds its config (default: the SFT one); ``recipe_module`` names
+    the module whose ``train_loop_per_worker`` is its recipe's loop (imported lazily: a finished run answers without
+    Ray or torch); ``verdict`` (given the config) returns the run's verdict for :func:`run_training`;
+    ``print_summary`` ends with a JSON line (ok, final step, error, counts)."""
     what = what or ("the role-playing agent" if kind == "agent" else "the reward model")
     ap = argparse.ArgumentParser(
         prog=prog or f"train_{'agent' if kind == 'agent' else 'reward_model'}",
@@ -69,7 +69,11 @@ def main(
             from mmrole.console import setup_console
 
             setup_console(False)
-        extra: dict[str, Any] = {"train_loop": train_loop()} if train_loop is not None else {}
+        extra: dict[str, Any] = {}
+        if recipe_module is not None:
+            import importlib
+
+            extra["train_loop"] = importlib.import_module(recipe_module).train_loop_per_worker
         if verdict is not None:
             extra["verdict"] = verdict(cfg)
         summary = run_training(cfg, quiet=not args.verbose, verbose=args.verbose, **extra)
