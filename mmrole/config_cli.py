@@ -1,6 +1,6 @@
 """``mmrole config show FILE [key=value ...]``: a config file as the job or Serve app that reads it sees it.
 
-The kind (train, generate, score, serve, converse) is read from the file's keys, or given with ``--kind``. Every kind is
+The kind (train, generate, score, serve, dpo, grpo, preferences, converse, datagen) is read from the file's keys, or given with ``--kind``. Every kind is
 built by the one config system (:mod:`mmrole.config`), so an error reads ``config error: <dotted.key>: <what>``
 (exit code 2), exactly as the job would print it.
 """
@@ -23,7 +23,7 @@ from mmrole.config import (
     resolve_paths,
 )
 
-KINDS = ("train", "generate", "score", "serve", "dpo", "preferences", "converse")
+KINDS = ("train", "generate", "score", "serve", "dpo", "grpo", "preferences", "converse", "datagen")
 
 
 def detect_kind(d: dict) -> str:
@@ -32,6 +32,10 @@ def detect_kind(d: dict) -> str:
         return "serve"
     if "dpo" in d:
         return "dpo"
+    if "grpo" in d:
+        return "grpo"
+    if "teacher" in d:
+        return "datagen"
     if "samples_per_prompt" in d:
         return "preferences"
     if "run_name" in d or d.get("kind") in ("agent", "reward_model"):
@@ -50,6 +54,14 @@ def _job_class(kind: str):
         from mmrole.rl.dpo_config import DPOJobConfig
 
         return DPOJobConfig
+    if kind == "grpo":
+        from mmrole.rl.config import GRPOJobConfig
+
+        return GRPOJobConfig
+    if kind == "datagen":
+        from mmrole.datagen.config import GenerateConfig
+
+        return GenerateConfig
     if kind == "preferences":
         from mmrole.rl.preferences import PreferenceJobConfig
 

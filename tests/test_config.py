@@ -157,6 +157,16 @@ def test_train_job_refuses_relative_paths_under_job_submit(capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------------ config show
 
 
+@pytest.mark.parametrize(
+    "path", sorted(str(p.relative_to(REPO)) for d in ("configs", "serve") for p in (REPO / d).rglob("*.yaml"))
+)
+def test_every_shipped_config_validates(path, monkeypatch):
+    """Each YAML the project ships builds as its job (or Serve app) would build it: a key renamed in code and
+    left in a config fails here, not at a user's first run."""
+    monkeypatch.chdir(REPO)
+    assert yaml.safe_load(show(path, [])), path
+
+
 def test_config_show_detects_each_kind_and_applies_overrides(monkeypatch):
     monkeypatch.chdir(REPO)
     kinds = {
@@ -166,6 +176,10 @@ def test_config_show_detects_each_kind_and_applies_overrides(monkeypatch):
         "configs/eval/score_local.yaml": "score",
         "serve/agent_cpu.yaml": "serve",
         "serve/judge_cpu.yaml": "serve",
+        "configs/dpo_smoke_cpu.yaml": "dpo",
+        "configs/grpo_demo_cpu.yaml": "grpo",
+        "configs/preferences_smoke_cpu.yaml": "preferences",
+        "configs/datagen/vllm.yaml": "datagen",
     }
     for path, kind in kinds.items():
         assert detect_kind(yaml.safe_load((REPO / path).read_text())) == kind, path

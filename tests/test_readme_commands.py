@@ -41,7 +41,7 @@ DOCS = ["README.md", "cluster/README.md"]
 BLOCK_TIMEOUT_S = 900  # a loaded 2-core box; about 2 minutes per block when idle
 
 
-def _join_continuations(lines: list[str]) -> list[str]:
+def join_continuations(lines: list[str]) -> list[str]:
     out, cur = [], ""
     for line in lines:
         if line.rstrip().endswith("\\"):
@@ -68,7 +68,7 @@ def markdown_blocks(path: Path) -> list[list[str]]:
             k = j + 1
             while k < len(lines) and not lines[k].strip().startswith("```"):
                 k += 1
-            blocks.append(_join_continuations(lines[j + 1 : k]))
+            blocks.append(join_continuations(lines[j + 1 : k]))
             i = k
         i += 1
     return blocks
@@ -85,7 +85,7 @@ def yaml_header_blocks(path: Path) -> list[list[str]]:
                 if not nxt.startswith("#   "):
                     break
                 cmds.append(nxt[4:])
-            blocks.append(_join_continuations(cmds))
+            blocks.append(join_continuations(cmds))
     return blocks
 
 
