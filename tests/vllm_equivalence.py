@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         make_tiny_vlm(judge, family="qwen2_vl", seed=1, hidden=128)
     init_ray(num_cpus=4, log_to_driver=False)
     report: dict = {"python": sys.executable}
-    # share_prefix off: the HF shared-prefix decoding needs a newer transformers than vLLM 0.29 accepts (5.17 here)
+    # share_prefix off: the HF shared-prefix decoding passes `cache=` to generate, which transformers 5.19 (vLLM's
+    # pin, <5.20) rejects (`model_kwargs are not used by the model: ['cache']`)
     common = dict(device="cpu", dtype="float32", max_length=2048, share_prefix="false")
     vllm_settings = ["vllm.max_num_seqs=16", "vllm.kv_cache_space_gb=1"]
     for engine in ("hf", "vllm"):
