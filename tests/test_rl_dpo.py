@@ -239,7 +239,7 @@ def test_shipped_rl_configs_load_show_and_print(monkeypatch, capsys):
     assert batch_geometry(t.global_batch_size, t.micro_batch_size, 8).grad_accum == 4
     assert gpu.dpo.reference == "precomputed" and gpu.data.eval_rows > 0
     pref = load_preference_config(repo / "configs" / "preferences_smoke_cpu.yaml")
-    assert pref.samples_per_prompt == 6 and pref.generation.do_sample and pref.judge.kind == "local"
+    assert pref.samples_per_prompt == 4 and pref.generation.do_sample and pref.judge.kind == "local"
     for path, kind in (
         ("configs/dpo_smoke_cpu.yaml", "dpo"),
         ("configs/dpo_7b_8gpu.yaml", "dpo"),
